@@ -1,0 +1,1 @@
+"""Image decoding and transforms, folder scanning, dataset loaders."""

@@ -1,0 +1,1 @@
+"""Encoders: the `Encoder` interface, CLIP (ViT, ModifiedResNet), the built-in `starter`, registry and loaders."""

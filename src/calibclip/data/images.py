@@ -91,6 +91,8 @@ def open_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 raise ImageError("too_large", f"{name}: decompression-bomb sized image refused ({exc})") from exc
             except UnidentifiedImageError as exc:
                 raise ImageError("not_an_image", f"{name}: not a recognised image format") from exc
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:  # e.g. a JPEG cut inside its header
+                raise ImageError("corrupt", f"{name}: corrupt or truncated image header ({exc})") from exc
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(

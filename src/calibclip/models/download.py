@@ -1,0 +1,144 @@
+"""Download of the official OpenAI CLIP weights into a local cache.
+
+Files go to ``$CALIBCLIP_CACHE`` (default ``~/.cache/calibclip``). Every URL carries the file's
+SHA-256 in its path; the download is streamed into ``<file>.part``, resumed with an HTTP
+``Range`` request when a partial file exists, verified, then atomically renamed. A verified file
+gets a small ``<file>.sha256`` marker so later loads skip re-hashing (size and hash are checked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from calibclip.utils import progress_bar
+
+_BASE = "https://openaipublic.azureedge.net/clip/models"
+
+#: Official OpenAI checkpoints (TorchScript archives); the path segment before the file name is its SHA-256.
+OPENAI_URLS: dict[str, str] = {
+    "RN50": f"{_BASE}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": f"{_BASE}/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": f"{_BASE}/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16": f"{_BASE}/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64": f"{_BASE}/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32": f"{_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": f"{_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$CALIBCLIP_CACHE`` or ``~/.cache/calibclip``."""
+    return Path(os.environ.get("CALIBCLIP_CACHE") or Path.home() / ".cache" / "calibclip")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def expected_sha256(url: str) -> str:
+    """The SHA-256 embedded in an OpenAI URL (the path segment before the file name)."""
+    digest = url.rstrip("/").split("/")[-2]
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"URL {url} carries no SHA-256 path segment")
+    return digest
+
+
+def _is_verified(path: Path, digest: str) -> bool:
+    marker = path.with_name(path.name + ".sha256")
+    if not path.exists():
+        return False
+    if marker.exists():
+        recorded = marker.read_text().split()
+        if recorded == [digest, str(path.stat().st_size)]:
+            return True
+    if sha256_of(path) == digest:
+        marker.write_text(f"{digest} {path.stat().st_size}\n")
+        return True
+    return False
+
+
+def _offline_error(name: str, url: str, target: Path, digest: str, reason: object) -> RuntimeError:
+    return RuntimeError(
+        f"cannot download the {name} weights from {url} ({reason}). Are you offline? Either connect and retry "
+        f"(a partial download resumes), copy the file to {target} (checked against SHA-256 {digest}), "
+        f"or pass a local checkpoint path to create_model()."
+    )
+
+
+def download_url(
+    url: str, target: str | os.PathLike, sha256: str | None = None, name: str | None = None,
+    timeout: float = 30.0, progress: bool = True,
+) -> Path:
+    """Download ``url`` to ``target`` (resuming ``target.part``) and verify its SHA-256."""
+    target = Path(target)
+    digest = sha256 or expected_sha256(url)
+    name = name or target.name
+    if _is_verified(target, digest):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "calibclip"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416:  # 416: the partial file already holds everything; verify it below
+            raise RuntimeError(f"downloading {name} from {url} failed: HTTP {exc.code} {exc.reason}") from exc
+        response = None
+    except (urllib.error.URLError, socket.timeout, OSError) as exc:
+        raise _offline_error(name, url, target, digest, getattr(exc, "reason", exc)) from exc
+    if response is not None:
+        with response:
+            resumed = offset > 0 and response.status == 206
+            if not resumed:
+                offset = 0
+            length = response.headers.get("Content-Length")
+            total = offset + int(length) if length is not None else None
+            bar = progress_bar(total=total, desc=f"download {name}", disable=not progress, unit="B", unit_scale=True)
+            bar.update(offset)
+            try:
+                with open(part, "ab" if resumed else "wb") as f:
+                    for block in iter(lambda: response.read(_CHUNK), b""):
+                        f.write(block)
+                        bar.update(len(block))
+            except (urllib.error.URLError, socket.timeout, OSError) as exc:
+                reason = f"interrupted after {part.stat().st_size} bytes: {exc}"
+                raise _offline_error(name, url, target, digest, reason) from exc
+            finally:
+                bar.close()
+    actual = sha256_of(part)
+    if actual != digest:
+        part.unlink()
+        raise RuntimeError(
+            f"checksum mismatch for {name}: expected SHA-256 {digest}, got {actual}; the corrupt partial file was "
+            "removed, run again to download it afresh"
+        )
+    os.replace(part, target)
+    target.with_name(target.name + ".sha256").write_text(f"{digest} {target.stat().st_size}\n")
+    return target
+
+
+def download_pretrained(
+    name: str, cache_dir: str | os.PathLike | None = None, progress: bool = True, timeout: float = 30.0
+) -> Path:
+    """Path to the verified official weights of ``name`` (``ViT-B/16``, ``RN50`` ...), downloading once."""
+    if name not in OPENAI_URLS:
+        raise ValueError(f"no official weights for {name!r}; known: {', '.join(OPENAI_URLS)}")
+    url = OPENAI_URLS[name]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return download_url(url, root / url.rsplit("/", 1)[-1], name=name, timeout=timeout, progress=progress)

@@ -1,0 +1,119 @@
+"""Request and response models of the JSON API (they make up the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    indexes: int
+    version: str
+
+
+class IndexInfo(BaseModel):
+    name: str
+    count: int = Field(description="number of indexed images")
+    model: str = Field(description="model the index was built with")
+    combining: str = Field(description="how image + text queries are combined: 'combiner' or 'sum'")
+    calibration: bool = Field(description="whether calibrated search is available")
+    suggestions: bool = Field(description="whether suggested modifications (annotated captions) are available")
+
+
+class IndexList(BaseModel):
+    indexes: list[IndexInfo]
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: Optional[str] = Field(None, max_length=100, description="index name; default: the first")
+    text: Optional[str] = Field(None, max_length=500, description="query text or modification text")
+    reference: Optional[str] = Field(
+        None, max_length=100,
+        description="reference image: an indexed image id (e.g. '12') or an upload id ('u-' + 32 hex digits)",
+    )
+    k: int = Field(20, ge=1, le=200, description="number of results")
+    calibrate: bool = Field(False, description="CalibCLIP-calibrated search")
+
+
+class ImageItem(BaseModel):
+    id: str = Field(description="image id; can be sent back as `reference`")
+    path: str = Field(description="path of the image relative to the indexed folder")
+    url: str = Field(description="URL of the image (append size=thumb for a thumbnail)")
+    thumb_url: str
+
+
+class SearchResult(ImageItem):
+    score: float
+    rank: int
+    is_target: bool = Field(False, description="the annotated ground-truth target of this query")
+
+
+class SearchResponse(BaseModel):
+    index: str
+    query: dict
+    target: Optional[str] = Field(None, description="annotated target id when (reference, text) is an annotated pair")
+    results: list[SearchResult]
+
+
+class UploadResponse(BaseModel):
+    id: str
+    url: str
+    thumb_url: str
+    width: int
+    height: int
+
+
+class SampleResponse(BaseModel):
+    index: str
+    items: list[ImageItem]
+
+
+class Suggestion(BaseModel):
+    text: str
+    target: Optional[str] = Field(None, description="id of the annotated target image, when in the index")
+
+
+class SuggestionResponse(BaseModel):
+    index: str
+    reference: str
+    suggestions: list[Suggestion]
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: Optional[str] = Field(None, max_length=100)
+    text: Optional[str] = Field(None, max_length=500)
+    ids: list[str] = Field(default_factory=list, max_length=50, description="image ids (indexed or upload) to explain")
+
+
+class WordWeight(BaseModel):
+    token: str
+    weight: float = Field(description="attention of the pooling token to this word")
+    dominant: bool = Field(description="CalibCLIP found this word dominant (generic)")
+    masked: bool = Field(description="the word was masked in the calibrated query")
+
+
+class ImageExplanation(BaseModel):
+    id: str
+    grid: list[int] = Field(description="[rows, cols] of the token grid")
+    attention: list[float] = Field(description="row-major weight of each cell in the pooled embedding")
+    treatment: list[str] = Field(
+        description="row-major CalibCLIP treatment per cell: context, target, retain, decay or suppress"
+    )
+    heatmap_url: str = Field(description="PNG of the heatmap over the image")
+
+
+class ExplainResponse(BaseModel):
+    index: str
+    dominant_words: list[str]
+    tokens: list[WordWeight]
+    images: list[ImageExplanation]
+
+
+class ErrorResponse(BaseModel):
+    detail: str

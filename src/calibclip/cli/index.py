@@ -1,0 +1,55 @@
+"""`calibclip index`: build or incrementally update an index of an image folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "index", help="index a folder of images (incremental, resumable)",
+        description="Walk IMAGES_DIR recursively (jpg jpeg png webp bmp gif tif tiff), encode new or changed images "
+        "and drop deleted ones. Safe to interrupt (even kill -9) and re-run: batches are committed atomically.",
+    )
+    p.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of images (walked recursively)")
+    p.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder (created or updated)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help="registered model name or checkpoint path (default: the existing index's model, else starter)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoded and committed batch (default 32)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding worker processes (default: CPU cores - 1, at most 4; 0 = decode in-process)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="model precision (fp16 needs CUDA; default: the existing index's, else fp32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also store CalibCLIP-calibrated image embeddings (enables `search --calibrate`)")
+    p.add_argument("--combiner", metavar="PATH", help="Combiner checkpoint (RUN_DIR/best.pt) to copy into the index "
+                   "for composed image+text queries")
+    p.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibclip.index import Index
+
+    index = Index.build(
+        args.images_dir, args.out, model=args.model, batch_size=args.batch_size, workers=args.workers,
+        calibrate=True if args.calibrate else None, combiner=args.combiner, precision=args.precision,
+        device=args.device, progress=not args.quiet,
+    )
+    report = index.report.to_dict()  # type: ignore[union-attr]
+    index.close()
+    if args.json:
+        print(json.dumps({"index": args.out, **report}))
+        return 0
+    print(
+        f"{args.out}: {report['count']} images indexed (added {report['added']}, updated {report['updated']}, "
+        f"removed {report['removed']}, unchanged {report['unchanged']}) in {report['seconds']:.1f}s; "
+        f"{report['skipped']} files skipped"
+        + (f" (see `calibclip info {args.out} --skipped`)" if report["skipped"] else ""),
+        file=sys.stdout,
+    )
+    return 0

@@ -1,0 +1,438 @@
+"""On-disk layout of an index and its crash-safe, atomic per-batch commits.
+
+::
+
+    INDEX_DIR/
+      meta.sqlite                    metadata (images, skipped files, model identity, counters)
+      vectors/<set>.g<gen>.f16       raw float16 rows [rows, dim], C order, memory-mappable
+      vectors/<set>.g<gen>.norm.f32  float32 L2 norm of each row (for normalised search)
+      ann/                           FAISS files built lazily by searches (see ann.py)
+      combiner.pt / .safetensors     optional Combiner checkpoint for composed queries
+      .lock                          locked (lockf) by the one process writing the index
+
+Every vector set (``raw``, optionally ``calibrated``) has the same row order. A batch is
+committed by (1) writing its rows at the committed end of every vector file and fsyncing, then
+(2) one SQLite transaction that inserts the image rows and advances ``rows``. A process killed
+between (1) and (2) leaves an uncommitted tail that readers ignore and the next writer
+truncates, so every image is stored exactly once. Removed/changed images leave dead rows (rows
+no image points to); `Storage.compact` rewrites the vector files under a new generation number
+and switches to it in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META_FILE = "meta.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    row INTEGER NOT NULL UNIQUE,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    width INTEGER,
+    height INTEGER
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    path TEXT PRIMARY KEY,
+    size INTEGER,
+    mtime_ns INTEGER,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+
+class IndexStateError(RuntimeError):
+    """A problem with an index folder (missing, locked, inconsistent, incompatible)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One indexed image. ``path`` is absolute (root / relpath)."""
+
+    id: int
+    relpath: str
+    path: Path
+    size: int
+    mtime_ns: int
+    sha256: str
+    width: int | None
+    height: int | None
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that could not be indexed and why (``reason``: corrupt, not_an_image, too_large,
+    unreadable, empty, missing)."""
+
+    relpath: str
+    reason: str
+    message: str
+
+
+def is_index_dir(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / META_FILE).is_file()
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an index folder ({} when there is none yet, e.g. a run killed before its
+    first commit), without format checks or locks."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        return {}
+    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT key, value FROM meta").fetchall()
+    except sqlite3.OperationalError:  # no meta table yet
+        rows = []
+    finally:
+        db.close()
+    return {k: json.loads(v) for k, v in rows}
+
+
+class Storage:
+    """Metadata + vector files of one index folder. ``writable=True`` takes the writer lock."""
+
+    def __init__(self, directory: str | os.PathLike, writable: bool = False):
+        self.directory = Path(directory)
+        self.writable = writable
+        self._lock = threading.RLock()
+        self._lock_fd: int | None = None
+        if writable:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / "vectors").mkdir(exist_ok=True)
+            self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # a POSIX record lock: released when this process dies, not inherited by forked workers
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(self._lock_fd)
+                raise IndexStateError(
+                    f"index {self.directory} is being written by another process; wait for it to finish"
+                ) from exc
+        elif not is_index_dir(self.directory):
+            raise FileNotFoundError(
+                f"{self.directory} is not an index (no {META_FILE}); create one with `calibclip index IMAGES_DIR --out "
+                f"{self.directory}`"
+            )
+        uri = (self.directory / META_FILE).resolve().as_uri() + ("" if writable else "?mode=ro")
+        self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
+        if writable:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            if self._meta_raw("format") is not None:
+                self._check_format()
+                self._recover()
+        else:
+            self._check_format()
+        self._files: dict[str, Any] = {}
+
+    # --- metadata ------------------------------------------------------------------------
+    def _meta_raw(self, key: str) -> str | None:
+        with self._lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self._meta_raw(key)
+        return default if raw is None else json.loads(raw)
+
+    def meta(self) -> dict[str, Any]:
+        with self._lock:
+            rows = self.db.execute("SELECT key, value FROM meta").fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    def _set(self, values: dict[str, Any]) -> None:
+        self.db.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()],
+        )
+
+    def set_meta(self, values: dict[str, Any]) -> None:
+        """Update metadata keys in one transaction."""
+        with self._lock, self._transaction():
+            self._set(values)
+
+    def _check_format(self) -> None:
+        fmt = self.get("format")
+        if fmt != FORMAT_VERSION:
+            raise IndexStateError(
+                f"index {self.directory} has format {fmt!r}, this calibclip reads format {FORMAT_VERSION}; "
+                "rebuild it with `calibclip index`"
+            )
+
+    def initialise(self, dim: int, vector_sets: Sequence[str], meta: dict[str, Any]) -> None:
+        """Set up an empty index (or reset one whose vector sets or model changed) in one transaction."""
+        with self._lock, self._transaction():
+            gen = int(self.get("generation", -1)) + 1
+            self.db.execute("DELETE FROM images")
+            self._set({
+                "format": FORMAT_VERSION, "dim": int(dim), "vector_sets": list(vector_sets), "rows": 0,
+                "generation": gen, "version": int(self.get("version", 0)) + 1,
+                "created": self.get("created", time.time()), "updated": time.time(), **meta,
+            })
+        self._close_files()
+        self._remove_stale_files()
+
+    # --- transactions and recovery ---------------------------------------------------------
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection):
+            self.db = db
+
+        def __enter__(self) -> None:
+            self.db.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, exc_type: Any, *_: Any) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _transaction(self) -> "Storage._Tx":
+        return Storage._Tx(self.db)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one consistent state, even while another process commits batches."""
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self.db.execute("COMMIT")
+
+    @property
+    def dim(self) -> int:
+        return int(self.get("dim"))
+
+    @property
+    def rows(self) -> int:
+        return int(self.get("rows", 0))
+
+    @property
+    def generation(self) -> int:
+        return int(self.get("generation", 0))
+
+    @property
+    def vector_sets(self) -> list[str]:
+        return list(self.get("vector_sets", []))
+
+    def vector_path(self, name: str, generation: int | None = None) -> Path:
+        gen = self.generation if generation is None else generation
+        return self.directory / "vectors" / f"{name}.g{gen}.f16"
+
+    def norm_path(self, name: str, generation: int | None = None) -> Path:
+        gen = self.generation if generation is None else generation
+        return self.directory / "vectors" / f"{name}.g{gen}.norm.f32"
+
+    def _expected_files(self) -> set[Path]:
+        return {p for n in self.vector_sets for p in (self.vector_path(n), self.norm_path(n))}
+
+    def _remove_stale_files(self) -> None:
+        keep = self._expected_files()
+        for p in (self.directory / "vectors").glob("*"):
+            if p not in keep:
+                p.unlink(missing_ok=True)
+
+    def _recover(self) -> None:
+        """Drop uncommitted tails and files of abandoned generations (after a crash)."""
+        self._remove_stale_files()
+        rows, dim = self.rows, self.dim
+        for name in self.vector_sets:
+            for path, nbytes in ((self.vector_path(name), rows * dim * 2), (self.norm_path(name), rows * 4)):
+                size = path.stat().st_size if path.exists() else 0
+                if size < nbytes:
+                    raise IndexStateError(
+                        f"{path} holds {size} bytes but the index committed {nbytes}: the index is damaged; "
+                        "delete the folder and rebuild it"
+                    )
+                if size > nbytes:
+                    with open(path, "r+b") as f:
+                        f.truncate(nbytes)
+
+    # --- writing ----------------------------------------------------------------------------
+    def _file(self, path: Path) -> Any:
+        f = self._files.get(str(path))
+        if f is None:
+            if not path.exists():
+                path.touch()
+            f = self._files[str(path)] = open(path, "r+b")
+        return f
+
+    def _close_files(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def commit_batch(
+        self,
+        vectors: dict[str, np.ndarray],
+        records: Sequence[dict[str, Any]],
+        skipped: Sequence[tuple[str, int | None, int | None, str, str]] = (),
+        removed: Iterable[str] = (),
+    ) -> None:
+        """Atomically add ``records`` (dicts with path, size, mtime_ns, sha256, width, height) whose
+        vectors are ``vectors[name][i]``, record ``skipped`` files (path, size, mtime_ns, reason,
+        message) and remove the images at ``removed`` paths. An existing image at a record's or
+        skipped file's path is replaced."""
+        if not self.writable:
+            raise IndexStateError("storage opened read-only")
+        n = len(records)
+        if set(vectors) != set(self.vector_sets) and n:
+            raise ValueError(f"batch has vector sets {sorted(vectors)}, index stores {self.vector_sets}")
+        with self._lock:
+            rows, dim = self.rows, self.dim
+            if n:
+                for name in self.vector_sets:
+                    arr = np.asarray(vectors[name], dtype=np.float32)
+                    if arr.shape != (n, dim):
+                        raise ValueError(f"vector set {name!r}: expected shape {(n, dim)}, got {arr.shape}")
+                    if not np.isfinite(arr).all():
+                        raise ValueError(f"vector set {name!r}: the encoder produced non-finite values")
+                    half = arr.astype(np.float16)
+                    norms = np.linalg.norm(half.astype(np.float32), axis=1).astype(np.float32)  # of the stored values
+                    parts = ((self.vector_path(name), half, dim * 2), (self.norm_path(name), norms, 4))
+                    for path, data, width in parts:
+                        f = self._file(path)
+                        f.seek(rows * width)
+                        f.write(np.ascontiguousarray(data).tobytes())
+                        f.truncate()
+                        f.flush()
+                        os.fsync(f.fileno())
+            replaced = [r["path"] for r in records] + [s[0] for s in skipped] + list(removed)
+            with self._transaction():
+                self.db.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in replaced])
+                self.db.executemany("DELETE FROM skipped WHERE path = ?", [(p,) for p in replaced])
+                self.db.executemany(
+                    "INSERT INTO images(row, path, size, mtime_ns, sha256, width, height) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(rows + i, r["path"], r["size"], r["mtime_ns"], r["sha256"], r.get("width"), r.get("height"))
+                     for i, r in enumerate(records)],
+                )
+                self.db.executemany(
+                    "INSERT INTO skipped(path, size, mtime_ns, reason, message) VALUES (?, ?, ?, ?, ?)", list(skipped)
+                )
+                changes = {"rows": rows + n, "updated": time.time()}
+                if n or replaced:
+                    changes["version"] = int(self.get("version", 0)) + 1
+                self._set(changes)
+
+    def touch_images(self, updates: Sequence[tuple[str, int, int]]) -> None:
+        """Record a new (size, mtime_ns) for images whose content hash did not change."""
+        with self._lock, self._transaction():
+            self.db.executemany("UPDATE images SET size = ?, mtime_ns = ? WHERE path = ?",
+                                [(s, m, p) for p, s, m in updates])
+
+    def compact(self) -> None:
+        """Rewrite the vector files without dead rows under a new generation (atomic switch)."""
+        with self._lock:
+            live = np.asarray([r[0] for r in self.db.execute("SELECT row FROM images ORDER BY row")], dtype=np.int64)
+            if len(live) == self.rows:
+                return
+            new_gen, dim = self.generation + 1, self.dim
+            for name in self.vector_sets:
+                for src, dst, width, dtype in (
+                    (self.vector_path(name), self.vector_path(name, new_gen), dim, np.float16),
+                    (self.norm_path(name), self.norm_path(name, new_gen), 1, np.float32),
+                ):
+                    old = np.memmap(src, dtype=dtype, mode="r", shape=(self.rows, width)) if self.rows else None
+                    with open(dst, "wb") as f:
+                        for s in range(0, len(live), 65536):
+                            f.write(np.ascontiguousarray(old[live[s : s + 65536]]).tobytes())  # type: ignore[index]
+                        f.flush()
+                        os.fsync(f.fileno())
+                    del old
+            with self._transaction():
+                # new row = rank of the old row; ascending order never collides with the UNIQUE constraint
+                self.db.executemany("UPDATE images SET row = ? WHERE row = ?",
+                                    [(i, int(r)) for i, r in enumerate(live)])
+                self._set({"rows": len(live), "generation": new_gen, "version": int(self.get("version", 0)) + 1})
+            self._close_files()
+            self._remove_stale_files()
+
+    # --- reading ------------------------------------------------------------------------------
+    def vectors(self, name: str, rows: int | None = None) -> np.ndarray:
+        """Memory-mapped ``[rows, dim]`` float16 view of the committed rows of vector set ``name``."""
+        if name not in self.vector_sets:
+            raise KeyError(name)
+        rows = self.rows if rows is None else rows
+        if rows == 0:
+            return np.zeros((0, self.dim), dtype=np.float16)
+        return np.memmap(self.vector_path(name), dtype=np.float16, mode="r", shape=(rows, self.dim))
+
+    def norms(self, name: str, rows: int | None = None) -> np.ndarray:
+        rows = self.rows if rows is None else rows
+        if rows == 0:
+            return np.zeros(0, dtype=np.float32)
+        return np.fromfile(self.norm_path(name), dtype=np.float32, count=rows)
+
+    def row_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, ids)`` of live images, sorted by row."""
+        with self._lock:
+            data = self.db.execute("SELECT row, id FROM images ORDER BY row").fetchall()
+        arr = np.asarray(data, dtype=np.int64).reshape(-1, 2)
+        return arr[:, 0], arr[:, 1]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+
+    def skipped_count(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM skipped").fetchone()[0])
+
+    def images_state(self) -> dict[str, tuple[int, int, str, int]]:
+        """path -> (size, mtime_ns, sha256, id) of every live image."""
+        with self._lock:
+            rows = self.db.execute("SELECT path, size, mtime_ns, sha256, id FROM images").fetchall()
+        return {p: (s, m, h, i) for p, s, m, h, i in rows}
+
+    def skipped_state(self) -> dict[str, tuple[int | None, int | None]]:
+        with self._lock:
+            rows = self.db.execute("SELECT path, size, mtime_ns FROM skipped").fetchall()
+        return {p: (s, m) for p, s, m in rows}
+
+    def skipped(self) -> list[SkippedFile]:
+        with self._lock:
+            rows = self.db.execute("SELECT path, reason, message FROM skipped ORDER BY path").fetchall()
+        return [SkippedFile(*r) for r in rows]
+
+    def records(self, ids: Sequence[int]) -> dict[int, tuple]:
+        """id -> (id, path, size, mtime_ns, sha256, width, height, row) for the given ids."""
+        out: dict[int, tuple] = {}
+        ids = [int(i) for i in ids]
+        with self._lock:
+            for s in range(0, len(ids), 500):
+                chunk = ids[s : s + 500]
+                q = ",".join("?" * len(chunk))
+                for r in self.db.execute(
+                    f"SELECT id, path, size, mtime_ns, sha256, width, height, row FROM images WHERE id IN ({q})", chunk
+                ):
+                    out[int(r[0])] = r
+        return out
+
+    def lookup_path(self, relpath: str) -> int | None:
+        with self._lock:
+            row = self.db.execute("SELECT id FROM images WHERE path = ?", (relpath,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def close(self) -> None:
+        self._close_files()
+        with self._lock:
+            self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

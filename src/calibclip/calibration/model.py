@@ -1,0 +1,151 @@
+"""`CalibCLIP`: an encoder wrapped with a `Calibrator`, whose ``encode_image``/``encode_text``
+return calibrated embeddings (OpenAI-CLIP-style API), and `build_calibclip`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibclip.calibration.calibrator import Calibrator
+from calibclip.calibration.config import CalibrationConfig
+from calibclip.models.base import Encoder, TextBatch
+from calibclip.models.tokenizer import EOT_TOKEN, SOT_TOKEN
+
+
+class CalibCLIP(nn.Module):
+    """A frozen encoder plus CalibCLIP calibration (no parameters of its own).
+
+    ``encode_image`` / ``encode_text`` give calibrated embeddings, ``encode_image_raw`` /
+    ``encode_text_raw`` the encoder's own; ``forward(pixels, text)`` returns the re-ranked
+    text->image scores ``[Q, G]``.
+    """
+
+    def __init__(self, model: Encoder, config: CalibrationConfig | None = None):
+        super().__init__()
+        self.model = model
+        self.calibrator = Calibrator(model, config)
+
+    @property
+    def config(self) -> CalibrationConfig:
+        return self.calibrator.config
+
+    @property
+    def preprocess(self) -> Any:
+        return self.model.preprocess
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    def tokenize(self, texts: str | Sequence[str]) -> TextBatch:
+        return self.model.tokenize([texts] if isinstance(texts, str) else list(texts))
+
+    def _text_batch(self, text: TextBatch | torch.Tensor | str | Sequence[str]) -> TextBatch:
+        if isinstance(text, TextBatch):
+            return text
+        if isinstance(text, torch.Tensor):  # OpenAI-style ids from calibclip.tokenize (0-padded)
+            if hasattr(self.model, "batch_from_ids"):
+                return self.model.batch_from_ids(text)
+            ids = text.long()
+            special = (ids == SOT_TOKEN) | (ids == EOT_TOKEN)
+            return TextBatch(ids, (ids != self.model.pad_id).long(), special)
+        return self.tokenize(text)
+
+    def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.calibrator.image_features(pixels)
+
+    def text_features(self, text: TextBatch | torch.Tensor | str | Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.calibrator.text_features(self._text_batch(text))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Calibrated (CVE) image embeddings ``[B, D]``."""
+        return self.image_features(pixels)["calibrated"]
+
+    def encode_text(self, text: TextBatch | torch.Tensor | str | Sequence[str]) -> torch.Tensor:
+        """Calibrated (DCC) text embeddings ``[B, D]``."""
+        return self.text_features(text)["calibrated"]
+
+    @torch.inference_mode()
+    def encode_image_raw(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.model.device, self.model.dtype))
+
+    @torch.inference_mode()
+    def encode_text_raw(self, text: TextBatch | torch.Tensor | str | Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(self._text_batch(text).to(self.model.device))
+
+    def forward(self, pixels: torch.Tensor, text: TextBatch | torch.Tensor | str | Sequence[str]) -> torch.Tensor:
+        """Re-ranked text->image scores ``[Q, G]`` (see `Calibrator.fuse`)."""
+        return self.calibrator.scores(self.text_features(text), self.image_features(pixels))
+
+
+def _architecture(model: Encoder) -> dict[str, Any]:
+    """embed_dim / vision_layers / text_layers as the checkpoint defines them (None = unknown)."""
+    cfg = model.config()
+
+    def first(*keys: str) -> Any:
+        for key in keys:
+            node: Any = cfg
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                return node
+        return None
+
+    return {
+        "embed_dim": int(getattr(model, "embed_dim", first("embed_dim"))),
+        "vision_layers": first("vision_layers", "vision.layers"),
+        "text_layers": first("text_layers", "transformer_layers", "text.layers"),
+    }
+
+
+def build_calibclip(
+    pretrained: str | os.PathLike = "starter",
+    embed_dim: int | None = 512,
+    vision_layers: int | Sequence[int] | None = 12,
+    text_layers: int | None = 12,
+    device: str | torch.device | None = "cpu",
+    precision: str = "fp32",
+    config: CalibrationConfig | str | os.PathLike | None = None,
+    **settings: Any,
+) -> CalibCLIP:
+    """Load ``pretrained`` (checkpoint path or registered name) with `calibclip.create_model` and
+    wrap it in `CalibCLIP`.
+
+    ``embed_dim`` / ``vision_layers`` / ``text_layers`` are checked against the checkpoint (pass
+    None to skip a check); a mismatch is a ValueError that names both values. ``config``: a
+    `CalibrationConfig` or a YAML path (default: per-encoder defaults); ``settings`` override single
+    fields, e.g. ``build_calibclip(path, top_k=20, lam=0.6)``.
+    """
+    from calibclip.models.registry import create_model
+
+    model = create_model(pretrained, device=device, precision=precision)
+    found = _architecture(model)
+    expected = {"embed_dim": embed_dim, "vision_layers": vision_layers, "text_layers": text_layers}
+    wrong = []
+    for key, want in expected.items():
+        have = found[key]
+        if want is None:
+            continue
+        if have is None:
+            wrong.append(f"{key}: the model's config() does not report it (pass {key}=None to skip the check)")
+        elif np.asarray(have).tolist() != np.asarray(want).tolist():
+            wrong.append(f"{key}={want!r} given but the checkpoint has {key}={have!r}")
+    if wrong:
+        raise ValueError(
+            f"build_calibclip({str(pretrained)!r}): architecture mismatch: " + "; ".join(wrong)
+            + ". Pass the checkpoint's values (or None to skip a check)."
+        )
+    if config is None:
+        cfg = CalibrationConfig.default_for(model.name)
+    elif isinstance(config, CalibrationConfig):
+        cfg = config
+    else:
+        cfg = CalibrationConfig.from_yaml(config)
+    if settings:
+        cfg = cfg.replace(**settings)
+    return CalibCLIP(model, cfg)

@@ -1,0 +1,52 @@
+"""`calibclip train-combiner`: train a CLIP4Cir Combiner on cached encoder features."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("train-combiner", help="train a composed-retrieval Combiner (FashionIQ, CIRR, CSS)",
+                       description="Train the CLIP4Cir Combiner on frozen, cached encoder features. Re-running with "
+                                   "the same --out resumes from RUN_DIR/last.pt.")
+    p.add_argument("--dataset", required=True, choices=("fashioniq", "cirr", "css"))
+    p.add_argument("--data-root", required=True, help="dataset folder (see docs/composed.md for the layouts)")
+    p.add_argument("--model", default="starter", help="registered model name or checkpoint path (default: starter)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, plot)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=4096, help="training batch (features are cached; default 4096)")
+    p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate (default 2e-5, CLIP4Cir)")
+    p.add_argument("--proj-mult", type=float, default=4.0, help="projection size / feature size (default 4)")
+    p.add_argument("--hidden-mult", type=float, default=8.0, help="hidden size / feature size (default 8)")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes for feature extraction")
+    p.add_argument("--image-batch-size", type=int, default=32, help="encoder batch size for feature extraction")
+    p.add_argument("--device", default="cpu", help="device of the encoder (cpu, cuda, auto)")
+    p.add_argument("--cache-dir", default=None, help="feature cache root (default $CALIBCLIP_CACHE/features)")
+    p.add_argument("--no-cache", action="store_true", help="do not store extracted features")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibclip.composed.train import TrainConfig, train_combiner
+    from calibclip.data.cache import FeatureCache
+    from calibclip.models.registry import create_model
+
+    encoder = create_model(args.model, device=args.device)
+    config = TrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         proj_mult=args.proj_mult, hidden_mult=args.hidden_mult, dropout=args.dropout, seed=args.seed)
+    cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
+    summary = train_combiner(encoder, args.data_root, args.out, config, cache=cache,
+                             image_batch_size=args.image_batch_size, workers=args.workers, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    head = summary["headline"]
+    print(f"best epoch {summary['best_epoch']}: val {head} {summary['best'].get(head, float('nan')):.2f} "
+          f"(sum {summary['baselines']['sum'][head]:.2f}, image {summary['baselines']['image'][head]:.2f}, "
+          f"text {summary['baselines']['text'][head]:.2f}); training {summary['train_time_s']:.1f} s")
+    print(f"checkpoint: {args.out}/best.pt")
+    return 0

@@ -1,1 +1,17 @@
-"""calibclip.evaluation"""
+"""Evaluation: metrics (pure functions), the Evaluator, reports."""
+
+from calibclip.evaluation.evaluator import Evaluator, dataset_metrics, evaluate_retrieval, similarity_matrix
+from calibclip.evaluation.metrics import (
+    caption_metrics,
+    iter_positive_ranks,
+    positive_ranks,
+    recall_at_k,
+    retrieval_metrics,
+)
+from calibclip.evaluation.report import markdown_table, plot_recall, write_batch_report, write_report
+
+__all__ = [
+    "Evaluator", "caption_metrics", "dataset_metrics", "evaluate_retrieval", "iter_positive_ranks", "markdown_table",
+    "plot_recall", "positive_ranks", "recall_at_k", "retrieval_metrics", "similarity_matrix", "write_batch_report",
+    "write_report",
+]

@@ -1,0 +1,54 @@
+"""`calibclip batch-evaluate`: one model on several datasets; a combined table (markdown, CSV,
+JSON) and one recall@K plot."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from calibclip.cli.evaluate import DATASET_CHOICES, add_common_arguments
+
+    p = sub.add_parser(
+        "batch-evaluate", help="evaluate one model on several datasets into one table",
+        description="Evaluate one model on several datasets (the i-th --data-roots entry is the folder of the "
+        "i-th --datasets entry); writes results.{md,csv,json} and recall.png to --output-dir.",
+    )
+    p.add_argument("--datasets", nargs="+", required=True, choices=DATASET_CHOICES, metavar="DATASET",
+                   help=f"datasets ({', '.join(DATASET_CHOICES)})")
+    p.add_argument("--data-roots", nargs="+", required=True, metavar="DIR", help="one folder per dataset")
+    add_common_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibclip.cli.evaluate import config_from_args
+    from calibclip.datasets import canonical_dataset, dataset_task
+    from calibclip.evaluation.report import markdown_table, write_batch_report
+    from calibclip.evaluation.runner import load_encoder, run_evaluation
+
+    if len(args.datasets) != len(args.data_roots):
+        raise ValueError(
+            f"--datasets has {len(args.datasets)} entries but --data-roots has {len(args.data_roots)}: give one "
+            "folder per dataset, in the same order"
+        )
+    if not args.output_dir:
+        raise ValueError("give --output-dir for the combined table and plot")
+    cfg = config_from_args(args)
+    model = args.checkpoint or args.model or cfg["model"]["name"]
+    encoders: dict[str, object] = {}  # one encoder per task family (person may use another input size)
+    results = []
+    for dataset, root in zip(args.datasets, args.data_roots):
+        task = dataset_task(canonical_dataset(dataset))
+        if task not in encoders:
+            m = cfg["model"]
+            encoders[task] = load_encoder(model, task, m["device"], m["precision"], m.get("clip_image_size"))
+        result = run_evaluation(dataset, root, cfg, model=model, split=args.split, encoder=encoders[task],  # type: ignore[arg-type]
+                                calibrate=args.calibrate)
+        results.append(result)
+        print(f"{result['dataset']} ({result['split']}): " + ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()))
+    paths = write_batch_report(results, args.output_dir)
+    columns = ["dataset", "split", *dict.fromkeys(k for r in results for k in r["metrics"])]
+    print(markdown_table([{"dataset": r["dataset"], "split": r["split"], **r["metrics"]} for r in results], columns), end="")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0

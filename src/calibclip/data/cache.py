@@ -71,7 +71,7 @@ class FeatureCache:
 
     # --- computing -------------------------------------------------------------------------
     def _run(
-        self, key: dict[str, Any], total: int, compute: Callable[[int, int], dict[str, torch.Tensor]],
+        self, key: dict[str, Any], total: int, compute: Callable[[int, int, Any], dict[str, torch.Tensor]],
         desc: str, progress: bool,
     ) -> dict[str, np.ndarray]:
         d = self.directory(key)
@@ -85,14 +85,14 @@ class FeatureCache:
             existing = sorted(d.glob(f"*.{start}.npy")) if self.enabled else []
             if existing:
                 arrays = {p.name.split(".")[0]: np.load(p) for p in existing}
+                bar.update(stop - start)
             else:
-                arrays = {k: v.float().cpu().numpy() for k, v in compute(start, stop).items()}
+                arrays = {k: v.float().cpu().numpy() for k, v in compute(start, stop, bar).items()}
                 if self.enabled:
                     for name, arr in arrays.items():
                         _atomic_save(d / f"{name}.{start}.npy", arr)
             for name, arr in arrays.items():
                 shards.setdefault(name, []).append(arr)
-            bar.update(stop - start)
         bar.close()
         result = {name: np.concatenate(parts) for name, parts in shards.items()}
         if self.enabled:
@@ -120,7 +120,7 @@ class FeatureCache:
         if cached is not None:
             return cached
 
-        def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
+        def compute(start: int, stop: int, bar: Any) -> dict[str, torch.Tensor]:
             outs: dict[str, list[torch.Tensor]] = {}
             bad: dict[int, tuple[str, str]] = {}
             for batch in iter_image_batches(paths[start:stop], encoder.preprocess, batch_size, workers):
@@ -128,6 +128,7 @@ class FeatureCache:
                 if batch.pixels is not None:
                     for name, t in fn(batch.pixels.to(encoder.device, encoder.dtype)).items():
                         outs.setdefault(name, []).append(t.float().cpu())
+                bar.update(len(batch.indices) + len(batch.errors))
             if bad:
                 sample = "; ".join(msg for _, msg in list(bad.values())[:3])
                 raise RuntimeError(f"{len(bad)} dataset images could not be read, e.g. {sample}")
@@ -147,7 +148,7 @@ class FeatureCache:
         if cached is not None:
             return cached
 
-        def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
+        def compute(start: int, stop: int, bar: Any) -> dict[str, torch.Tensor]:
             chunk = list(texts[start:stop])
             order = np.argsort([-len(t) for t in chunk], kind="stable")
             outs: dict[str, list[torch.Tensor]] = {}
@@ -156,6 +157,7 @@ class FeatureCache:
                 tb = encoder.tokenize([chunk[i] for i in idx]).to(encoder.device)
                 for name, t in fn(tb).items():
                     outs.setdefault(name, []).append(t.float().cpu())
+                bar.update(len(idx))
             inverse = torch.as_tensor(np.argsort(order, kind="stable"))
             return {name: torch.cat(v)[inverse] for name, v in outs.items()}
 

@@ -224,24 +224,27 @@ _HF_BLOCK = {
 }
 
 
+#: Hugging Face CLIPModel key -> OpenAI key for the tensors that map one to one.
+_HF_SIMPLE = {
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "logit_scale": "logit_scale",
+}
+
+
 def hf_to_openai(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert Hugging Face ``CLIPModel`` keys to OpenAI names (q/k/v fused into ``in_proj``)."""
     out: dict[str, torch.Tensor] = {}
-    simple = {
-        "vision_model.embeddings.class_embedding": "visual.class_embedding",
-        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-        "logit_scale": "logit_scale",
-    }
-    for src, dst in simple.items():
+    for src, dst in _HF_SIMPLE.items():
         if src in hf:
             out[dst] = hf[src]
     if "visual_projection.weight" in hf:
@@ -267,20 +270,7 @@ def openai_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of `hf_to_openai` for ViT models (e.g. to export weights into ``transformers.CLIPModel``)."""
     if "visual.proj" not in state:
         raise ValueError("only ViT CLIP models have a Hugging Face CLIPModel equivalent (ResNet towers do not)")
-    inverse = {v: k for k, v in {
-        "vision_model.embeddings.class_embedding": "visual.class_embedding",
-        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-        "logit_scale": "logit_scale",
-    }.items()}
+    inverse = {v: k for k, v in _HF_SIMPLE.items()}
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
         if key in inverse:

@@ -104,9 +104,11 @@
     const max = Math.max(...explanation.tokens.map((t) => t.weight), 1e-9);
     for (const t of explanation.tokens) {
       const piece = t.token.startsWith("##");  // WordPiece continuation: glue to the previous token
-      const span = el("span", {class: "token" + (t.dominant ? " dominant" : "") + (piece ? " piece" : ""),
+      const span = el("span", {class: "token" + (t.dominant ? " dominant" : "") + (t.masked ? " masked" : "") +
+                                      (piece ? " piece" : ""),
                                text: piece ? t.token.slice(2) : t.token,
-                               title: `weight ${t.weight.toFixed(3)}` + (t.dominant ? " (dominant)" : "")});
+                               title: `weight ${t.weight.toFixed(3)}` + (t.dominant ? " (dominant)" : "") +
+                                      (t.masked ? " (masked and re-encoded)" : "")});
       span.style.setProperty("--w", (t.weight / max).toFixed(3));
       tokens.appendChild(span);
     }

@@ -3,13 +3,7 @@
 # scikit-image with the built-in `starter` model, then run text queries, a calibrated query and
 # a composed (reference image + modification text) query, printing the results.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV="${CALIBCLIP_VENV:-.venv}"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-. "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e .
+. "$(dirname "$0")/venv.sh"
 
 WORK="${CALIBCLIP_QUICKSTART_DIR:-runs/quickstart}"
 PHOTOS="$(python -c 'import os, skimage; print(os.path.join(os.path.dirname(skimage.__file__), "data"))')"

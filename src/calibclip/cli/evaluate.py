@@ -25,7 +25,6 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="CalibCLIP calibration with the config's calibration: section (encoder defaults otherwise)")
     p.add_argument("--output-dir", help="write metrics.json, metrics.md and recall.png here")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from calibclip.data.images import load_image
     from calibclip.models.registry import create_model
 
+    from calibclip.cli.search import check_text
+
+    check_text(args.text)
     image_path = Path(args.image)
     if not image_path.exists():
         raise FileNotFoundError(f"image {image_path} does not exist")

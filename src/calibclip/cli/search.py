@@ -18,20 +18,50 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--image", metavar="PATH_OR_INDEXED_PATH",
                    help="query/reference image: a path inside the indexed folder (uses its stored features), "
                    "an index id as id:N, or any image file")
-    p.add_argument("--top-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--top-k", type=positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help='print one JSON object {"query": {...}, "results": [...]}')
     p.add_argument("--calibrate", action="store_true",
                    help="CalibCLIP re-ranking of the top-K (needs an index built with --calibrate)")
     p.add_argument("--ann", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
                    help="exact or approximate (FAISS) search; auto = exact up to 200,000 images, IVF above")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF cells scanned per query (default 64)")
-    p.add_argument("--ef-search", type=int, default=None, help="HNSW candidate list size (default 128)")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells scanned per query (default 64)")
+    p.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list size (default 128)")
     p.add_argument("--include-reference", action="store_true",
                    help="keep an indexed reference image in composed-search results (left out by default)")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                    help="model to use (default: the one recorded in the index; another model is refused)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     return p
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def check_text(text: str | None) -> str | None:
+    """The query text, refused when it is blank or holds bytes that are not UTF-8 (which the shell passes
+    through as lone surrogates).
+
+    Raises:
+        ValueError: blank text or undecodable bytes.
+    """
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise ValueError(f"--text is not valid UTF-8 ({raw!r}); pass the query as UTF-8 text") from None
+    if not text.strip():
+        raise ValueError("--text is empty (only whitespace); give words to search for, or leave --text out")
+    return text
 
 
 def _image_arg(value: str | None) -> int | str | None:
@@ -44,11 +74,15 @@ def run(args: argparse.Namespace) -> int:
     from calibclip.index import Index
     from calibclip.index.ann import resolve_kind
 
-    if not args.text and not args.image:
+    if args.text is None and not args.image:
         raise ValueError("give --text, --image or both")
+    check_text(args.text)
+    image = _image_arg(args.image)
     t0 = time.perf_counter()
     with Index.open(args.index_dir, model=args.model, device=args.device) as index:
-        image = _image_arg(args.image)
+        if isinstance(image, int) and image not in index:
+            raise ValueError(f"--image id:{image}: no image with that id in {args.index_dir} "
+                             f"(ids are shown by `calibclip search --json`)")
         results = index.search(
             text=args.text, image=image, k=args.top_k, calibrate=args.calibrate, ann=args.ann, nprobe=args.nprobe,
             ef_search=args.ef_search, exclude_reference=not args.include_reference,

@@ -26,7 +26,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--embed-dim", type=int, default=None, help="joint embedding size (default: the recipe's)")
     p.add_argument("--no-flip", action="store_true", help="no flip augmentation / test-time flip averaging")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads during extraction (default 2)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 

@@ -151,7 +151,9 @@ class CalibrationConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"calibration config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        from calibclip.utils import read_yaml
+
+        data = read_yaml(path, "calibration config") or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of calibration settings, got {type(data).__name__}")
         if "calibration" in data:

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from calibclip.data.records import DatasetError, RetrievalDataset
+from calibclip.data.records import DatasetError, RetrievalDataset, read_json, read_text, record_error, safe_relpath, type_name
 
 FLICKR8K_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -58,9 +57,9 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> RetrievalDataset:
             "Flickr8k at " + str(root) + ": " + "; ".join(problems) + f". Found: {found}. Expected the official "
             "layout (Flicker8k_Dataset/, Flickr8k_text/Flickr8k.token.txt, Flickr8k_text/Flickr_8k.<split>Images.txt)."
         )
-    names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
+    names = [ln.strip() for ln in read_text(split_file, "Flickr8k split file").splitlines() if ln.strip()]
     by_image: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for lineno, line in enumerate(token_file.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(token_file, "Flickr8k caption file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -88,6 +87,32 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> RetrievalDataset:
     )
 
 
+KARPATHY_IMAGE = ('an object {"filename": str, "split": str, "sentences": [{"raw": str} or {"tokens": [str]}, ...]} '
+                  '(optional "filepath": relative folder)')
+
+
+def _check_karpathy_image(ann_file: Path, i: int, im: object) -> None:
+    """Raise a `DatasetError` naming ``ann_file`` and image entry ``i`` unless it is a well-formed record."""
+    if not isinstance(im, dict):
+        raise record_error(ann_file, i, f"of 'images' is a {type_name(im)}, not an object", KARPATHY_IMAGE)
+    missing = [k for k in ("filename", "split", "sentences") if k not in im]
+    if missing:
+        raise record_error(ann_file, i, f"of 'images' lacks field(s) {missing} (has {sorted(im)})", KARPATHY_IMAGE)
+    where = f"{ann_file}: entry {i} of 'images'"
+    safe_relpath(im["filename"], ann_file.parent, f"{where} \"filename\"")
+    if im.get("filepath"):
+        safe_relpath(im["filepath"], ann_file.parent, f"{where} \"filepath\"")
+    sents = im["sentences"]
+    if not isinstance(sents, list):
+        raise record_error(ann_file, i, f"of 'images' has \"sentences\" {type_name(sents)}", KARPATHY_IMAGE)
+    for j, sent in enumerate(sents):
+        raw = sent.get("raw") if isinstance(sent, dict) else None
+        tokens = sent.get("tokens") if isinstance(sent, dict) else None
+        if not (isinstance(raw, str) and raw.strip()) and not (
+                isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+            raise record_error(ann_file, i, f"of 'images' has sentence {j} = {str(sent)[:60]}", KARPATHY_IMAGE)
+
+
 def load_karpathy(root: str | Path, split: str = "test", dataset: str | None = None) -> RetrievalDataset:
     """Karpathy-split JSON (``dataset_{flickr8k,flickr30k,coco}.json``) with images under
     ``ROOT/images/`` (or ``ROOT/<filepath>/`` for COCO). ``split``: train | restval | val | test."""
@@ -101,11 +126,17 @@ def load_karpathy(root: str | Path, split: str = "test", dataset: str | None = N
         )
     if len(candidates) > 1:
         raise DatasetError(f"several Karpathy files in {root} ({[c.name for c in candidates]}): pass dataset=")
-    data = json.loads(candidates[0].read_text())
-    entries = [im for im in data.get("images", []) if im.get("split") == split]
+    ann_file = candidates[0]
+    data = read_json(ann_file, "Karpathy split file", "re-download it (it is a JSON object with an 'images' list)")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        got = type_name(data) if not isinstance(data, dict) else f"an object whose 'images' is {type_name(data.get('images'))}"
+        raise DatasetError(f"{ann_file}: expected a JSON object with an 'images' list, got {got}")
+    for i, im in enumerate(data["images"]):
+        _check_karpathy_image(ann_file, i, im)
+    entries = [im for im in data["images"] if im.get("split") == split]
     if not entries:
-        splits = sorted({im.get("split") for im in data.get("images", [])})
-        raise DatasetError(f"{candidates[0].name} has no images in split {split!r}; splits present: {splits}")
+        splits = sorted({str(im.get("split")) for im in data["images"]})
+        raise DatasetError(f"{ann_file.name} has no images in split {split!r}; splits present: {splits}")
     image_dirs = [root / "images", root / "Images", root / "Flicker8k_Dataset", root / "flickr30k-images", root]
     images: list[Path] = []
     captions: list[str] = []
@@ -119,7 +150,7 @@ def load_karpathy(root: str | Path, split: str = "test", dataset: str | None = N
             raise DatasetError(f"image {rel} of {candidates[0].name} not found under {root}/images/ or {root}/")
         images.append(path)
         for sent in im["sentences"]:
-            captions.append(sent.get("raw") or " ".join(sent["tokens"]))
+            captions.append(sent.get("raw") or " ".join(sent.get("tokens") or []))
             caption_image.append(i)
     return RetrievalDataset(
         name=candidates[0].stem.replace("dataset_", ""), split=split, root=root, images=images,

@@ -19,7 +19,6 @@ Layouts
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from calibclip.data.records import DatasetError
+from calibclip.data.records import DatasetError, read_json, record_error, safe_relpath, type_name
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FASHIONIQ_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
@@ -80,10 +79,64 @@ class ComposedDataset:
 
 
 def _read_json(path: Path, what: str, hint: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{what} {path} is not valid JSON ({exc}); {hint}") from exc
+    return read_json(path, what, hint)
+
+
+FASHIONIQ_PAIR = '{"candidate": ASIN, "target": ASIN (absent in test), "captions": [str, str]}'
+CIRR_PAIR = ('{"pairid": int, "reference": name, "target_hard": name (absent in test1), "caption": str, '
+             '"img_set": {"members": [name, ...]} (optional)}')
+
+
+def _check_names(path: Path, names: Any) -> None:
+    """A FashionIQ image split: a list of ASINs (plain names: no folders, so nothing outside images/)."""
+    if not isinstance(names, list):
+        raise DatasetError(f"{path}: expected a JSON list of image names (ASINs), got {type_name(names)}")
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n or "/" in n or "\\" in n or n in (".", "..") or "\0" in n:
+            raise record_error(path, i, f"is {type_name(n)} {str(n)[:60]!r}, refused",
+                               "an image name (ASIN) without folders: images are read from ROOT/images/ only")
+
+
+def _check_fashioniq_pairs(path: Path, pairs: Any) -> None:
+    if not isinstance(pairs, list):
+        raise DatasetError(f"{path}: expected a JSON list of {FASHIONIQ_PAIR}, got {type_name(pairs)}")
+    for i, p in enumerate(pairs):
+        if not isinstance(p, dict):
+            raise record_error(path, i, f"is a {type_name(p)}, not an object", FASHIONIQ_PAIR)
+        if not isinstance(p.get("candidate"), str) or ("target" in p and not isinstance(p["target"], str)):
+            raise record_error(path, i, f"has candidate/target {p.get('candidate')!r}/{p.get('target')!r}",
+                               FASHIONIQ_PAIR)
+        caps = p.get("captions")
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
+            raise record_error(path, i, f'has "captions" {type_name(caps)} {str(caps)[:60]}', FASHIONIQ_PAIR)
+
+
+def _check_cirr_files(split_file: Path, relpaths: Any, cap_file: Path, pairs: Any, root: Path) -> None:
+    """Types of a CIRR-layout image split (name -> relative path inside ``root``) and captions file."""
+    if not isinstance(relpaths, dict):
+        raise DatasetError(f"{split_file}: expected a JSON object mapping image names to relative paths "
+                           f"(\"dev-1-0-img0\": \"./dev/dev-1-0-img0.png\"), got {type_name(relpaths)}")
+    for name, rel in relpaths.items():
+        safe_relpath(rel, root, f"{split_file}: image {name!r}")
+    if not isinstance(pairs, list):
+        raise DatasetError(f"{cap_file}: expected a JSON list of {CIRR_PAIR}, got {type_name(pairs)}")
+    for i, p in enumerate(pairs):
+        if not isinstance(p, dict):
+            raise record_error(cap_file, i, f"is a {type_name(p)}, not an object", CIRR_PAIR)
+        missing = [k for k in ("pairid", "reference", "caption") if k not in p]
+        if missing:
+            raise record_error(cap_file, i, f"lacks field(s) {missing} (has {sorted(p)})", CIRR_PAIR)
+        pairid = p["pairid"]
+        if isinstance(pairid, bool) or not isinstance(pairid, (int, str)) or not str(pairid).lstrip("-").isdigit():
+            raise record_error(cap_file, i, f'has "pairid" {type_name(pairid)} {pairid!r}', CIRR_PAIR)
+        if not isinstance(p["reference"], str) or ("target_hard" in p and not isinstance(p["target_hard"], str)):
+            raise record_error(cap_file, i, "has a reference/target_hard that is not an image name", CIRR_PAIR)
+        if not isinstance(p["caption"], str):
+            raise record_error(cap_file, i, f'has "caption" {type_name(p["caption"])}', CIRR_PAIR)
+        members = p.get("img_set", {"members": []})
+        members = members.get("members") if isinstance(members, dict) else None
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise record_error(cap_file, i, f'has "img_set" {str(p.get("img_set"))[:60]}', CIRR_PAIR)
 
 
 def _listing(folder: Path, limit: int = 12) -> str:
@@ -162,6 +215,8 @@ def load_fashioniq(
                            "re-download image_splits/ from the FashionIQ release")
         pairs = _read_json(root / "captions" / f"cap.{cat}.{split}.json", "FashionIQ captions",
                            "re-download captions/ from the FashionIQ release")
+        _check_names(root / "image_splits" / f"split.{cat}.{split}.json", names)
+        _check_fashioniq_pairs(root / "captions" / f"cap.{cat}.{split}.json", pairs)
         position = {n: i for i, n in enumerate(names)}
         unknown = [p["candidate"] for p in pairs if p["candidate"] not in position]
         unknown += [p["target"] for p in pairs if "target" in p and p["target"] not in position]
@@ -224,6 +279,7 @@ def load_cirr(root: str | Path, split: str = "val", name: str = "cirr", check_im
         )
     relpaths: dict[str, str] = _read_json(split_file, f"{name} image split", "regenerate or re-download it")
     pairs: list[dict[str, Any]] = _read_json(cap_file, f"{name} captions", "regenerate or re-download it")
+    _check_cirr_files(split_file, relpaths, cap_file, pairs, root)
     names = list(relpaths)
     position = {n: i for i, n in enumerate(names)}
     referenced = [p["reference"] for p in pairs] + [p["target_hard"] for p in pairs if "target_hard" in p]

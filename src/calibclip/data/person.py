@@ -11,13 +11,12 @@ dataset folder named below)::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from calibclip.data.records import DatasetError, RetrievalDataset
+from calibclip.data.records import DatasetError, RetrievalDataset, read_json, record_error, safe_relpath, type_name
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,26 @@ def _locate(root: Path, fmt: PersonFormat) -> Path:
     )
 
 
+def _check_entry(ann_file: Path, i: int, entry: object, fmt: PersonFormat, required: tuple[str, ...]) -> None:
+    """Raise a `DatasetError` naming ``ann_file`` and record ``i`` unless ``entry`` has the format's fields
+    with the right types."""
+    expected = (f'an object {{"id": int, "split": str, "captions": [str, ...], "{fmt.path_key}": relative path}}')
+    if not isinstance(entry, dict):
+        raise record_error(ann_file, i, f"is a {type_name(entry)}, not an object", expected)
+    missing = [k for k in required if k not in entry]
+    if missing:
+        raise record_error(ann_file, i, f"lacks field(s) {missing} (has {sorted(entry)})", expected)
+    ident = entry["id"]
+    if isinstance(ident, bool) or not isinstance(ident, (int, str)) or (isinstance(ident, str) and not ident.isdigit()):
+        raise record_error(ann_file, i, f'has "id" {type_name(ident)} {ident!r}', "a whole-number person id")
+    if not isinstance(entry["split"], str):
+        raise record_error(ann_file, i, f'has "split" of type {type_name(entry["split"])}', "a split name string")
+    caps = entry["captions"]
+    if not isinstance(caps, (str, list)) or (isinstance(caps, list) and not all(isinstance(c, str) for c in caps)):
+        raise record_error(ann_file, i, f'has "captions" {type_name(caps)} {str(caps)[:40]}', "a list of strings")
+    safe_relpath(entry[fmt.path_key], ann_file.parent / "imgs", f"{ann_file}: entry {i} \"{fmt.path_key}\"")
+
+
 def load_person(name: str, root: str | Path, split: str = "test") -> RetrievalDataset:
     """Load one split of a person-retrieval dataset (``cuhkpedes`` | ``icfgpedes`` | ``rstpreid``).
 
@@ -83,20 +102,12 @@ def load_person(name: str, root: str | Path, split: str = "test") -> RetrievalDa
         raise DatasetError(f"{fmt.folder} root {root} does not exist (expected a folder with {fmt.annotation})")
     folder = _locate(root, fmt)
     ann_file = folder / fmt.annotation
-    try:
-        entries = json.loads(ann_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{ann_file} is not valid JSON ({exc})") from exc
+    entries = read_json(ann_file, f"{fmt.folder} annotation file", f"re-download {fmt.annotation}")
     if not isinstance(entries, list) or not entries:
-        raise DatasetError(f"{ann_file}: expected a non-empty JSON list of annotations, got {type(entries).__name__}")
+        raise DatasetError(f"{ann_file}: expected a non-empty JSON list of annotations, got {type_name(entries)}")
     required = ("id", "split", "captions", fmt.path_key)
     for i, entry in enumerate(entries):
-        missing = [k for k in required if not isinstance(entry, dict) or k not in entry]
-        if missing:
-            got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise DatasetError(
-                f"{ann_file}: entry {i} lacks field(s) {missing} (has {got}); {fmt.folder} entries need {list(required)}"
-            )
+        _check_entry(ann_file, i, entry, fmt, required)
     chosen = [e for e in entries if e["split"] == split]
     if not chosen:
         present = sorted({str(e["split"]) for e in entries})

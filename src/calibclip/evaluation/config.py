@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from calibclip.utils import read_yaml
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "dataset": None,
@@ -40,7 +40,7 @@ def _read(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ValueError(f"config {path} includes itself through 'base:'")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "config file") or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - set(SECTIONS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 DATASET_CHOICES = ("cuhkpedes", "icfgpedes", "rstpreid", "rstp", "flickr8k", "karpathy", "fashioniq", "cirr", "css")
@@ -89,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --dataset and --data-root (or a --config with dataset: and data_root:)")
     if args.submission and not args.output_dir:
         raise ValueError("--submission writes the CIRR test-server files into --output-dir: give one")
+    if not (args.checkpoint or args.model):
+        name = cfg["model"].get("name") or "starter"
+        source = f"the model: of {args.config}" if args.config else "the default"
+        print(f"calibclip evaluate: no --checkpoint given, using model {name!r} ({source}); "
+              "pass --checkpoint PATH or --model NAME to evaluate another", file=sys.stderr)
     result = run_evaluation(
         dataset, data_root, cfg, model=args.checkpoint or args.model, split=args.split, calibrate=args.calibrate,
         combiner=args.combiner, combining=args.combining,

@@ -32,9 +32,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def plural(n: int, word: str) -> str:
+    """``1 file``, ``2 files``, ``0 files``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def run(args: argparse.Namespace) -> int:
+    from calibclip.cli.search import check_index_model
     from calibclip.index import Index
 
+    check_index_model(args.out, args.model)
     index = Index.build(
         args.images_dir, args.out, model=args.model, batch_size=args.batch_size, workers=args.workers,
         calibrate=True if args.calibrate else None, combiner=args.combiner, precision=args.precision,
@@ -45,11 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"index": args.out, **report}))
         return 0
+    skipped = report["skipped"]
     print(
-        f"{args.out}: {report['count']} images indexed (added {report['added']}, updated {report['updated']}, "
-        f"removed {report['removed']}, unchanged {report['unchanged']}) in {report['seconds']:.1f}s; "
-        f"{report['skipped']} files skipped"
-        + (f" (see `calibclip info {args.out} --skipped`)" if report["skipped"] else ""),
+        f"{args.out}: {plural(report['count'], 'image')} indexed (added {report['added']}, updated "
+        f"{report['updated']}, removed {report['removed']}, unchanged {report['unchanged']}) in "
+        f"{report['seconds']:.1f}s; {plural(skipped, 'file')} skipped"
+        + (f" (see `calibclip info {args.out} --skipped`)" if skipped else ""),
         file=sys.stdout,
     )
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 
@@ -64,6 +65,31 @@ def check_text(text: str | None) -> str | None:
     return text
 
 
+def check_index_model(index_dir: str, model: str | None) -> None:
+    """Refuse ``--model NAME`` (a registered model) other than the one ``index_dir`` was built with, before
+    anything is loaded or downloaded. Paths and unrecorded models are left to the fingerprint check on open.
+
+    Raises:
+        ValueError: the names differ (the message says which model the index uses and what to do).
+    """
+    if model is None or os.path.exists(model):
+        return
+    from calibclip.index.storage import read_meta
+    from calibclip.models.registry import canonical_name
+
+    meta = read_meta(index_dir)
+    given = canonical_name(model)
+    recorded = meta.get("model_spec") or meta.get("model")
+    if given is None or not recorded or os.path.exists(str(recorded)):
+        return
+    if canonical_name(str(recorded)) != given:
+        raise ValueError(
+            f"--model {model}: index {index_dir} was built with model {recorded!r}; its vectors are not comparable "
+            f"with {given!r}. Omit --model to use {recorded!r}, or build an index for {given!r}: "
+            f"calibclip index IMAGES_DIR --out NEW_INDEX_DIR --model {model}"
+        )
+
+
 def _image_arg(value: str | None) -> int | str | None:
     if value is not None and value.startswith("id:") and value[3:].isdigit():
         return int(value[3:])
@@ -78,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --text, --image or both")
     check_text(args.text)
     image = _image_arg(args.image)
+    check_index_model(args.index_dir, args.model)
     t0 = time.perf_counter()
     with Index.open(args.index_dir, model=args.model, device=args.device) as index:
         if isinstance(image, int) and image not in index:

@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from typing import Any
 
@@ -39,9 +40,13 @@ def run(args: argparse.Namespace) -> int:
 
     from calibclip.web.app import WebConfig, create_app
 
+    from calibclip.cli.search import check_index_model
+
     for d in args.index_dirs:
         if not os.path.isdir(d):
             raise FileNotFoundError(f"index folder {d} does not exist; build one with `calibclip index IMAGES --out {d}`")
+        check_index_model(d, args.model)
+    check_port_free(args.host, args.port)
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     upload_dir = tempfile.mkdtemp(prefix="calibclip-uploads-")
@@ -70,6 +75,27 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(upload_dir, ignore_errors=True)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before anything is loaded, a port another process already listens on.
+
+    Raises:
+        OSError: the address is taken or cannot be bound (the message names the port and how to pick another).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise OSError(f"--host {host}: cannot resolve that address ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise OSError(
+                f"port {port} on {host} is not available ({exc.strerror}); another server is probably using it: "
+                f"pick another with --port (e.g. --port {port + 1 if port < 65535 else 8000}) or stop that server"
+            ) from None
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

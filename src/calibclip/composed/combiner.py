@@ -150,6 +150,9 @@ def load_combiner(
         if have and have != want:
             raise ValueError(f"Combiner {path} was trained on features of encoder {have}, but the encoder in use is "
                              f"{want}; use the same --model as for training or train a Combiner for this encoder")
+    from calibclip.models.checkpoints import check_finite
+
+    check_finite({k: v for k, v in record["state_dict"].items() if isinstance(v, torch.Tensor)}, f"Combiner {path}")
     cfg = record["config"]
     combiner = Combiner(int(cfg["feature_dim"]), int(cfg["projection_dim"]), int(cfg["hidden_dim"]),
                         float(cfg.get("dropout", 0.5)), float(cfg.get("logit_scale", LOGIT_SCALE)))

@@ -49,6 +49,14 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> RetrievalDataset:
         problems.append(f"image folder {root}/Flicker8k_Dataset/ (the official, misspelt name) is missing")
     if not token_file.exists():
         problems.append(f"caption file {token_file} is missing")
+    if not split_file.exists() and not problems:
+        present = [name for name, f in FLICKR8K_SPLIT_FILES.items() if name != "val" and (text_dir / f).exists()]
+        hint = f"use --split {'dev' if 'dev' in present else present[0]}" if present else (
+            "put the Flickr_8k.<split>Images.txt files from the official release there")
+        raise DatasetError(
+            f"Flickr8k at {root} has no {split} split ({split_file.name} is missing from {text_dir}); "
+            f"splits present: {present or 'none'}; {hint}"
+        )
     if not split_file.exists():
         problems.append(f"split file {split_file} is missing")
     if problems:

@@ -64,6 +64,8 @@ def run_evaluation(
         raise ValueError("--calibrate applies to text->image retrieval; composed retrieval uses --combining")
     if task != "composed" and (combiner or combining):
         raise ValueError(f"--combiner/--combining apply to fashioniq, cirr and css, not {name}")
+    # Read the annotations before the model so that a wrong split or data root fails at once.
+    data = load_dataset(name, data_root, split) if task != "composed" else None
     t0 = time.perf_counter()
     if encoder is None:
         encoder = load_encoder(model, task, model_cfg.get("device", "auto"), model_cfg.get("precision", "fp32"),
@@ -82,10 +84,11 @@ def run_evaluation(
             submission_dir=Path(submission_dir) if submission_dir else None, progress=progress,
         )
     else:
-        data = load_dataset(name, data_root, split)
         calibrator = make_calibrator(encoder, config.get("calibration")) if calibrate else None
-        metrics = evaluate_retrieval(encoder, data, batch_size=batch_size, workers=workers, cache=cache,
-                                     calibrator=calibrator, progress=progress, timings=timing)
+        metrics = evaluate_retrieval(
+            encoder, data, batch_size=batch_size, workers=workers, cache=cache,  # type: ignore[arg-type]
+            calibrator=calibrator, progress=progress, timings=timing,
+        )
     timing["total_s"] = time.perf_counter() - t1
     metrics = {k: round(float(v), 6) for k, v in metrics.items()}  # drop float noise (26.640000000000004)
     return {"dataset": name, "split": split, "model": model, "metrics": metrics, "calibrate": calibrate,

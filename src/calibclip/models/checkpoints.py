@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import torch
 
 from calibclip.models.clip import CLIP, config_from_state_dict
+from calibclip.models.tokenizer import EOT_TOKEN
 
 #: The key that anchors an OpenAI-named state dict (any prefix before it is stripped).
 OPENAI_ANCHOR = "token_embedding.weight"
@@ -45,6 +46,50 @@ _EXPECTED = (
 
 class CheckpointError(ValueError):
     """A file that is not a loadable CLIP checkpoint (wrong format, unsafe pickle, missing keys)."""
+
+
+def looks_like_text(path: str | os.PathLike, probe: int = 4096) -> str | None:
+    """The first line of ``path`` when its first bytes are UTF-8 text without NUL bytes (a README, a
+    config, an HTML error page saved as a checkpoint), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(probe)
+    except OSError:
+        return None
+    if not head or b"\0" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a multi-byte character cut at the probe's end
+            return None
+        text = head[: exc.start].decode("utf-8")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return first[:60]
+
+
+def not_a_checkpoint_if_text(path: str | os.PathLike) -> None:
+    """Raise `CheckpointError` "not a checkpoint (looks like text)" when ``path`` is a text file."""
+    first = looks_like_text(path)
+    if first is not None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint (looks like text: {first!r}), so not a readable PyTorch checkpoint; expected "
+            "a torch.save() state dict, a TorchScript archive, a .safetensors file or a Hugging Face directory"
+        )
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinite values (they would make every score NaN).
+
+    Raises:
+        CheckpointError: naming the first affected tensors.
+    """
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source}: refused: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[:3]}); the file "
+            "is corrupt or comes from a diverged training run: use another checkpoint"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +203,7 @@ def read_torchscript_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]
 
 
 def _torch_load(path: Path) -> Any:
+    not_a_checkpoint_if_text(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -180,6 +226,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        not_a_checkpoint_if_text(path)
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own SafetensorError
@@ -295,7 +342,16 @@ def openai_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hf_settings(config: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _hf_settings(config: Any, where: str) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}/config.json: expected a JSON object (a CLIPModel config), got "
+                              f"{type(config).__name__}")
+    for key in ("vision_config", "text_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise CheckpointError(
+                f"{where}/config.json: {key} is a {type(config[key]).__name__} ({str(config[key])[:40]!r}), expected "
+                "an object of settings (hidden_size, num_attention_heads, ...) as transformers writes it"
+            )
     vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
     acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     if not acts <= {"quick_gelu", "gelu"} or len(acts) != 1:
@@ -307,15 +363,24 @@ def _hf_settings(config: Mapping[str, Any], where: str) -> dict[str, Any]:
         if abs(float(eps) - 1e-5) > 1e-12:
             raise CheckpointError(f"{where}: layer_norm_eps {eps} is not supported (CLIP uses 1e-5)")
     settings: dict[str, Any] = {"act": acts.pop()}
-    if "num_attention_heads" in vision:
-        settings["vision_heads"] = int(vision["num_attention_heads"])
-    if "num_attention_heads" in text:
-        settings["text_heads"] = int(text["num_attention_heads"])
+    for tower, key, name in ((vision, "vision_heads", "vision_config"), (text, "text_heads", "text_config")):
+        if "num_attention_heads" in tower:
+            heads = tower["num_attention_heads"]
+            if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+                raise CheckpointError(
+                    f"{where}/config.json: {name}.num_attention_heads is {heads!r}; expected a whole number >= 1 "
+                    "that divides hidden_size"
+                )
+            settings[key] = heads
     return settings
 
 
 def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}/config.json is not valid JSON ({exc}); re-download the model folder") from None
+    settings = _hf_settings(config, str(path))
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).exists():
             tensors = read_tensors(path / name)
@@ -325,7 +390,7 @@ def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             f"{path}: Hugging Face config.json found but no model.safetensors or pytorch_model.bin "
             f"(found: {sorted(p.name for p in path.iterdir())}); sharded checkpoints are not supported"
         )
-    return tensors, _hf_settings(config, str(path))
+    return tensors, settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +488,19 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: incomplete CLIP weights, {exc} is missing. Found: {_describe(state)}; {_EXPECTED}"
         ) from exc
-    model = CLIP(cfg)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if cfg.vocab_size <= EOT_TOKEN:
+        raise CheckpointError(
+            f"{path}: the text tower's vocabulary has {cfg.vocab_size} tokens, but the CLIP tokenizer produces ids up "
+            f"to {EOT_TOKEN} (vocabulary {EOT_TOKEN + 1}): every text query would fail. This checkpoint was trained "
+            "with another tokenizer; calibclip's CLIP loader needs the OpenAI CLIP vocabulary"
+        )
+    check_finite(state, str(path))
+    try:
+        model = CLIP(cfg)
+    except ValueError as exc:  # e.g. a head count that does not divide the width
+        raise CheckpointError(f"{path}: the weights and settings do not make a CLIP model ({exc})") from None
     model.load_openai_state_dict(state, source=str(path))
     model.checkpoint_format = fmt
     return model.eval()

@@ -41,6 +41,8 @@ class CLIPConfig:
     4-tuple of bottleneck counts. ``image_size`` is the model's input ``(height, width)``.
     ``act`` is ``quick_gelu`` (OpenAI weights) or ``gelu`` (open_clip models without "-quickgelu").
     Heads default to ``width // 64`` (ViT, text) and ``width * 32 // 64`` (ResNet), as OpenAI (at least 1).
+    ``vision_mlp_width`` / ``text_mlp_width``: hidden size of the transformer MLPs (None = 4 x width, as OpenAI;
+    inferred from the weights, e.g. open_clip's ViT-bigG-14 uses 4.9231 x width).
     """
 
     embed_dim: int
@@ -60,9 +62,20 @@ class CLIPConfig:
     resize_mode: str | None = None
     name: str = "CLIP"
     extra: dict[str, Any] = field(default_factory=dict)
+    vision_mlp_width: int | None = None
+    text_mlp_width: int | None = None
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size)
+        # the default (4 x width) is stored as None so that configs (and fingerprints) of 4x models do not change
+        if self.vision_mlp_width is not None and int(self.vision_mlp_width) == 4 * self.vision_width:
+            self.vision_mlp_width = None
+        if self.text_mlp_width is not None and int(self.text_mlp_width) == 4 * self.text_width:
+            self.text_mlp_width = None
+        for key in ("vision_heads", "text_heads", "vision_mlp_width", "text_mlp_width"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or int(value) < 1):
+                raise ValueError(f"{key} must be a positive whole number, got {value!r}")
         if isinstance(self.vision_layers, (list, tuple)):
             self.vision_layers = tuple(int(n) for n in self.vision_layers)  # type: ignore[assignment]
             if len(self.vision_layers) != 4 or self.vision_patch_size is not None:
@@ -90,6 +103,9 @@ class CLIPConfig:
         d["vision_layers"] = list(self.vision_layers) if not self.is_vit else self.vision_layers
         d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
         d["tower"] = "vit" if self.is_vit else "resnet"
+        for key in ("vision_mlp_width", "text_mlp_width"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -156,16 +172,17 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, act: str):
+    def __init__(self, width: int, heads: int, act: str, mlp_width: int | None = None):
         super().__init__()
+        hidden = int(mlp_width or width * 4)
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict(
                 [
-                    ("c_fc", nn.Linear(width, width * 4)),
+                    ("c_fc", nn.Linear(width, hidden)),
                     ("gelu", _activation(act)),
-                    ("c_proj", nn.Linear(width * 4, width)),
+                    ("c_proj", nn.Linear(hidden, width)),
                 ]
             )
         )
@@ -183,10 +200,10 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """Stack of residual attention blocks on ``[B, L, width]`` (batch first)."""
 
-    def __init__(self, width: int, layers: int, heads: int, act: str):
+    def __init__(self, width: int, layers: int, heads: int, act: str, mlp_width: int | None = None):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act, mlp_width) for _ in range(layers)])
 
     def forward(
         self, x: torch.Tensor, causal: bool, query_index: torch.Tensor | None = None
@@ -211,7 +228,7 @@ class _VisualOut:
 class VisionTransformer(nn.Module):
     def __init__(
         self, image_size: tuple[int, int], patch_size: int, width: int, layers: int, heads: int,
-        output_dim: int, act: str,
+        output_dim: int, act: str, mlp_width: int | None = None,
     ):
         super().__init__()
         self.patch_size = patch_size
@@ -221,7 +238,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid[0] * self.grid[1] + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, act)
+        self.transformer = Transformer(width, layers, heads, act, mlp_width)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -382,13 +399,15 @@ class CLIP(Encoder):
         if cfg.is_vit:
             self.visual: nn.Module = VisionTransformer(
                 cfg.image_size, int(cfg.vision_patch_size), cfg.vision_width, int(cfg.vision_layers),  # type: ignore[arg-type]
-                int(cfg.vision_heads), cfg.embed_dim, cfg.act,  # type: ignore[arg-type]
+                int(cfg.vision_heads), cfg.embed_dim, cfg.act, cfg.vision_mlp_width,  # type: ignore[arg-type]
             )
         else:
             self.visual = ModifiedResNet(
                 cfg.vision_layers, cfg.embed_dim, int(cfg.vision_heads), cfg.image_size, cfg.vision_width,  # type: ignore[arg-type]
             )
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, int(cfg.text_heads), cfg.act)  # type: ignore[arg-type]
+        self.transformer = Transformer(
+            cfg.text_width, cfg.text_layers, int(cfg.text_heads), cfg.act, cfg.text_mlp_width,  # type: ignore[arg-type]
+        )
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.ln_final = LayerNorm(cfg.text_width)
@@ -589,6 +608,11 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], **overrides: Any) 
         patch = None
         native = math.isqrt(int(state["visual.attnpool.positional_embedding"].shape[0]) - 1) * 32
     text_width = int(state["ln_final.weight"].shape[0])
+    mlp: dict[str, Any] = {}
+    for key, prefix in (("vision_mlp_width", "visual.transformer.resblocks.0."), ("text_mlp_width",
+                                                                                  "transformer.resblocks.0.")):
+        if f"{prefix}mlp.c_fc.weight" in state:  # the MLP hidden size, like every other dimension, from the weights
+            mlp[key] = int(state[f"{prefix}mlp.c_fc.weight"].shape[0])
     cfg: dict[str, Any] = dict(
         embed_dim=int(state["text_projection"].shape[1]),
         vision_layers=vision_layers,
@@ -599,6 +623,7 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], **overrides: Any) 
         vocab_size=int(state["token_embedding.weight"].shape[0]),
         text_width=text_width,
         text_layers=len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}),
+        **mlp,
     )
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return CLIPConfig(**cfg)

@@ -344,6 +344,9 @@ def read_heads(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != HEADS_FORMAT:
         raise ValueError(f"{path}: starter head format {meta.get('format')!r}, expected {HEADS_FORMAT!r}; retrain with this version")
+    from calibclip.models.checkpoints import check_finite
+
+    check_finite(tensors, str(path))
     return tensors, meta
 
 

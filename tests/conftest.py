@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from netguard import NetGuard
+
 os.environ.setdefault("CALIBCLIP_NO_PROGRESS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,3 +36,9 @@ def cirr_root() -> Path:
 @pytest.fixture(scope="session")
 def fashioniq_root() -> Path:
     return shared_path("fashioniq")
+
+
+@pytest.fixture(autouse=True)
+def _no_outward_network(monkeypatch: pytest.MonkeyPatch) -> NetGuard:
+    """Every test runs with connections (and name look-ups) outside 127.0.0.1 / ::1 refused in-process."""
+    return NetGuard().install(monkeypatch)

@@ -1,5 +1,9 @@
 """Download of the official OpenAI CLIP weights into a local cache.
 
+Nothing else in calibclip opens a network connection. A download announces itself on stderr (what,
+from where, to where) before connecting; ``CALIBCLIP_OFFLINE=1`` refuses every download (cached,
+verified files are still used).
+
 Files go to ``$CALIBCLIP_CACHE`` (default ``~/.cache/calibclip``). Every URL carries the file's
 SHA-256 in its path; the download is streamed into ``<file>.part``, resumed with an HTTP
 ``Range`` request when a partial file exists, verified, then atomically renamed. A verified file
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -78,6 +83,11 @@ def _offline_error(name: str, url: str, target: Path, digest: str, reason: objec
     )
 
 
+def offline() -> bool:
+    """True when ``CALIBCLIP_OFFLINE`` is set to 1/true/yes: downloads are refused."""
+    return os.environ.get("CALIBCLIP_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def download_url(
     url: str, target: str | os.PathLike, sha256: str | None = None, name: str | None = None,
     timeout: float = 30.0, progress: bool = True,
@@ -88,6 +98,14 @@ def download_url(
     name = name or target.name
     if _is_verified(target, digest):
         return target
+    if offline():
+        raise RuntimeError(
+            f"the {name} weights are not in the cache ({target}) and CALIBCLIP_OFFLINE=1 forbids downloading them "
+            f"from {url}: unset CALIBCLIP_OFFLINE to download, copy the file to {target} (checked against SHA-256 "
+            f"{digest}), or use a local checkpoint path or the built-in model (--model starter)"
+        )
+    print(f"calibclip: downloading the {name} weights from {url} to {target} (set CALIBCLIP_OFFLINE=1 to forbid "
+          "downloads)", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     offset = part.stat().st_size if part.exists() else 0

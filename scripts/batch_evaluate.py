@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    import calibclip  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from _bootstrap import ensure_environment  # noqa: E402
 
-from evaluate import seed_argv
+ensure_environment(__file__)
 
-from calibclip.cli.main import main
+from evaluate import seed_argv  # noqa: E402
+
+from calibclip.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["batch-evaluate", *seed_argv(sys.argv[1:])]))

@@ -14,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-try:
-    import calibclip  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bootstrap import ensure_environment  # noqa: E402
+
+ensure_environment(__file__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - any undecodable file is skipped and reported
             print(f"skipping {f.relpath}: {exc}", file=sys.stderr)
     if not usable:
-        raise SystemExit(f"no readable images under {args.image_dir}")
+        raise FileNotFoundError(f"no readable images under {args.image_dir} (searched recursively for jpg, png, "
+                                "webp, bmp, gif, tif)")
     names = ("raw", "calibrated") if calibrator else ("raw",)
     tags = {"dataset": f"folder:{Path(args.image_dir).resolve()}", "split": "demo",
             "preprocess": encoder.preprocess.describe()}
@@ -78,5 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """`main` behind the same error boundary as the CLI: expected failures are one line and exit 2."""
+    try:
+        return main()
+    except (ValueError, OSError, RuntimeError, KeyError, ImportError) as exc:
+        message = " ".join(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).split())
+        print(f"demo.py: error: {message}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-try:
-    import calibclip  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bootstrap import ensure_environment  # noqa: E402
 
-from calibclip.cli.main import main
+ensure_environment(__file__)
+
+from calibclip.cli.main import main  # noqa: E402
 
 UNDERSCORE_FLAGS = {"--data_root": "--data-root", "--output_dir": "--output-dir", "--batch_size": "--batch-size",
                     "--data_roots": "--data-roots", "--no_cache": "--no-cache"}

@@ -84,7 +84,8 @@ def check_index_model(index_dir: str, model: str | None) -> None:
         return
     if canonical_name(str(recorded)) != given:
         raise ValueError(
-            f"--model {model}: index {index_dir} was built with model {recorded!r}; its vectors are not comparable "
+            f"--model {model}: index {index_dir} was built with model {recorded!r} (fingerprint "
+            f"{meta.get('fingerprint')}); its vectors are not comparable "
             f"with {given!r}. Omit --model to use {recorded!r}, or build an index for {given!r}: "
             f"calibclip index IMAGES_DIR --out NEW_INDEX_DIR --model {model}"
         )

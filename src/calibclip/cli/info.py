@@ -11,15 +11,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("index_dir", metavar="INDEX_DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--skipped", action="store_true", help="list the files that could not be indexed, with reasons")
+    p.add_argument("--check", action="store_true",
+                   help="full verification: database integrity, every vector finite, norms, and a re-hash of a "
+                   "sample of the indexed files (exit 2 when the index is damaged)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from calibclip.index import Index
+    from calibclip.index.storage import display
 
-    with Index.open(args.index_dir) as index:
+    with Index.open(args.index_dir) as index:  # opening validates sizes, dims, rows and the database
         info = index.info()
-        skipped = [{"path": s.relpath, "reason": s.reason, "message": s.message} for s in index.skipped()]
+        skipped = [{"path": display(s.relpath), "reason": s.reason, "message": s.message} for s in index.skipped()]
+    if args.check:
+        check(args)
     if args.json:
         if args.skipped:
             info["skipped_files"] = skipped
@@ -32,3 +38,25 @@ def run(args: argparse.Namespace) -> int:
         for s in skipped:
             print(f"{s['reason']:13} {s['path']}  ({s['message']})")
     return 0
+
+
+def check(args: argparse.Namespace) -> None:
+    """``--check``: print the verification verdict (stale files as notes).
+
+    Raises:
+        RuntimeError: the index is damaged (one line listing the problems and what to do).
+    """
+    import sys
+
+    from calibclip.index.storage import check_index
+
+    damage, stale = check_index(args.index_dir)
+    if damage:
+        raise RuntimeError(
+            f"index {args.index_dir} is damaged: {'; '.join(damage)}. Rebuild it (delete the folder, then "
+            f"`calibclip index IMAGES_DIR --out {args.index_dir}`) or restore it from a backup"
+        )
+    note = f"; {len(stale)} sampled files changed since indexing (re-run `calibclip index` to update): " + ", ".join(
+        stale[:3]) if stale else ""
+    print(f"check: ok (database intact, every vector finite, norms match, sampled files re-hashed){note}",
+          file=sys.stderr)

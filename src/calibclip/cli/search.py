@@ -121,11 +121,14 @@ def run(args: argparse.Namespace) -> int:
             "ann": resolve_kind(args.ann, len(index)), "model": index.model_name,
             "combining": ("combiner" if index.combiner else "sum") if composed else None,
         }
+    from calibclip.index.storage import display
+
     if args.json:
-        out = {"query": query, "results": [r.to_dict() for r in results],
+        shown = [{**r.to_dict(), "path": display(r.path), "relpath": display(r.relpath)} for r in results]
+        out = {"query": {**query, "image": display(args.image) if args.image else None}, "results": shown,
                "seconds": round(time.perf_counter() - t0, 4)}
         print(json.dumps(out))
         return 0
     for r in results:
-        print(f"{r.rank:3d}  {r.score:.4f}  {r.path}")
+        print(f"{r.rank:3d}  {r.score:.4f}  {display(r.path)}")
     return 0

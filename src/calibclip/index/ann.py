@@ -96,7 +96,7 @@ class AnnIndex:
         else:
             params = faiss.SearchParametersHNSW(efSearch=max(int(ef_search or DEFAULT_EF_SEARCH), k))
         scores, pos = self.index.search(q, k, params=params)
-        return scores, pos
+        return scores, np.where(np.isfinite(scores), pos, -1)  # a non-finite (damaged) vector never ranks
 
     def memory_bytes(self) -> int:
         """Serialized size of the FAISS structure (vectors + graph/lists)."""

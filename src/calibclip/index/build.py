@@ -57,6 +57,43 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def file_record(f: ScannedFile) -> dict[str, Any] | tuple[str, int, int, str, str]:
+    """The stored record of a decoded file (hash and header size read here), or its skipped row
+    ``(relpath, size, mtime_ns, "missing" | "unreadable", message)`` when it vanished or became unreadable
+    since the scan: one file deleted mid-run is a skip like any other, never the end of the run."""
+    try:
+        digest = sha256_file(f.path)
+    except FileNotFoundError:
+        return (f.relpath, f.size, f.mtime_ns, "missing", f"{f.path}: deleted while the index was being built")
+    except OSError as exc:
+        return (f.relpath, f.size, f.mtime_ns, "unreadable", f"{f.path}: cannot read ({exc.strerror or exc})")
+    w, h = oriented_size(f.path)
+    return {"path": f.relpath, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": digest, "width": w, "height": h}
+
+
+def drop_non_finite(
+    records: list[dict[str, Any]], vectors: dict[str, np.ndarray]
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], list[tuple[str, int, int, str, str]]]:
+    """Split off the images whose vectors (in any set) are not finite once stored as float16 (NaN, or too
+    large for float16): they are skipped with reason ``non_finite`` instead of stopping the batch.
+
+    Returns:
+        The kept records and their vectors, and the skipped rows.
+    """
+    if not records or not vectors:
+        return records, vectors, []
+    ok = np.ones(len(records), dtype=bool)
+    for arr in vectors.values():
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok &= np.isfinite(np.asarray(arr, dtype=np.float32).astype(np.float16)).all(axis=1)
+    if ok.all():
+        return records, vectors, []
+    bad = [(r["path"], r["size"], r["mtime_ns"], "non_finite",
+            "the model gave this image a vector with NaN or infinite values; it is left out of the index")
+           for r, good in zip(records, ok, strict=True) if not good]
+    return [r for r, good in zip(records, ok, strict=True) if good], {k: v[ok] for k, v in vectors.items()}, bad
+
+
 def oriented_size(path: str | os.PathLike) -> tuple[int | None, int | None]:
     """(width, height) after EXIF orientation, read from the header only (no pixel decoding).
     The pixels themselves always go through `calibclip.data.images.load_image`."""
@@ -182,8 +219,7 @@ def build_index(
                     unchanged += 1
                     continue
             elif skipped_state.get(f.relpath) == (f.size, f.mtime_ns):
-                unchanged += 1
-                continue
+                continue  # still the file that was skipped: still skipped (not "unchanged": it is no image)
             todo.append(f)
         problems = [(rel, None, None, reason, msg) for rel, (reason, msg) in scan.problems.items()
                     if rel not in skipped_state]
@@ -195,18 +231,22 @@ def build_index(
         added = updated = skipped_new = 0
         bar = progress_bar(total=len(todo), desc="indexing", unit="img", disable=not progress)
         for batch in iter_image_batches([f.path for f in todo], encoder.preprocess, batch_size, workers):
-            records = []
-            for i in batch.indices:
-                f = todo[i]
-                w, h = oriented_size(f.path)
-                records.append({"path": f.relpath, "size": f.size, "mtime_ns": f.mtime_ns,
-                                "sha256": sha256_file(f.path), "width": w, "height": h})
-            skipped = [(todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg)
-                       for i, (reason, msg) in batch.errors.items()]
+            records, skipped = [], [(todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg)
+                                    for i, (reason, msg) in batch.errors.items()]
+            keep = []
+            for j, i in enumerate(batch.indices):
+                rec = file_record(todo[i])
+                if isinstance(rec, tuple):  # the file vanished (or became unreadable) after decoding
+                    skipped.append(rec)
+                else:
+                    records.append(rec)
+                    keep.append(j)
             vectors: dict[str, np.ndarray] = {}
-            if batch.pixels is not None:
-                out = fn(batch.pixels.to(encoder.device, encoder.dtype))
+            if batch.pixels is not None and keep:
+                out = fn(batch.pixels[keep].to(encoder.device, encoder.dtype))
                 vectors = {name: out[name].float().cpu().numpy() for name in sets}
+            records, vectors, bad = drop_non_finite(records, vectors)
+            skipped += bad
             storage.commit_batch(vectors, records, skipped)
             updated += sum(r["path"] in state for r in records)
             added += sum(r["path"] not in state for r in records)

@@ -29,6 +29,7 @@ def merge_topk(
     """Merge the running top-k ``(best_scores, best_pos)`` ``[Q, k]`` with a new score chunk whose
     first column is position ``offset``."""
     kk = min(k, scores.shape[1])
+    scores = torch.nan_to_num(scores, nan=-torch.inf)  # a non-finite (damaged) row never ranks
     s, p = torch.topk(scores, kk, dim=1)
     p = p + offset
     if best_scores is not None:
@@ -82,7 +83,8 @@ class ExactSearcher:
     @torch.inference_mode()
     def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` cosine similarities of normalised ``queries`` ``[Q, D]``: ``(scores, positions)``
-        each ``[Q, min(k, len)]``, best first."""
+        each ``[Q, min(k, len)]``, best first; rows whose score is not finite (NaN vectors of a damaged
+        index) come last as position -1 / score -inf."""
         q = normalize(queries)
         k = min(int(k), len(self))
         if k <= 0:
@@ -94,7 +96,8 @@ class ExactSearcher:
         for start in range(0, len(self), step):
             block = self.chunk(start, min(len(self), start + step))
             best_s, best_p = merge_topk(best_s, best_p, q @ block.T, start, k)
-        return best_s.numpy(), best_p.numpy()  # type: ignore[union-attr]
+        scores, pos = best_s.numpy(), best_p.numpy()  # type: ignore[union-attr]
+        return scores, np.where(np.isfinite(scores), pos, -1)  # -1 / -inf: no result (a non-finite row)
 
     def gather(self, positions: np.ndarray) -> torch.Tensor:
         """Normalised float32 vectors at ``positions`` (any shape ``[...]`` -> ``[..., D]``)."""

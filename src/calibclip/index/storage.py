@@ -87,6 +87,31 @@ class SkippedFile:
     message: str
 
 
+def db_path(relpath: str) -> str | bytes:
+    """How a relative path is stored: as TEXT when it is valid UTF-8, else as the file name's raw bytes (a
+    BLOB; names from Latin-1 disks or SMB shares arrive from `os.fsdecode` as lone surrogates, which SQLite's
+    UTF-8 text cannot hold). Lossless: `py_path` gives the same string back."""
+    try:
+        relpath.encode("utf-8")
+        return relpath
+    except UnicodeEncodeError:
+        return os.fsencode(relpath)
+
+
+def py_path(value: str | bytes) -> str:
+    """Inverse of `db_path` (bytes -> the `os.fsdecode` string that opens the file)."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def display(text: str) -> str:
+    """``text`` printable on one line as UTF-8: bytes that are not UTF-8 (lone surrogates) shown as ``\\xNN``,
+    control characters (newline, tab, escape ...) as their ``\\n`` / ``\\x1b`` escapes."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def is_index_dir(directory: str | os.PathLike) -> bool:
     return (Path(directory) / META_FILE).is_file()
 
@@ -97,14 +122,22 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     if not path.is_file():
         return {}
-    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT key, value FROM meta").fetchall()
-    except sqlite3.OperationalError:  # no meta table yet
-        rows = []
-    finally:
-        db.close()
-    return {k: json.loads(v) for k, v in rows}
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT key, value FROM meta").fetchall()
+        except sqlite3.OperationalError as exc:  # no meta table yet (a run killed before its first commit)
+            if "no such table" not in str(exc):
+                raise
+            rows = []
+        finally:
+            db.close()
+        return {k: json.loads(v) for k, v in rows}
+    except (sqlite3.DatabaseError, ValueError) as exc:
+        raise IndexStateError(
+            f"index {directory} is damaged: {META_FILE} cannot be read ({exc}). Nothing was changed; rebuild it "
+            "(delete the folder, then `calibclip index IMAGES_DIR --out DIR`) or restore it from a backup"
+        ) from None
 
 
 class Storage:
@@ -132,17 +165,26 @@ class Storage:
                 f"{self.directory}`"
             )
         uri = (self.directory / META_FILE).resolve().as_uri() + ("" if writable else "?mode=ro")
-        self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
-        if writable:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
-            if self._meta_raw("format") is not None:
-                self._check_format()
-                self._recover()
-        else:
-            self._check_format()
         self._files: dict[str, Any] = {}
+        try:
+            self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
+            if writable:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.executescript(_SCHEMA)
+                if self._meta_raw("format") is not None:
+                    self._check_format()
+                    self.validate()
+                    self._recover()
+            else:
+                self._check_format()
+                self.validate()
+        except sqlite3.DatabaseError as exc:
+            self._release()
+            raise self.damaged(f"{META_FILE} cannot be read ({exc})") from None
+        except IndexStateError:
+            self._release()
+            raise
 
     # --- metadata ------------------------------------------------------------------------
     def _meta_raw(self, key: str) -> str | None:
@@ -169,6 +211,51 @@ class Storage:
         """Update metadata keys in one transaction."""
         with self._lock, self._transaction():
             self._set(values)
+
+    def damaged(self, problem: str) -> IndexStateError:
+        """The error for a damaged index: what is wrong and what to do."""
+        root = self.get_safe("root")
+        again = f"calibclip index {root or 'IMAGES_DIR'} --out {self.directory}"
+        return IndexStateError(
+            f"index {self.directory} is damaged: {problem}. Nothing was changed; rebuild it (delete the folder, "
+            f"then `{again}`) or restore it from a backup"
+        )
+
+    def get_safe(self, key: str) -> Any:
+        """``get`` that returns None instead of raising on a damaged database."""
+        try:
+            return self.get(key)
+        except (sqlite3.Error, ValueError):
+            return None
+
+    def validate(self) -> None:
+        """Cheap consistency checks on open (no full scan): metadata types, vector file sizes against
+        ``rows`` x ``dim``, image rows inside the committed rows.
+
+        Raises:
+            IndexStateError: the index is damaged (the message says what and what to do).
+        """
+        meta = self.meta()
+        dim, rows, sets = meta.get("dim"), meta.get("rows"), meta.get("vector_sets")
+        for key, value in (("dim", dim), ("rows", rows), ("generation", meta.get("generation", 0))):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "dim" else 0):
+                raise self.damaged(f"metadata {key!r} is {value!r}, not a whole number{' >= 1' if key == 'dim' else ''}")
+        if not isinstance(sets, list) or "raw" not in sets or not all(isinstance(n, str) for n in sets):
+            raise self.damaged(f"metadata 'vector_sets' is {sets!r}")
+        with self._lock:
+            top, live = self.db.execute("SELECT MAX(row), COUNT(*) FROM images").fetchone()
+        if top is not None and top >= rows:
+            raise self.damaged(f"images point at vector row {top} but only {rows} rows are committed")
+        if not self.writable:  # a writer truncates uncommitted tails; a reader needs every committed byte
+            for name in sets:
+                for path, width in ((self.vector_path(name), dim * 2), (self.norm_path(name), 4)):
+                    size = path.stat().st_size if path.exists() else -1
+                    if size < rows * width:
+                        have = "is missing" if size < 0 else f"holds {size} bytes"
+                        raise self.damaged(f"{path.relative_to(self.directory)} {have}, the index committed "
+                                           f"{rows} rows of {width} bytes ({rows * width})")
+        if dim and live and live > rows:
+            raise self.damaged(f"{live} images but {rows} committed rows")
 
     def _check_format(self) -> None:
         fmt = self.get("format")
@@ -313,17 +400,18 @@ class Storage:
                         f.truncate()
                         f.flush()
                         os.fsync(f.fileno())
-            replaced = [r["path"] for r in records] + [s[0] for s in skipped] + list(removed)
+            replaced = [db_path(p) for p in [r["path"] for r in records] + [s[0] for s in skipped] + list(removed)]
             with self._transaction():
                 self.db.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in replaced])
                 self.db.executemany("DELETE FROM skipped WHERE path = ?", [(p,) for p in replaced])
                 self.db.executemany(
                     "INSERT INTO images(row, path, size, mtime_ns, sha256, width, height) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(rows + i, r["path"], r["size"], r["mtime_ns"], r["sha256"], r.get("width"), r.get("height"))
-                     for i, r in enumerate(records)],
+                    [(rows + i, db_path(r["path"]), r["size"], r["mtime_ns"], r["sha256"], r.get("width"),
+                      r.get("height")) for i, r in enumerate(records)],
                 )
                 self.db.executemany(
-                    "INSERT INTO skipped(path, size, mtime_ns, reason, message) VALUES (?, ?, ?, ?, ?)", list(skipped)
+                    "INSERT INTO skipped(path, size, mtime_ns, reason, message) VALUES (?, ?, ?, ?, ?)",
+                    [(db_path(p), size, mtime, reason, display(message)) for p, size, mtime, reason, message in skipped],
                 )
                 changes = {"rows": rows + n, "updated": time.time()}
                 if n or replaced:
@@ -334,7 +422,7 @@ class Storage:
         """Record a new (size, mtime_ns) for images whose content hash did not change."""
         with self._lock, self._transaction():
             self.db.executemany("UPDATE images SET size = ?, mtime_ns = ? WHERE path = ?",
-                                [(s, m, p) for p, s, m in updates])
+                                [(s, m, db_path(p)) for p, s, m in updates])
 
     def compact(self) -> None:
         """Rewrite the vector files without dead rows under a new generation (atomic switch)."""
@@ -398,17 +486,17 @@ class Storage:
         """path -> (size, mtime_ns, sha256, id) of every live image."""
         with self._lock:
             rows = self.db.execute("SELECT path, size, mtime_ns, sha256, id FROM images").fetchall()
-        return {p: (s, m, h, i) for p, s, m, h, i in rows}
+        return {py_path(p): (s, m, h, i) for p, s, m, h, i in rows}
 
     def skipped_state(self) -> dict[str, tuple[int | None, int | None]]:
         with self._lock:
             rows = self.db.execute("SELECT path, size, mtime_ns FROM skipped").fetchall()
-        return {p: (s, m) for p, s, m in rows}
+        return {py_path(p): (s, m) for p, s, m in rows}
 
     def skipped(self) -> list[SkippedFile]:
         with self._lock:
             rows = self.db.execute("SELECT path, reason, message FROM skipped ORDER BY path").fetchall()
-        return [SkippedFile(*r) for r in rows]
+        return [SkippedFile(py_path(p), reason, message) for p, reason, message in rows]
 
     def records(self, ids: Sequence[int]) -> dict[int, tuple]:
         """id -> (id, path, size, mtime_ns, sha256, width, height, row) for the given ids."""
@@ -421,13 +509,22 @@ class Storage:
                 for r in self.db.execute(
                     f"SELECT id, path, size, mtime_ns, sha256, width, height, row FROM images WHERE id IN ({q})", chunk
                 ):
-                    out[int(r[0])] = r
+                    out[int(r[0])] = (r[0], py_path(r[1]), *r[2:])
         return out
 
     def lookup_path(self, relpath: str) -> int | None:
         with self._lock:
-            row = self.db.execute("SELECT id FROM images WHERE path = ?", (relpath,)).fetchone()
+            row = self.db.execute("SELECT id FROM images WHERE path = ?", (db_path(relpath),)).fetchone()
         return None if row is None else int(row[0])
+
+    def _release(self) -> None:
+        """Close the database and the writer lock (after a failed open)."""
+        db = getattr(self, "db", None)
+        if db is not None:
+            db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def close(self) -> None:
         self._close_files()
@@ -436,3 +533,68 @@ class Storage:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def check_index(directory: str | os.PathLike, sample: int = 64, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Full verification of an index folder (``calibclip info --check``): the database's integrity check,
+    every committed live vector finite, the stored norms equal to the vectors' norms, and a re-hash of a
+    sample of the indexed files.
+
+    Args:
+        directory: the index folder.
+        sample: how many indexed files to re-hash (0: none).
+        seed: which sample.
+
+    Returns:
+        ``(damage, stale)``: problems of the index itself, and indexed files that changed or vanished since
+        (a re-run of ``calibclip index`` updates those).
+
+    Raises:
+        IndexStateError: damage that the cheap checks on open already find.
+    """
+    import hashlib
+
+    storage = Storage(directory, writable=False)
+    damage: list[str] = []
+    stale: list[str] = []
+    try:
+        with storage.snapshot():
+            meta = storage.meta()
+            rows, ids = storage.row_ids()
+            (verdict,) = storage.db.execute("PRAGMA integrity_check(5)").fetchone()
+        if verdict != "ok":
+            damage.append(f"{META_FILE} integrity check: {verdict}")
+        committed = int(meta["rows"])
+        for name in storage.vector_sets:
+            vecs, norms = storage.vectors(name, committed), storage.norms(name, committed)
+            bad_rows, bad_norms = 0, 0
+            for s in range(0, len(rows), 65536):
+                block = np.asarray(vecs[rows[s : s + 65536]], dtype=np.float32)
+                finite = np.isfinite(block).all(axis=1)
+                bad_rows += int((~finite).sum())
+                stored = norms[rows[s : s + 65536]]
+                actual = np.linalg.norm(np.where(finite[:, None], block, 0), axis=1)
+                bad_norms += int((finite & ~np.isclose(stored, actual, rtol=1e-3, atol=1e-6)).sum())
+            if bad_rows:
+                damage.append(f"vector set {name!r}: {bad_rows} of {len(rows)} vectors hold non-finite values")
+            if bad_norms:
+                damage.append(f"vector set {name!r}: {bad_norms} stored norms do not match their vectors")
+        root = Path(meta.get("root") or "")
+        if sample and len(ids):
+            picked = np.random.default_rng(seed).choice(len(ids), size=min(sample, len(ids)), replace=False)
+            recs = storage.records(ids[np.sort(picked)].tolist())
+            for _, rel, *_rest in recs.values():
+                sha = _rest[2]
+                path = root / rel
+                try:
+                    h = hashlib.sha256()
+                    with open(path, "rb") as f:
+                        for block_bytes in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                            h.update(block_bytes)
+                    if h.hexdigest() != sha:
+                        stale.append(f"{display(rel)} changed since it was indexed")
+                except OSError:
+                    stale.append(f"{display(rel)} is gone")
+    finally:
+        storage.close()
+    return damage, stale

@@ -91,7 +91,9 @@ class ServedIndex:
 
     def rel_path(self, image_id: int) -> str:
         rec = self._lookup(image_id)
-        return "" if rec is None else str(rec.relpath)
+        from calibclip.index.storage import display
+
+        return "" if rec is None else display(str(rec.relpath))  # non-UTF-8 file names shown escaped
 
     # ---- queries -----------------------------------------------------------------------------
     def search(self, text: str | None, image: int | Path | None, k: int, calibrate: bool) -> list[Any]:

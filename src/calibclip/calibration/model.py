@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,7 +146,7 @@ def build_calibclip(
     elif isinstance(config, CalibrationConfig):
         cfg = config
     else:
-        cfg = CalibrationConfig.from_yaml(config)
+        cfg = CalibrationConfig.from_yaml(Path(config))
     if settings:
         cfg = cfg.replace(**settings)
     return CalibCLIP(model, cfg)

@@ -31,6 +31,7 @@ def dataset_features(
     cache = cache if cache is not None else FeatureCache(enabled=False, shard_size=SHARD_SIZE)
     tags: dict[str, Any] = {"dataset": dataset.name, "split": dataset.split,
                             "preprocess": encoder.preprocess.describe()}
+    names: tuple[str, ...]
     if calibrator is not None:
         img_fn, txt_fn, names = calibrator.image_features, calibrator.text_features, ("raw", "calibrated")
         tags["variant"] = calibrator.config_id()

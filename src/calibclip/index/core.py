@@ -13,7 +13,7 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -427,7 +427,7 @@ class Index:
         from calibclip.data.images import load_image
 
         enc = self.encoder
-        pixels = enc.preprocess(load_image(image))[None].to(enc.device, enc.dtype)
+        pixels = enc.preprocess(load_image(cast(Any, image)))[None].to(enc.device, enc.dtype)
         if calibrate:
             return {k: v[0].float().cpu() for k, v in self.calibrator().image_features(pixels).items()}, None
         return {"raw": enc.encode_image(pixels)[0].float().cpu()}, None
@@ -477,6 +477,7 @@ class Index:
             keep &= self._ids[np.clip(pos, 0, None)] != exclude
         scores, pos = scores[keep], pos[keep]
         if cal is not None and len(pos):
+            assert q.calibrated is not None  # query(..., calibrate=True) computes them
             sim_cal = self.searcher("calibrated").scores_at(normalize(q.calibrated), pos[None])[0]
             fused = np.asarray(cal.fuse(scores[None].astype(np.float64), sim_cal[None].astype(np.float64)))[0]
             order = np.argsort(-fused, kind="stable")

@@ -104,6 +104,26 @@ def _architecture(model: Encoder) -> dict[str, Any]:
     }
 
 
+def _reference_keywords(
+    pretrained: str | os.PathLike, settings: dict[str, Any]
+) -> tuple[str | os.PathLike, dict[str, Any], int | None]:
+    """Pop the CalibCLIP reference repository's keywords from ``settings``: ``(pretrained,
+    create_model keyword arguments, stride_size or None)``."""
+    names = [settings.pop(k) for k in ("model_name", "name") if k in settings]
+    if len(names) > 1 or (names and str(pretrained) != "starter"):
+        raise ValueError("give the model once: pretrained=, model_name= or name=")
+    model_kwargs = {"image_size": tuple(settings.pop("image_size"))} if "image_size" in settings else {}
+    for key in ("cve_config", "dcc_config"):
+        if settings.pop(key, None):
+            raise ValueError(
+                f"{key} configures the reference implementation's trainable layers, which calibclip does not have "
+                "(its calibration is training-free); pass CalibrationConfig fields instead, e.g. top_k=, lam=, "
+                "decay_factor= (see docs/calibration.md)"
+            )
+    stride = settings.pop("stride_size", None)
+    return (names[0] if names else pretrained), model_kwargs, (int(stride) if stride is not None else None)
+
+
 def build_calibclip(
     pretrained: str | os.PathLike = "starter",
     embed_dim: int | None = 512,
@@ -117,14 +137,36 @@ def build_calibclip(
     """Load ``pretrained`` (checkpoint path or registered name) with `calibclip.create_model` and
     wrap it in `CalibCLIP`.
 
-    ``embed_dim`` / ``vision_layers`` / ``text_layers`` are checked against the checkpoint (pass
-    None to skip a check); a mismatch is a ValueError that names both values. ``config``: a
-    `CalibrationConfig` or a YAML path (default: per-encoder defaults); ``settings`` override single
-    fields, e.g. ``build_calibclip(path, top_k=20, lam=0.6)``.
+    Args:
+        pretrained: A checkpoint path or a registered model name.
+        embed_dim: Checked against the checkpoint (None skips the check).
+        vision_layers: Checked against the checkpoint (None skips the check).
+        text_layers: Checked against the checkpoint (None skips the check).
+        device: Where the model runs (``cpu``, ``cuda``, ``auto``).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (CUDA).
+        config: A `CalibrationConfig` or a YAML path (default: the encoder's packaged defaults).
+        **settings: Single `CalibrationConfig` fields, e.g. ``build_calibclip(path, top_k=20, lam=0.6)``;
+            also the CalibCLIP reference repository's keywords: ``model_name`` / ``name`` (= ``pretrained``),
+            ``image_size`` (model input, e.g. ``(384, 128)``), ``stride_size`` (must equal the patch size),
+            ``cve_config`` / ``dcc_config`` (only empty: they configure the reference's trainable layers).
+
+    Returns:
+        The `CalibCLIP` model.
+
+    Raises:
+        ValueError: an architecture mismatch (naming both values), an unknown setting, a ``stride_size``
+            other than the patch size, or a non-empty ``cve_config`` / ``dcc_config``.
     """
     from calibclip.models.registry import create_model
 
-    model = create_model(pretrained, device=device, precision=precision)
+    pretrained, model_kwargs, stride = _reference_keywords(pretrained, settings)
+    model = create_model(pretrained, device=device, precision=precision, **model_kwargs)
+    patch = model.config().get("vision_patch_size")
+    if stride is not None and stride != patch:
+        raise ValueError(
+            f"build_calibclip(stride_size={stride}): overlapping patch strides are not implemented; "
+            f"use stride_size={patch} (the patch size of {model.name}) or leave it out"
+        )
     found = _architecture(model)
     expected = {"embed_dim": embed_dim, "vision_layers": vision_layers, "text_layers": text_layers}
     wrong = []

@@ -326,3 +326,32 @@ def test_build_calibclip_reference_keywords(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="once"):
         build_calibclip(str(path), model_name=str(path))
+
+
+def test_reference_readme_python_api(tmp_path: Path) -> None:
+    """The reference README's "Python API" example, with a tiny checkpoint and a tiny dataset."""
+    from calibclip import CalibCLIP, build_calibclip
+    from calibclip.datasets import build_dataloader, build_transforms
+    from calibclip.evaluation import Evaluator
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        embed_dim=32,
+        vision_layers=2,
+        vision_width=64,
+        vision_patch_size=16,
+        image_size=32,
+        text_width=64,
+        text_layers=2,
+    )
+    path = tmp_path / "calibclip_cuhkpedes.pth"
+    torch.save({"state_dict": CLIP(cfg).state_dict()}, path)
+    model = build_calibclip(pretrained=str(path), embed_dim=32, vision_layers=2, text_layers=2, image_size=(64, 32))
+    model.eval()
+    assert isinstance(model, CalibCLIP)
+    transform = build_transforms(is_train=False, image_size=(64, 32))
+    root = make_person_dataset(tmp_path / "cuhk", "cuhkpedes")
+    dataloader = build_dataloader("cuhkpedes", root, split="test", batch_size=8, transform=transform)
+    results = Evaluator(model, device="cpu").evaluate(dataloader)
+    assert set(results) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
+    assert 0.0 <= results["rank1"] <= results["rank5"] <= results["rank10"] <= 100.0

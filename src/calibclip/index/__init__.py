@@ -1,4 +1,4 @@
-"""Gallery indexing and search: `Index.build` / `Index.open` / `index.search` (see README "Indexing a folder and searching it")."""
+"""Gallery indexing and search: `Index.build` / `Index.open` / `index.search` (see docs/indexing.md)."""
 
 from calibclip.index.ann import AUTO_THRESHOLD, AnnIndex
 from calibclip.index.build import BuildReport, build_index

@@ -59,7 +59,7 @@ def _model_spec(model: str | os.PathLike | Encoder) -> str | None:
 
 
 class Index:
-    """An opened index. Use `Index.build` or `Index.open`; see README "Indexing a folder and searching it"."""
+    """An opened index. Use `Index.build` or `Index.open`; see docs/indexing.md."""
 
     def __init__(self, directory: str | os.PathLike, encoder: Encoder | None = None, device: str = "cpu"):
         self.directory = Path(directory)
@@ -461,7 +461,7 @@ class Index:
         Composed queries use the index's Combiner (else the normalised sum) and, with
         ``exclude_reference``, leave an indexed reference image out of the results.
         ``calibrate``: exact/ANN top-K by raw similarity, then CalibCLIP's fused score for those
-        candidates (see README "Indexing a folder and searching it"). ``ann``: auto | exact | ivf | hnsw.
+        candidates (see docs/indexing.md). ``ann``: auto | exact | ivf | hnsw.
         """
         if k < 1:
             raise ValueError(f"k (--top-k) must be >= 1, got {k}")

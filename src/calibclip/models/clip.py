@@ -380,16 +380,18 @@ class CLIP(Encoder):
         self.name = cfg.name
         self.embed_dim = cfg.embed_dim
         self.context_length = cfg.context_length
+        vision_heads = int(cast(int, cfg.vision_heads))  # heads are set by CLIPConfig.__post_init__
         if cfg.is_vit:
             self.visual: nn.Module = VisionTransformer(
-                cfg.image_size, int(cfg.vision_patch_size), cfg.vision_width, int(cfg.vision_layers),  # type: ignore[arg-type]
-                int(cfg.vision_heads), cfg.embed_dim, cfg.act,  # type: ignore[arg-type]
+                cfg.image_size, int(cast(int, cfg.vision_patch_size)), cfg.vision_width,
+                int(cast(int, cfg.vision_layers)), vision_heads, cfg.embed_dim, cfg.act,
             )
         else:
             self.visual = ModifiedResNet(
-                cfg.vision_layers, cfg.embed_dim, int(cfg.vision_heads), cfg.image_size, cfg.vision_width,  # type: ignore[arg-type]
+                cast(tuple[int, int, int, int], cfg.vision_layers), cfg.embed_dim, vision_heads, cfg.image_size,
+                cfg.vision_width,
             )
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, int(cfg.text_heads), cfg.act)  # type: ignore[arg-type]
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, int(cast(int, cfg.text_heads)), cfg.act)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.ln_final = LayerNorm(cfg.text_width)

@@ -1,6 +1,6 @@
 """CalibCLIP calibration (training-free): Contrastive Visual Enhancer (`cve`), Discriminative
 Concept Calibrator (`dcc`), top-K re-ranking (`rerank`) and explanations (`explain`), over the
-token view of any `calibclip.models.base.Encoder`. See docs/calibration.md."""
+token view of any `calibclip.models.base.Encoder`. See README "CalibCLIP calibration"."""
 
 from calibclip.calibration.calibrator import Calibrator
 from calibclip.calibration.config import CalibrationConfig

@@ -107,8 +107,22 @@ def _architecture(model: Encoder) -> dict[str, Any]:
 def _reference_keywords(
     pretrained: str | os.PathLike, settings: dict[str, Any]
 ) -> tuple[str | os.PathLike, dict[str, Any], int | None]:
-    """Pop the CalibCLIP reference repository's keywords from ``settings``: ``(pretrained,
-    create_model keyword arguments, stride_size or None)``."""
+    """Pop the CalibCLIP reference repository's keywords of `build_calibclip` from ``settings``.
+
+    ``model_name`` / ``name`` are ``pretrained``; ``image_size`` (model input, e.g. ``(384, 128)``) goes
+    to `create_model`; ``stride_size`` must equal the patch size (checked by the caller);
+    ``cve_config`` / ``dcc_config`` must be empty (they configure the reference's trainable layers).
+
+    Args:
+        pretrained: The ``pretrained`` argument as given.
+        settings: The remaining keyword arguments (modified in place).
+
+    Returns:
+        ``(pretrained, create_model keyword arguments, stride_size or None)``.
+
+    Raises:
+        ValueError: the model given twice, or a non-empty ``cve_config`` / ``dcc_config``.
+    """
     names = [settings.pop(k) for k in ("model_name", "name") if k in settings]
     if len(names) > 1 or (names and str(pretrained) != "starter"):
         raise ValueError("give the model once: pretrained=, model_name= or name=")
@@ -137,25 +151,10 @@ def build_calibclip(
     """Load ``pretrained`` (checkpoint path or registered name) with `calibclip.create_model` and
     wrap it in `CalibCLIP`.
 
-    Args:
-        pretrained: A checkpoint path or a registered model name.
-        embed_dim: Checked against the checkpoint (None skips the check).
-        vision_layers: Checked against the checkpoint (None skips the check).
-        text_layers: Checked against the checkpoint (None skips the check).
-        device: Where the model runs (``cpu``, ``cuda``, ``auto``).
-        precision: ``fp32``, ``bf16`` or ``fp16`` (CUDA).
-        config: A `CalibrationConfig` or a YAML path (default: the encoder's packaged defaults).
-        **settings: Single `CalibrationConfig` fields, e.g. ``build_calibclip(path, top_k=20, lam=0.6)``;
-            also the CalibCLIP reference repository's keywords: ``model_name`` / ``name`` (= ``pretrained``),
-            ``image_size`` (model input, e.g. ``(384, 128)``), ``stride_size`` (must equal the patch size),
-            ``cve_config`` / ``dcc_config`` (only empty: they configure the reference's trainable layers).
-
-    Returns:
-        The `CalibCLIP` model.
-
-    Raises:
-        ValueError: an architecture mismatch (naming both values), an unknown setting, a ``stride_size``
-            other than the patch size, or a non-empty ``cve_config`` / ``dcc_config``.
+    ``embed_dim`` / ``vision_layers`` / ``text_layers`` are checked against the checkpoint (pass
+    None to skip a check); a mismatch is a ValueError that names both values. ``config``: a
+    `CalibrationConfig` or a YAML path (default: per-encoder defaults); ``settings`` override single
+    fields, e.g. ``build_calibclip(path, top_k=20, lam=0.6)``.
     """
     from calibclip.models.registry import create_model
 

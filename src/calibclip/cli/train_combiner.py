@@ -11,7 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Train the CLIP4Cir Combiner on frozen, cached encoder features. Re-running with "
                                    "the same --out resumes from RUN_DIR/last.pt.")
     p.add_argument("--dataset", required=True, choices=("fashioniq", "cirr", "css"))
-    p.add_argument("--data-root", required=True, help="dataset folder (layouts: docs/composed.md)")
+    p.add_argument("--data-root", required=True, help="dataset folder (layouts: README, section Composed image retrieval)")
     p.add_argument("--model", default="starter", help="registered model name or checkpoint path (default: starter)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, plot)")
     p.add_argument("--epochs", type=int, default=30)

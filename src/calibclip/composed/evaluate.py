@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ def extract_features(
 ) -> ComposedFeatures:
     """Raw image and text features of ``ds`` through the feature cache. ``variants``: also the
     four FashionIQ caption variants of every query (training augmentation)."""
-    tags: dict[str, Any] = {"dataset": ds.name, "split": ds.split}
+    tags = {"dataset": ds.name, "split": ds.split}
     images = cache.image_features(encoder, ds.images, batch_size=batch_size, workers=workers, progress=progress,
                                   **tags)["raw"]
     texts = cache.text_features(encoder, query_texts(ds), progress=progress, **tags)["raw"]

@@ -95,8 +95,7 @@ def load_person(name: str, root: str | Path, split: str = "test") -> RetrievalDa
         if missing:
             got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
             raise DatasetError(
-                f"{ann_file}: entry {i} lacks field(s) {missing} (has {got}); "
-                f"{fmt.folder} entries need {list(required)}"
+                f"{ann_file}: entry {i} lacks field(s) {missing} (has {got}); {fmt.folder} entries need {list(required)}"
             )
     chosen = [e for e in entries if e["split"] == split]
     if not chosen:

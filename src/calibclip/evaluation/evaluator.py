@@ -4,7 +4,7 @@ cosine similarities, optional CalibCLIP re-ranking, and the metrics of the datas
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -100,25 +100,11 @@ def evaluate_retrieval(
     cache: FeatureCache | None = None, calibrator: Any | None = None, progress: bool = True,
     timings: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Metrics (percent) of ``encoder`` on ``dataset``.
+    """Metrics (percent) of ``encoder`` on ``dataset`` (see `dataset_metrics` for the keys).
 
-    Args:
-        encoder: The encoder to evaluate.
-        dataset: A loaded text->image dataset (`calibclip.datasets.load_dataset`).
-        batch_size: Images per encoding batch (texts use at least 128).
-        workers: Image decoding processes (0 = in this process).
-        cache: Feature cache (default: none, features are recomputed).
-        calibrator: A `calibclip.calibration.Calibrator`; its calibrated features are cached beside the
-            raw ones and the ranking is its fused top-K re-ranking.
-        progress: Show progress bars while encoding.
-        timings: Optional dict that receives ``features_s`` and ``metrics_s``.
-
-    Returns:
-        Person datasets: ``R@1 R@5 R@10 mAP mINP``; caption datasets: ``t2i_R@K`` and ``i2t_R@K``
-        (see `dataset_metrics`).
-
-    Raises:
-        ValueError: bad similarity values or ids (see `calibclip.evaluation.metrics`).
+    ``calibrator``: a `calibclip.calibration.Calibrator`; its calibrated features are cached beside
+    the raw ones and the ranking is its fused re-ranking. ``timings`` (optional dict) receives
+    ``features_s`` and ``metrics_s``.
     """
     t0 = time.perf_counter()
     texts, images = dataset_features(encoder, dataset, batch_size, workers, cache, calibrator, progress)
@@ -181,7 +167,7 @@ class Evaluator:
         self.progress = progress
 
     def evaluate(
-        self, loader: Any, ground_truth: Mapping[int, Sequence[int]] | None = None, query_type: str = "text"
+        self, loader: Any, ground_truth: dict[int, Sequence[int]] | None = None, query_type: str = "text"
     ) -> dict[str, float]:
         """Evaluate text->image retrieval.
 

@@ -19,7 +19,7 @@ positive) pairs only. Queries are processed in chunks so memory stays bounded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -255,7 +255,7 @@ def caption_metrics(
 
 
 def ground_truth_metrics(
-    similarity: np.ndarray | torch.Tensor, ground_truth: Mapping[int, Sequence[int]], ks: Sequence[int] = (1, 5, 10),
+    similarity: np.ndarray | torch.Tensor, ground_truth: dict[int, Sequence[int]], ks: Sequence[int] = (1, 5, 10),
     compute_map: bool = True, compute_minp: bool = True,
 ) -> dict[str, float]:
     """Retrieval metrics with explicit positives per query (the reference repository's

@@ -1,4 +1,4 @@
-"""Gallery indexing and search: `Index.build` / `Index.open` / `index.search` (see docs/indexing.md)."""
+"""Gallery indexing and search: `Index.build` / `Index.open` / `index.search` (see README "Indexing a folder and searching it")."""
 
 from calibclip.index.ann import AUTO_THRESHOLD, AnnIndex
 from calibclip.index.build import BuildReport, build_index

@@ -142,7 +142,7 @@ def build_index(
             raise FileNotFoundError(f"combiner checkpoint {combiner} does not exist (expected RUN_DIR/best.pt)")
         from calibclip.composed import build_combining
 
-        build_combining("combiner", Path(combiner), encoder=encoder)  # a checkpoint of another encoder is refused now
+        build_combining("combiner", combiner, encoder=encoder)  # a checkpoint of another encoder is refused now
     out = Path(out_dir)
     if out.exists() and not is_index_dir(out) and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an index; give a new folder (or an existing index to update)")
@@ -205,8 +205,8 @@ def build_index(
                        for i, (reason, msg) in batch.errors.items()]
             vectors: dict[str, np.ndarray] = {}
             if batch.pixels is not None:
-                encoded = fn(batch.pixels.to(encoder.device, encoder.dtype))
-                vectors = {name: encoded[name].float().cpu().numpy() for name in sets}
+                out = fn(batch.pixels.to(encoder.device, encoder.dtype))
+                vectors = {name: out[name].float().cpu().numpy() for name in sets}
             storage.commit_batch(vectors, records, skipped)
             updated += sum(r["path"] in state for r in records)
             added += sum(r["path"] not in state for r in records)

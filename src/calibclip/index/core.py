@@ -13,7 +13,7 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, cast
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ def _model_spec(model: str | os.PathLike | Encoder) -> str | None:
 
 
 class Index:
-    """An opened index. Use `Index.build` or `Index.open`; see docs/indexing.md."""
+    """An opened index. Use `Index.build` or `Index.open`; see README "Indexing a folder and searching it"."""
 
     def __init__(self, directory: str | os.PathLike, encoder: Encoder | None = None, device: str = "cpu"):
         self.directory = Path(directory)
@@ -427,7 +427,7 @@ class Index:
         from calibclip.data.images import load_image
 
         enc = self.encoder
-        pixels = enc.preprocess(load_image(cast(Any, image)))[None].to(enc.device, enc.dtype)
+        pixels = enc.preprocess(load_image(image))[None].to(enc.device, enc.dtype)
         if calibrate:
             return {k: v[0].float().cpu() for k, v in self.calibrator().image_features(pixels).items()}, None
         return {"raw": enc.encode_image(pixels)[0].float().cpu()}, None
@@ -461,7 +461,7 @@ class Index:
         Composed queries use the index's Combiner (else the normalised sum) and, with
         ``exclude_reference``, leave an indexed reference image out of the results.
         ``calibrate``: exact/ANN top-K by raw similarity, then CalibCLIP's fused score for those
-        candidates (see docs/indexing.md). ``ann``: auto | exact | ivf | hnsw.
+        candidates (see README "Indexing a folder and searching it"). ``ann``: auto | exact | ivf | hnsw.
         """
         if k < 1:
             raise ValueError(f"k (--top-k) must be >= 1, got {k}")
@@ -477,7 +477,6 @@ class Index:
             keep &= self._ids[np.clip(pos, 0, None)] != exclude
         scores, pos = scores[keep], pos[keep]
         if cal is not None and len(pos):
-            assert q.calibrated is not None  # query(..., calibrate=True) computes them
             sim_cal = self.searcher("calibrated").scores_at(normalize(q.calibrated), pos[None])[0]
             fused = np.asarray(cal.fuse(scores[None].astype(np.float64), sim_cal[None].astype(np.float64)))[0]
             order = np.argsort(-fused, kind="stable")

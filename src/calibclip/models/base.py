@@ -123,8 +123,6 @@ class Encoder(nn.Module, ABC):
     embed_dim: int
     preprocess: ImageTransform  # callable: PIL image / path -> [3, H, W] tensor; ``describe()`` for cache keys
     pad_id: int = 0
-    precision: str = "fp32"  # set by `create_model`
-    checkpoint_format: str | None = None  # set by `load_checkpoint`
 
     # --- abstract -----------------------------------------------------------------------
     @abstractmethod

@@ -374,6 +374,8 @@ class CLIP(Encoder):
     differentiable path (also used for TorchScript tracing).
     """
 
+    checkpoint_format: str | None = None  # set by `load_checkpoint` (the detected file format)
+
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg

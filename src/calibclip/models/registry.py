@@ -72,7 +72,7 @@ def create_model(
     **kwargs: Any,
 ) -> Encoder:
     """Build an encoder from a registered name (``starter``, ``ViT-B/16``, ``RN50`` ...) or a
-    checkpoint path (file or Hugging Face directory; see docs/models.md "Checkpoint formats").
+    checkpoint path (file or Hugging Face directory; see README "Checkpoint formats").
 
     ``device``: "cpu", "cuda", "auto" or a torch device. ``precision``: fp32 | bf16 | fp16 (CUDA).
     Extra keyword arguments go to the model factory / loader (e.g. ``image_size=(384, 128)``).

@@ -16,7 +16,11 @@ import torch
 import calibclip
 from calibclip.models import registry
 from calibclip.models.clip import CLIP, CLIPConfig
-from test_evaluate_cli import color_model, make_person_dataset  # noqa: F401 (fixture)
+
+try:  # the shared test helpers (tests/fakes.py; the color_model fixture then lives in conftest.py)
+    from fakes import make_person_dataset
+except ImportError:  # before the helpers moved there
+    from test_evaluate_cli import color_model, make_person_dataset  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 

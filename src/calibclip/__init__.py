@@ -27,6 +27,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    from calibclip.compat import unsupported  # reference names without a counterpart get a pointer
+    from calibclip.models.compat import unsupported  # reference names without a counterpart get a pointer
 
     raise unsupported("calibclip", name)

@@ -5,7 +5,7 @@
 have their own protocol in `calibclip.composed`. ``build_transforms`` and ``build_dataloader``
 keep the seed's API (IRRA-style names) and accept the CalibCLIP reference repository's keywords; its
 other public names (``SimpleTokenizer``, ``tokenize``, ``build_dataset``, the dataset classes) are
-re-exported from `calibclip.compat.datasets`.
+re-exported from `calibclip.data.compat`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The CalibCLIP reference repository's names (thin aliases, see calibclip.compat and docs/compat.md).
-from calibclip.compat.datasets import (  # noqa: F401  (re-exported)
+from calibclip.data.captions import load_flickr8k, load_karpathy
+
+# The CalibCLIP reference repository's names (thin aliases, see calibclip.data.compat and docs/compat.md).
+from calibclip.data.compat import (  # noqa: F401  (re-exported)
     DATASET_REGISTRY,
     BaseRetrievalDataset,
     CUHKPEDESDataset,
@@ -30,7 +32,6 @@ from calibclip.compat.datasets import (  # noqa: F401  (re-exported)
     tokenize,
     wrap,
 )
-from calibclip.data.captions import load_flickr8k, load_karpathy
 from calibclip.data.person import load_person
 from calibclip.data.records import RetrievalDataset
 from calibclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform

@@ -1,7 +1,7 @@
 """Evaluation: metrics (pure functions), the Evaluator, reports."""
 
-# The CalibCLIP reference repository's names (thin aliases, see calibclip.compat and docs/compat.md).
-from calibclip.compat.evaluation import (
+# The CalibCLIP reference repository's names (thin aliases, see calibclip.evaluation.compat and docs/compat.md).
+from calibclip.evaluation.compat import (
     RetrievalEngine,
     compute_ap,
     compute_map,

@@ -15,6 +15,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_REFERENCE[name]), name)
-    from calibclip.compat import unsupported
+    from calibclip.models.compat import unsupported
 
     raise unsupported(__name__, name)

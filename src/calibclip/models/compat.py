@@ -1,13 +1,12 @@
-"""Drop-in names of the CalibCLIP reference repository (kane2kang/CalibCLIP), as thin aliases over
-calibclip's own implementations, so code written for it runs after changing only the install.
+"""The CalibCLIP reference repository (kane2kang/CalibCLIP) compatibility layer: code written for it
+runs after changing only the install. Its names are thin aliases over calibclip's own implementations,
+each in the room of the package it mirrors and re-exported where the reference has it:
 
-Each module mirrors one package of the reference and is re-exported where the reference has it:
-
-- `calibclip.compat.datasets` -> ``calibclip.datasets``: ``SimpleTokenizer``, ``tokenize``,
+- `calibclip.data.compat` -> ``calibclip.datasets``: ``SimpleTokenizer``, ``tokenize``,
   ``build_transforms``, ``TrainTransforms``, ``TestTransforms``, ``BaseRetrievalDataset``,
   ``CUHKPEDESDataset``, ``ICFGPEDESDataset``, ``RSTPDataset``, ``DATASET_REGISTRY``, ``build_dataset``
   (``build_dataloader`` accepts the reference's keywords as well).
-- `calibclip.compat.evaluation` -> ``calibclip.evaluation``: ``compute_rank``, ``compute_ap``,
+- `calibclip.evaluation.compat` -> ``calibclip.evaluation``: ``compute_rank``, ``compute_ap``,
   ``compute_map``, ``compute_minp``, ``compute_minp_all``, ``compute_metrics``, ``compute_similarity``,
   ``RetrievalEngine`` (``Evaluator`` accepts the reference's metrics-only form as well).
 - ``calibclip.models``: ``CalibCLIP`` and ``build_calibclip`` (resolved lazily from
@@ -15,7 +14,7 @@ Each module mirrors one package of the reference and is re-exported where the re
 
 Where the reference's name has no meaningful counterpart (its trainable ``ContrastiveVisualEnhancer``
 / ``DiscriminativeConceptCalibrator`` modules and its ``VisionEncoder`` / ``TextEncoder``), accessing it
-raises an AttributeError that says what to use instead (`UNSUPPORTED`). See docs/compat.md.
+raises an AttributeError that says what to use instead (`UNSUPPORTED`, this module). See docs/compat.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import yaml
 
 @dataclass
 class CalibrationConfig:
-    """Hyperparameters of CalibCLIP. See README "CalibCLIP calibration" for the exact formulas.
+    """Hyperparameters of CalibCLIP. See docs/calibration.md for the exact formulas.
 
     Re-ranking
       top_k:            K, the candidates (by raw similarity) that get the fused score.

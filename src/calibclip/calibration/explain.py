@@ -70,7 +70,9 @@ class ImageExplanation:
         return {name: int((self.treatment == name).sum()) for name in TREATMENTS}
 
     def to_dict(self) -> dict[str, Any]:
-        r = lambda x: np.round(x.astype(np.float64), 6).tolist()
+        def r(x: np.ndarray) -> list:
+            return np.round(x.astype(np.float64), 6).tolist()
+
         return {
             "grid": list(self.grid), "attention": r(self.attention), "share": r(self.share),
             "neighbour_mean": r(self.neighbour_mean), "contrast": r(self.contrast),
@@ -134,7 +136,9 @@ def explain_texts(cal: Calibrator, texts: list[str]) -> list[TextExplanation]:
 def explain_images(cal: Calibrator, pixels: torch.Tensor) -> list[ImageExplanation]:
     view, res = cal.image_calibration(pixels)
     h, w = res.grid
-    grid = lambda t, i: t[i].detach().float().cpu().numpy().reshape(h, w)
+    def grid(t: torch.Tensor, i: int) -> np.ndarray:
+        return t[i].detach().float().cpu().numpy().reshape(h, w)
+
     labels = np.asarray(TREATMENTS)
     return [
         ImageExplanation(
@@ -192,7 +196,7 @@ def render(
     if text is not None:
         ax = fig.add_subplot(top[1, :])
         ax.axis("off")
-        renderer = fig.canvas.get_renderer()
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg canvas
         x, y = 0.0, 0.75
         words = [(t, d, m) for t, s, d, m in zip(text.tokens, text.special, text.dominant, text.masked) if not s]
         for i, (tok, dom, masked) in enumerate(words):

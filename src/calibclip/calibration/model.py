@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,40 @@ def _architecture(model: Encoder) -> dict[str, Any]:
     }
 
 
+def _reference_keywords(
+    pretrained: str | os.PathLike, settings: dict[str, Any]
+) -> tuple[str | os.PathLike, dict[str, Any], int | None]:
+    """Pop the CalibCLIP reference repository's keywords of `build_calibclip` from ``settings``.
+
+    ``model_name`` / ``name`` are ``pretrained``; ``image_size`` (model input, e.g. ``(384, 128)``) goes
+    to `create_model`; ``stride_size`` must equal the patch size (checked by the caller);
+    ``cve_config`` / ``dcc_config`` must be empty (they configure the reference's trainable layers).
+
+    Args:
+        pretrained: The ``pretrained`` argument as given.
+        settings: The remaining keyword arguments (modified in place).
+
+    Returns:
+        ``(pretrained, create_model keyword arguments, stride_size or None)``.
+
+    Raises:
+        ValueError: the model given twice, or a non-empty ``cve_config`` / ``dcc_config``.
+    """
+    names = [settings.pop(k) for k in ("model_name", "name") if k in settings]
+    if len(names) > 1 or (names and str(pretrained) != "starter"):
+        raise ValueError("give the model once: pretrained=, model_name= or name=")
+    model_kwargs = {"image_size": tuple(settings.pop("image_size"))} if "image_size" in settings else {}
+    for key in ("cve_config", "dcc_config"):
+        if settings.pop(key, None):
+            raise ValueError(
+                f"{key} configures the reference implementation's trainable layers, which calibclip does not have "
+                "(its calibration is training-free); pass CalibrationConfig fields instead, e.g. top_k=, lam=, "
+                "decay_factor= (see docs/calibration.md)"
+            )
+    stride = settings.pop("stride_size", None)
+    return (names[0] if names else pretrained), model_kwargs, (int(stride) if stride is not None else None)
+
+
 def build_calibclip(
     pretrained: str | os.PathLike = "starter",
     embed_dim: int | None = 512,
@@ -123,7 +158,14 @@ def build_calibclip(
     """
     from calibclip.models.registry import create_model
 
-    model = create_model(pretrained, device=device, precision=precision)
+    pretrained, model_kwargs, stride = _reference_keywords(pretrained, settings)
+    model = create_model(pretrained, device=device, precision=precision, **model_kwargs)
+    patch = model.config().get("vision_patch_size")
+    if stride is not None and stride != patch:
+        raise ValueError(
+            f"build_calibclip(stride_size={stride}): overlapping patch strides are not implemented; "
+            f"use stride_size={patch} (the patch size of {model.name}) or leave it out"
+        )
     found = _architecture(model)
     expected = {"embed_dim": embed_dim, "vision_layers": vision_layers, "text_layers": text_layers}
     wrong = []
@@ -145,7 +187,7 @@ def build_calibclip(
     elif isinstance(config, CalibrationConfig):
         cfg = config
     else:
-        cfg = CalibrationConfig.from_yaml(config)
+        cfg = CalibrationConfig.from_yaml(Path(config))
     if settings:
         cfg = cfg.replace(**settings)
     return CalibCLIP(model, cfg)

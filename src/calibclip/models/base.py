@@ -20,11 +20,14 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from calibclip.data.transforms import ImageTransform
 
 
 @dataclass
@@ -118,7 +121,7 @@ class Encoder(nn.Module, ABC):
 
     name: str = "encoder"
     embed_dim: int
-    preprocess: Callable[[Any], torch.Tensor]
+    preprocess: ImageTransform  # callable: PIL image / path -> [3, H, W] tensor; ``describe()`` for cache keys
     pad_id: int = 0
 
     # --- abstract -----------------------------------------------------------------------

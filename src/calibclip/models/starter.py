@@ -29,7 +29,7 @@ import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,8 @@ def _backbone_weights_file(name: str) -> Path:
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode batch norm into the preceding convolution (in place)."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("cannot fold a batch norm without running statistics (track_running_stats=False)")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -160,7 +162,7 @@ class StarterImageTower(nn.Module):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            fmap = net.extract_features(x).contiguous()
+            fmap = cast(Any, net).extract_features(x).contiguous()
             h, w = fmap.shape[-2:]
             if (h, w) != (GRID, GRID):
                 ah = area_matrix(h, GRID).to(fmap)
@@ -190,6 +192,11 @@ def minilm_dir() -> Path:
 
 
 class _BertLayer(nn.Module):
+    # attribute namespaces mirroring the checkpoint's key names (typed loosely for mypy)
+    attention: Any
+    intermediate: Any
+    output: Any
+
     def __init__(self, dim: int, heads: int, hidden: int, eps: float):
         super().__init__()
         self.heads = heads
@@ -227,6 +234,9 @@ class MiniLM(nn.Module):
 
     ``forward(ids, mask) -> (hidden [B, L, 384], last-layer attention [B, 12, L, L])``.
     Matches ``transformers.BertModel`` (checked by the tests)."""
+
+    embeddings: Any
+    encoder: Any
 
     def __init__(self, path: Path | None = None):
         super().__init__()
@@ -301,6 +311,9 @@ def minilm_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class StandardizedLinear(nn.Module):
     """``y = W ((x - mean) / std) + b`` (dropout on the standardised input while training)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
@@ -320,7 +333,7 @@ def head_state(image_head: StandardizedLinear, text_head: StandardizedLinear, lo
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
-def save_heads(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def save_heads(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: Mapping[str, object]) -> None:
     """Write head weights + metadata (backbones, flip_average, ...) atomically."""
     from safetensors.torch import save_file
 

@@ -54,7 +54,7 @@ class ServedIndex:
         from calibclip.index import Index
 
         index = Index.open(directory, model=model, device=device)
-        index.encoder  # load (and fingerprint-check) the model now, not on the first request
+        _ = index.encoder  # load (and fingerprint-check) the model now, not on the first request
         annotations = read_annotations(captions) if captions else _recorded_annotations(index)
         suggestions = Suggestions(annotations, _all_paths(index)) if annotations else None
         return cls(name, index, suggestions)

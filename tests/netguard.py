@@ -43,7 +43,7 @@ class NetGuard:
             self.attempts.append(f"{what} {address!r}")
             raise OutwardConnection(f"tests forbid network access outside 127.0.0.1: {what} {address!r}")
 
-    def install(self, mp: pytest.MonkeyPatch) -> "NetGuard":
+    def install(self, mp: pytest.MonkeyPatch) -> NetGuard:
         guard = self
         real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
         real_getaddrinfo = socket.getaddrinfo

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_evaluate_cli import color_model, make_flickr8k, make_person_dataset  # noqa: F401 (fixture)
 
 from calibclip.cli.main import main
 from calibclip.models import registry
+from test_evaluate_cli import color_model, make_flickr8k, make_person_dataset  # noqa: F401 (fixture)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_index_helpers import FakeEncoder  # noqa: E402

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_datasets_captions import make_karpathy
-from test_evaluate_cli import make_flickr8k, make_person_dataset
 
 from calibclip.data.captions import load_flickr8k, load_karpathy
 from calibclip.data.composed import load_cirr, load_fashioniq
 from calibclip.data.person import load_cuhkpedes
 from calibclip.data.records import DatasetError
 from calibclip.evaluation.config import load_config
+from test_datasets_captions import make_karpathy
+from test_evaluate_cli import make_flickr8k, make_person_dataset
 
 
 def _edit_json(path: Path, fn) -> None:

@@ -30,9 +30,10 @@ import traceback
 import warnings
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -92,9 +93,8 @@ def cli(*argv: str) -> Run:
 
 def register_toy_model() -> None:
     """The registry with the toy `FakeEncoder` as ``fake-test`` (fast, deterministic, no weights)."""
-    from test_index_helpers import FakeEncoder
-
     from calibclip.models import registry
+    from test_index_helpers import FakeEncoder
 
     registry.list_models()
     registry.register_model("fake-test", lambda **kw: FakeEncoder(), pretrained="random")
@@ -320,9 +320,8 @@ def _deleted_mid_run(when: str) -> Callable[[Path], tuple[str, str]]:
 
 def _nan_vectors(tmp: Path) -> tuple[str, str]:
     """An encoder producing NaN for one image: that file is skipped (non_finite), never ranked."""
-    from test_index_helpers import FakeEncoder
-
     from calibclip.models import registry
+    from test_index_helpers import FakeEncoder
 
     class NaNEncoder(FakeEncoder):
         def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -43,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     from calibclip.calibration import CalibrationConfig, Calibrator
     from calibclip.calibration.explain import render
+    from calibclip.cli.search import check_text
     from calibclip.data.images import load_image
     from calibclip.models.registry import create_model
-
-    from calibclip.cli.search import check_text
 
     check_text(args.text)
     image_path = Path(args.image)

@@ -38,9 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from calibclip.web.app import WebConfig, create_app
-
     from calibclip.cli.search import check_index_model
+    from calibclip.web.app import WebConfig, create_app
 
     for d in args.index_dirs:
         if not os.path.isdir(d):

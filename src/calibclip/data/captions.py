@@ -8,7 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from calibclip.data.records import DatasetError, RetrievalDataset, read_json, read_text, record_error, safe_relpath, type_name
+from calibclip.data.records import (
+    DatasetError,
+    RetrievalDataset,
+    read_json,
+    read_text,
+    record_error,
+    safe_relpath,
+    type_name,
+)
 
 FLICKR8K_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -137,7 +145,9 @@ def load_karpathy(root: str | Path, split: str = "test", dataset: str | None = N
     ann_file = candidates[0]
     data = read_json(ann_file, "Karpathy split file", "re-download it (it is a JSON object with an 'images' list)")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        got = type_name(data) if not isinstance(data, dict) else f"an object whose 'images' is {type_name(data.get('images'))}"
+        got = type_name(data)
+        if isinstance(data, dict):
+            got = f"an object whose 'images' is {type_name(data.get('images'))}"
         raise DatasetError(f"{ann_file}: expected a JSON object with an 'images' list, got {got}")
     for i, im in enumerate(data["images"]):
         _check_karpathy_image(ann_file, i, im)

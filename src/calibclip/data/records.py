@@ -25,7 +25,8 @@ def read_text(path: Path, what: str = "file") -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DatasetError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 4]!r}); "
+        bad = exc.object[exc.start : exc.start + 4]
+        raise DatasetError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {bad!r}); "
                            "re-save it as UTF-8 or re-download it") from None
     except OSError as exc:
         raise DatasetError(f"cannot read {what} {path}: {exc.strerror or exc}") from None

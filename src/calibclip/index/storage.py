@@ -236,12 +236,15 @@ class Storage:
             IndexStateError: the index is damaged (the message says what and what to do).
         """
         meta = self.meta()
-        dim, rows, sets = meta.get("dim"), meta.get("rows"), meta.get("vector_sets")
-        for key, value in (("dim", dim), ("rows", rows), ("generation", meta.get("generation", 0))):
+        sets = meta.get("vector_sets")
+        for key in ("dim", "rows", "generation"):
+            value = meta.get(key, 0 if key == "generation" else None)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "dim" else 0):
-                raise self.damaged(f"metadata {key!r} is {value!r}, not a whole number{' >= 1' if key == 'dim' else ''}")
+                least = " >= 1" if key == "dim" else ""
+                raise self.damaged(f"metadata {key!r} is {value!r}, not a whole number{least}")
         if not isinstance(sets, list) or "raw" not in sets or not all(isinstance(n, str) for n in sets):
             raise self.damaged(f"metadata 'vector_sets' is {sets!r}")
+        dim, rows = int(meta["dim"]), int(meta["rows"])
         with self._lock:
             top, live = self.db.execute("SELECT MAX(row), COUNT(*) FROM images").fetchone()
         if top is not None and top >= rows:
@@ -411,7 +414,7 @@ class Storage:
                 )
                 self.db.executemany(
                     "INSERT INTO skipped(path, size, mtime_ns, reason, message) VALUES (?, ?, ?, ?, ?)",
-                    [(db_path(p), size, mtime, reason, display(message)) for p, size, mtime, reason, message in skipped],
+                    [(db_path(p), size, mtime, reason, display(msg)) for p, size, mtime, reason, msg in skipped],
                 )
                 changes = {"rows": rows + n, "updated": time.time()}
                 if n or replaced:
@@ -570,7 +573,7 @@ def check_index(directory: str | os.PathLike, sample: int = 64, seed: int = 0) -
             bad_rows, bad_norms = 0, 0
             for s in range(0, len(rows), 65536):
                 block = np.asarray(vecs[rows[s : s + 65536]], dtype=np.float32)
-                finite = np.isfinite(block).all(axis=1)
+                finite = np.asarray(np.isfinite(block).all(axis=1), dtype=bool)
                 bad_rows += int((~finite).sum())
                 stored = norms[rows[s : s + 65536]]
                 actual = np.linalg.norm(np.where(finite[:, None], block, 0), axis=1)

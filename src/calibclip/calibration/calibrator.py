@@ -109,6 +109,20 @@ class Calibrator:
 
         return self.fuse(sim("raw"), sim("calibrated"))
 
+    def rerank(
+        self, queries: dict[str, torch.Tensor], gallery: dict[str, torch.Tensor], candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Fused scores ``[Q, K]`` of each query's candidate gallery rows ``candidates`` ``[Q, K]``
+        (the `CalibrationMethod` protocol; equals `scores` restricted to the candidates when K <= top_k)."""
+        idx = torch.as_tensor(candidates).long()
+
+        def sim(name: str) -> torch.Tensor:
+            q = F.normalize(torch.as_tensor(queries[name]).float(), dim=-1)
+            g = F.normalize(torch.as_tensor(gallery[name]).float(), dim=-1)[idx]
+            return torch.einsum("qd,qkd->qk", q, g)
+
+        return self.fuse(sim("raw"), sim("calibrated"))
+
     # --- explanations ----------------------------------------------------------------------
     def explain_text(self, texts: str | Sequence[str]) -> list[TextExplanation]:
         """Per text: tokens, attention, shares, which words were dominant and which masked."""

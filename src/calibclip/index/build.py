@@ -107,11 +107,10 @@ def _feature_fn(encoder: Encoder, calibrate: bool, calibration: dict[str, Any] |
 ]:
     if not calibrate:
         return (lambda px: {"raw": encoder.encode_image(px)}), None
-    from calibclip.calibration import CalibrationConfig, Calibrator
+    from calibclip.calibration.methods import create_calibrator, method_record
 
-    config = CalibrationConfig.from_dict(calibration or {}, base=CalibrationConfig.default_for(encoder.name))
-    cal = Calibrator(encoder, config)
-    return cal.image_features, {"config": config.to_dict(), "config_id": cal.config_id()}
+    cal = create_calibrator(encoder, settings=calibration)
+    return cal.image_features, method_record(cal)
 
 
 @torch.inference_mode()

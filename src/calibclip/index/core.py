@@ -359,10 +359,9 @@ class Index:
                         f"index {self.directory} has no calibrated vectors; re-run `calibclip index IMAGES_DIR --out "
                         f"{self.directory} --calibrate` to add them"
                     )
-                from calibclip.calibration import CalibrationConfig, Calibrator
+                from calibclip.calibration.methods import create_calibrator
 
-                config = CalibrationConfig.from_dict((self._meta.get("calibration") or {}).get("config"))
-                self._calibrator = Calibrator(self.encoder, config)
+                self._calibrator = create_calibrator(self.encoder, recorded=self._meta.get("calibration") or {})
             return self._calibrator
 
     def combining(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

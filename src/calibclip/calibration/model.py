@@ -14,7 +14,6 @@ from torch import nn
 from calibclip.calibration.config import CalibrationConfig
 from calibclip.calibration.methods import create_calibrator
 from calibclip.models.base import Encoder, TextBatch
-from calibclip.models.tokenizer import EOT_TOKEN, SOT_TOKEN
 
 
 class CalibCLIP(nn.Module):
@@ -59,11 +58,7 @@ class CalibCLIP(nn.Module):
         if isinstance(text, TextBatch):
             return text
         if isinstance(text, torch.Tensor):  # OpenAI-style ids from calibclip.tokenize (0-padded)
-            if hasattr(self.model, "batch_from_ids"):
-                return self.model.batch_from_ids(text)
-            ids = text.long()
-            special = (ids == SOT_TOKEN) | (ids == EOT_TOKEN)
-            return TextBatch(ids, (ids != self.model.pad_id).long(), special)
+            return self.model.batch_from_ids(text)
         return self.tokenize(text)
 
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,7 +102,7 @@ def _architecture(model: Encoder) -> dict[str, Any]:
         return None
 
     return {
-        "embed_dim": int(getattr(model, "embed_dim", first("embed_dim"))),
+        "embed_dim": int(model.embed_dim),
         "vision_layers": first("vision_layers", "vision.layers"),
         "text_layers": first("text_layers", "transformer_layers", "text.layers"),
     }

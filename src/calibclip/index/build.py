@@ -87,7 +87,7 @@ def model_identity(encoder: Encoder, spec: str | None) -> dict[str, Any]:
     """What the index records about the encoder (checked on every open/update)."""
     return {
         "model": encoder.name, "model_spec": spec, "fingerprint": encoder.fingerprint(),
-        "model_config": encoder.config(), "precision": getattr(encoder, "precision", "fp32"),
+        "model_config": encoder.config(), "precision": encoder.precision,
     }
 
 

@@ -53,7 +53,7 @@ class Query:
 
 def _model_spec(model: str | os.PathLike | Encoder) -> str | None:
     if isinstance(model, Encoder):
-        return getattr(model, "spec", None) or model.name
+        return model.spec or model.name
     key = str(model)
     return str(Path(key).resolve()) if os.path.exists(key) else key
 

@@ -37,7 +37,6 @@ from torch import nn
 
 from calibclip.data.transforms import TFLITE_MEAN, TFLITE_STD, ImageTransform
 from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
-from calibclip.models.registry import register_model
 
 #: Backbone name -> (efficientnet-lite-pytorch model name, native input size).
 BACKBONES: dict[str, tuple[str, int]] = {
@@ -56,8 +55,10 @@ HEADS_FORMAT = "1"
 
 
 def default_weights_path() -> Path:
-    """The committed head weights inside the installed package."""
-    return Path(str(resources.files("calibclip") / "weights" / "starter.safetensors"))
+    """The committed head weights inside the installed package (declared in `calibclip.models.pretrained`)."""
+    from calibclip.models.pretrained import PRETRAINED
+
+    return PRETRAINED["starter"].builtin_path()
 
 
 # ----------------------------------------------------------------------------------------
@@ -458,10 +459,3 @@ def create_starter(weights: str | os.PathLike | None = None, threads: int | None
     """Factory registered as ``starter``."""
     return Starter(weights=weights, threads=threads)
 
-
-register_model(
-    "starter",
-    create_starter,
-    "frozen EfficientNet-Lite0+Lite2 (ImageNet) + frozen MiniLM-L6 with linear heads trained on Flickr8k; offline",
-    pretrained="built-in",
-)

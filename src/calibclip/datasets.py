@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from calibclip.data.records import RetrievalDataset
 from calibclip.data.registry import (
@@ -23,9 +24,13 @@ __all__ = [
     "unregister_dataset",
 ]
 
-#: The built-in datasets (the table itself is `calibclip.data.registry`; `dataset_names()` includes later
-#: registrations).
-DATASETS = dataset_names()
+
+
+def __getattr__(name: str) -> Any:
+    """``DATASETS``: the names in the dataset table now (registrations included)."""
+    if name == "DATASETS":
+        return dataset_names()
+    raise AttributeError(f"module 'calibclip.datasets' has no attribute {name!r}")
 
 
 def dataset_task(name: str) -> str:

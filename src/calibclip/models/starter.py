@@ -390,12 +390,14 @@ class Starter(Encoder):
         tok = _minilm_tokenizer()
         return [tok.id_to_token(int(i)) or f"#{int(i)}" for i in ids]
 
+    def batch_from_ids(self, ids: torch.Tensor, texts: Sequence[str] = ()) -> TextBatch:
+        """MiniLM WordPiece ids ``[B, L]`` (0-padded; [CLS] 101 and [SEP] 102 special) -> `TextBatch`."""
+        ids = torch.as_tensor(ids).long()
+        return TextBatch(ids, (ids != 0).long(), (ids == 101) | (ids == 102), list(texts))
+
     def _text_features(self, text: TextBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch]:
         if isinstance(text, torch.Tensor):
-            ids = text.long()
-            mask = (ids != 0).long()
-            special = (ids == 101) | (ids == 102)
-            text = TextBatch(ids, mask, special)
+            text = self.batch_from_ids(text)
         ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
         hidden, probs = self.text_tower(ids, mask)
         pooled = minilm_pool(hidden, mask)

@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fakes import NAMES, ColorEncoder, TokenEncoder, register_fake_model, save_person_image
+from fakes import (
+    NAMES,
+    ColorEncoder,
+    TokenEncoder,
+    register_fake_model,
+    save_person_image,
+)
 from PIL import Image
 
 from calibclip.calibration import CalibrationConfig, Calibrator
@@ -98,7 +104,12 @@ def test_toy_dataset_registered_from_the_test_evaluates_through_the_cli(
 
 def test_dataset_table_api_and_errors(tables: None) -> None:
     import calibclip.datasets
-    from calibclip.datasets import DATASETS, canonical_dataset, dataset_task, get_dataset
+    from calibclip.datasets import (
+        DATASETS,
+        canonical_dataset,
+        dataset_task,
+        get_dataset,
+    )
 
     assert canonical_dataset(" RSTP ") == "rstpreid" and dataset_task("cuhk-pedes") == "person"
     assert get_dataset("fashioniq").default_split == "val" and get_dataset("css").headline == "R@1"

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibclip.calibration.methods import create_calibrator
 from calibclip.calibration.config import CalibrationConfig, parse_overrides
 from calibclip.calibration.cve import enhance
 from calibclip.calibration.dcc import combine, select_words
+from calibclip.calibration.methods import create_calibrator
 from calibclip.calibration.rerank import fuse_scores
 from calibclip.data.cache import FeatureCache
 from calibclip.data.captions import load_flickr8k
@@ -192,16 +192,17 @@ def measure(dev: DevData, cfg: CalibrationConfig, n_check: int = 64, n_latency: 
     out["cve_only"] = _recall(cal.scores(raw_q, gallery), ds.caption_image)
     out["dcc_only"] = _recall(cal.scores(queries, raw_g), ds.caption_image)
     g_raw, g_cal = _normalize(gallery["raw"]), _normalize(gallery["calibrated"])
+    k = min(10, len(g_raw))
     texts = ds.captions[:: max(1, len(ds.captions) // n_latency)][:n_latency]
 
     def plain_query(t: str) -> None:
         q = _normalize(enc.encode_text(enc.tokenize([t])))
-        torch.topk(q @ g_raw.T, 10)
+        torch.topk(q @ g_raw.T, k)
 
     def calibrated_query(t: str) -> None:
         f = cal.text_features([t])
         sim_raw, sim_cal = _normalize(f["raw"]) @ g_raw.T, _normalize(f["calibrated"]) @ g_cal.T
-        torch.topk(cal.fuse(sim_raw, sim_cal), 10)
+        torch.topk(cal.fuse(sim_raw, sim_cal), k)
 
     def clock(fn: Any, t: str) -> float:
         start = time.perf_counter()

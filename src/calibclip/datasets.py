@@ -14,12 +14,18 @@ from typing import Any
 
 from calibclip.data.records import RetrievalDataset
 from calibclip.data.registry import (
-    DatasetSpec, canonical_dataset, dataset_names, get_dataset, list_datasets, register_dataset, unregister_dataset,
+    DatasetSpec,
+    canonical_dataset,
+    dataset_names,
+    get_dataset,
+    list_datasets,
+    register_dataset,
+    unregister_dataset,
 )
 from calibclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "EvalLoader", "build_dataloader", "build_transforms", "canonical_dataset",
+    "DatasetSpec", "EvalLoader", "build_dataloader", "build_transforms", "canonical_dataset",
     "dataset_names", "dataset_task", "get_dataset", "list_datasets", "load_dataset", "register_dataset",
     "unregister_dataset",
 ]

@@ -25,7 +25,10 @@ _LAZY = {
     "fuse_scores": "calibclip.calibration.rerank",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "CalibCLIP", "CalibrationConfig", "CalibrationMethod", "Calibrator", "ImageExplanation", "TextExplanation",
+    "build_calibclip", "calibration_methods", "create_calibrator", "fuse_scores", "register_calibration_method",
+]
 
 
 def __getattr__(name: str) -> Any:

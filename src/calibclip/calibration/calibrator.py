@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ class Calibrator:
         return self.fuse(sim("raw"), sim("calibrated"))
 
     def rerank(
-        self, queries: dict[str, torch.Tensor], gallery: dict[str, torch.Tensor], candidates: torch.Tensor
+        self, queries: Mapping[str, torch.Tensor], gallery: Mapping[str, torch.Tensor], candidates: torch.Tensor
     ) -> torch.Tensor:
         """Fused scores ``[Q, K]`` of each query's candidate gallery rows ``candidates`` ``[Q, K]``
         (the `CalibrationMethod` protocol; equals `scores` restricted to the candidates when K <= top_k)."""

@@ -12,9 +12,9 @@ settings (the encoder's packaged defaults unless told otherwise).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from calibclip.calibration.config import CalibrationConfig
 
@@ -54,6 +54,10 @@ class CalibrationMethod(Protocol):
 
     def fuse(self, sim_raw: torch.Tensor | np.ndarray, sim_cal: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Re-scored ``[Q, G]`` (or ``[Q, K]`` candidates) from raw and calibrated cosine similarities."""
+        ...
+
+    def scores(self, queries: dict[str, torch.Tensor], gallery: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Re-scored ``[Q, G]`` of every query against the whole gallery from the vector sets."""
         ...
 
     def rerank(

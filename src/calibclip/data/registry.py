@@ -10,9 +10,10 @@ Adding a dataset = a loader module under `calibclip.data` (``loader(root, split)
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: Task families: text->image person retrieval, caption retrieval (t2i + i2t), composed retrieval.
 TASKS = ("person", "captions", "composed")
@@ -161,7 +162,11 @@ def canonical_dataset(name: str) -> str:
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    """The `DatasetSpec` of a name or alias (ValueError listing the valid names)."""
+    """The `DatasetSpec` of a name or alias.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid names and aliases).
+    """
     return _DATASETS[canonical_dataset(name)]
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -103,7 +104,11 @@ def register_model(
 
 def _builtin_models() -> None:
     """The built-in table: every OpenAI CLIP architecture and the offline ``starter``."""
-    from calibclip.models.clip_configs import CLIP_CONFIGS, clip_aliases, clip_description
+    from calibclip.models.clip_configs import (
+        CLIP_CONFIGS,
+        clip_aliases,
+        clip_description,
+    )
     from calibclip.models.pretrained import PRETRAINED
 
     for name in CLIP_CONFIGS:

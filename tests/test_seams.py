@@ -167,6 +167,9 @@ class ReversedRanking:
     def fuse(self, sim_raw: Any, sim_cal: Any) -> torch.Tensor:
         return -torch.as_tensor(sim_raw)
 
+    def scores(self, queries: Any, gallery: Any) -> torch.Tensor:
+        return -(queries["raw"] @ gallery["raw"].T)
+
     def rerank(self, queries: Any, gallery: Any, candidates: torch.Tensor) -> torch.Tensor:
         return -torch.einsum("qd,qkd->qk", queries["raw"], gallery["raw"][candidates])
 

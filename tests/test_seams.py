@@ -276,9 +276,10 @@ def test_toy_encoder_registered_from_the_test_indexes_and_searches_through_the_c
     assert Index.open(ix).encoder.spec == "toy-colour"
 
 
-def test_encoder_hooks_are_declared_with_defaults() -> None:
+def test_encoder_hooks_are_declared_with_defaults(tables: None) -> None:
     import calibclip
     from calibclip.models import tokenizer
+    from calibclip.models.clip import CLIP, CLIPConfig
 
     enc = ColorEncoder()  # declares none of the optional hooks
     assert enc.token_strings([11, 3, 12]) == ["#11", "#3", "#12"] and enc.precision == "fp32" and enc.spec is None
@@ -287,9 +288,11 @@ def test_encoder_hooks_are_declared_with_defaults() -> None:
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0]]
     assert batch.special_mask.tolist() == [[True, False, False, False, True, False]]
     assert enc.token_strings(ids[0, :5].tolist()) == tokenizer.token_strings(ids[0, :5].tolist())
-    clip = registry.create_model("RN50", pretrained=False)
+    clip = CLIP(CLIPConfig(embed_dim=16, vision_layers=1, vision_width=32, vision_patch_size=16, image_size=32,
+                           text_width=32, text_layers=1))
     assert clip.token_strings(ids[0, :5].tolist()) == tokenizer.token_strings(ids[0, :5].tolist())
-    assert clip.spec == "RN50" and registry.create_model("ViT-B-32", pretrained=False).spec == "ViT-B/32"
+    registry.register_model("toy-clip", lambda **kw: clip, pretrained="random", aliases=("toy-alias",))
+    assert registry.create_model("toy-alias").spec == "toy-clip"  # the registered name, not the alias
     assert TokenEncoder().token_strings([1, 3, 2]) == ["<sot>", "a", "<eot>"]  # an override wins
 
 

@@ -194,6 +194,22 @@ def test_toy_calibration_method_registered_from_the_test_runs_through_the_cli(
     assert made[0].config == CalibrationConfig.default_for("color-test")  # the factory's settings
     assert main(args) == 0  # the default method (calibclip) is unaffected
     assert last_json(capsys.readouterr().out)["metrics"] != reversed_metrics
+
+    # the index records the method; Index.calibrator and `search --calibrate` use it
+    ix = str(tmp_path / "ix")
+    assert main(["index", str(root / "img"), "--out", ix, "--model", color_model, "--calibrate",
+                 "--calibration-method", "reversed", "--json", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", str(root / "img"), "--out", ix, "--json", "--quiet"]) == 0  # update keeps it
+    assert last_json(capsys.readouterr().out)["unchanged"] == len(PAIRS)
+    assert Index.open(ix).info()["calibration"]["method"] == "reversed"
+    assert isinstance(Index.open(ix).calibrator(), ReversedRanking)
+    query = ["search", ix, "--text", f"{PAIRS[0][0]} {PAIRS[0][1]}", "--top-k", str(len(PAIRS)), "--json"]
+    assert main(query) == 0
+    plain = [Path(r["path"]).name for r in last_json(capsys.readouterr().out)["results"]]
+    assert main([*query, "--calibrate"]) == 0
+    assert [Path(r["path"]).name for r in last_json(capsys.readouterr().out)["results"]] == plain[::-1]
+    assert plain[0] == f"{PAIRS[0][0]}-{PAIRS[0][1]}.png"
     assert "reversed" in cal_methods.calibration_methods()
     with pytest.raises(SystemExit):
         main([*args, "--calibration-method", "nope"])

@@ -70,6 +70,7 @@ def resolve_loader(loader: Loader | str) -> Loader:
 
     Raises:
         ValueError: the path is not ``module:function`` or names nothing.
+        TypeError: it names something that is not callable.
     """
     if callable(loader):
         return loader
@@ -77,8 +78,10 @@ def resolve_loader(loader: Loader | str) -> Loader:
     if not sep or not module or not attr:
         raise ValueError(f"dataset loader {loader!r}: expected a callable or 'package.module:function'")
     fn = getattr(importlib.import_module(module), attr, None)
-    if not callable(fn):
+    if fn is None:
         raise ValueError(f"dataset loader {loader!r}: {module} has no function {attr!r}")
+    if not callable(fn):
+        raise TypeError(f"dataset loader {loader!r}: {module}.{attr} is not callable")
     return fn
 
 

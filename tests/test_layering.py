@@ -72,6 +72,8 @@ KNOWN = {
     "models/base.py: models imports data": "Encoder.encode decodes images with data.images.load_image",
     "models/clip.py: models imports data": "preprocessing (data.transforms.ImageTransform) lives in data",
     "models/starter.py: models imports data": "preprocessing (data.transforms.ImageTransform) lives in data",
+    "index/build.py: index imports composed": "the index's Combiner (composed.build_combining)",
+    "index/core.py: index imports composed": "the index's Combiner (composed.build_combining)",
 }
 
 

@@ -8,8 +8,8 @@
 - `make_css(...)`: the generated compositional benchmark
 """
 
-from calibclip.models.combining import COMBININGS, build_combining, element_wise_sum, image_only, text_only
-from calibclip.models.combiner import LOGIT_SCALE, Combiner, load_combiner, save_combiner
+from calibclip.composed.baselines import COMBININGS, build_combining, element_wise_sum, image_only, text_only
+from calibclip.composed.combiner import LOGIT_SCALE, Combiner, load_combiner, save_combiner
 from calibclip.composed.css import make_css
 from calibclip.composed.evaluate import evaluate_composed
 from calibclip.composed.train import TrainConfig, train_combiner

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from calibclip.models.combining import CombiningFn, build_combining
+from calibclip.composed.baselines import CombiningFn, build_combining
 from calibclip.data.cache import FeatureCache
 from calibclip.data.composed import ComposedDataset, fashioniq_caption, fashioniq_caption_variants
 from calibclip.data.registry import DatasetSpec, dataset_names, get_dataset

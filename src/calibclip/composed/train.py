@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from calibclip.models.combining import build_combining
-from calibclip.models.combiner import Combiner, combiner_record
+from calibclip.composed.baselines import build_combining
+from calibclip.composed.combiner import Combiner, combiner_record
 from calibclip.composed.evaluate import (
     ComposedFeatures, composed_spec, extract_features, headline_metric, load_composed, metrics_from_features,
 )

@@ -142,7 +142,7 @@ def build_index(
     if combiner is not None:
         if not Path(combiner).is_file():
             raise FileNotFoundError(f"combiner checkpoint {combiner} does not exist (expected RUN_DIR/best.pt)")
-        from calibclip.models.combining import build_combining
+        from calibclip.composed import build_combining
 
         build_combining("combiner", combiner, encoder=encoder)  # a checkpoint of another encoder is refused now
     out = Path(out_dir)

@@ -371,7 +371,7 @@ class Index:
         """The image+text combining function: the index's Combiner if it has one, else the sum."""
         with self._lock:
             if self._combining is None:
-                from calibclip.models.combining import build_combining
+                from calibclip.composed import build_combining
 
                 if self.combiner is not None:
                     self._combining = build_combining("combiner", self.combiner, encoder=self.encoder)
@@ -385,7 +385,7 @@ class Index:
         if not src.is_file():
             raise FileNotFoundError(f"combiner checkpoint {src} does not exist (expected RUN_DIR/best.pt)")
         if self._encoder is not None or self._meta.get("model_spec"):
-            from calibclip.models.combining import build_combining
+            from calibclip.composed import build_combining
 
             build_combining("combiner", src, encoder=self.encoder)  # refuse a checkpoint of another encoder now
         writer = Storage(self.directory, writable=True)

@@ -1,9 +1,7 @@
 """Combining functions: (raw image features, raw text features) -> L2-normalised queries.
 
 ``sum`` (element-wise sum, CLIP4Cir's baseline), ``image`` (reference image only), ``text``
-(modification text only) and ``combiner`` (a trained `Combiner`). They live in the models room
-(with `calibclip.models.combiner`) so that the index can use them; `calibclip.composed` re-exports
-them.
+(modification text only) and ``combiner`` (a trained `Combiner`).
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ def build_combining(
     if combiner is None:
         raise ValueError("combining 'combiner' needs a trained Combiner checkpoint (e.g. --combiner RUN_DIR/best.pt "
                          "from `calibclip train-combiner`); or use --combining sum|image|text")
-    from calibclip.models.combiner import load_combiner
+    from calibclip.composed.combiner import load_combiner
 
     model = load_combiner(combiner, encoder=encoder, device=device)
 

@@ -150,6 +150,7 @@ class ReversedRanking:
     def __init__(self, encoder: Any, config: CalibrationConfig):
         self.encoder, self.config = encoder, config
         self.calls = 0
+        self.options: dict[str, Any] = {}
 
     def config_id(self, part: str = "features") -> str:
         return f"reversed-{part}-{self.encoder.fingerprint()}"
@@ -180,8 +181,9 @@ def test_toy_calibration_method_registered_from_the_test_runs_through_the_cli(
     made: list[ReversedRanking] = []
 
     @cal_methods.register_calibration_method("reversed", description="test-only")
-    def make(encoder: Any, config: CalibrationConfig) -> ReversedRanking:
+    def make(encoder: Any, config: CalibrationConfig, **options: Any) -> ReversedRanking:
         made.append(ReversedRanking(encoder, config))
+        made[-1].options = options
         return made[-1]
 
     data_registry.register_dataset("toy", load_toy, task="captions")
@@ -211,6 +213,8 @@ def test_toy_calibration_method_registered_from_the_test_runs_through_the_cli(
     assert [Path(r["path"]).name for r in last_json(capsys.readouterr().out)["results"]] == plain[::-1]
     assert plain[0] == f"{PAIRS[0][0]}-{PAIRS[0][1]}.png"
     assert "reversed" in cal_methods.calibration_methods()
+    cal_methods.create_calibrator(ColorEncoder(), "reversed", options={"checkpoint": "x.pt"})
+    assert made[-1].options == {"checkpoint": "x.pt"}  # a method's own arguments reach its factory
     with pytest.raises(SystemExit):
         main([*args, "--calibration-method", "nope"])
     with pytest.raises(ValueError, match=r"unknown calibration method 'nope'; registered: \['calibclip', 'reversed'\]"):

@@ -68,8 +68,9 @@ class CalibrationMethod(Protocol):
         ...
 
 
-#: ``factory(encoder, config) -> CalibrationMethod``.
-MethodFactory = Callable[["Encoder", CalibrationConfig], CalibrationMethod]
+#: ``factory(encoder, config, **options) -> CalibrationMethod`` (options: the method's own arguments,
+#: e.g. a trained method's checkpoint).
+MethodFactory = Callable[..., CalibrationMethod]
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class MethodSpec:
 
     Attributes:
         name: the method's name (``--calibration-method NAME``).
-        factory: ``factory(encoder, config)`` returning a `CalibrationMethod`.
+        factory: ``factory(encoder, config, **options)`` returning a `CalibrationMethod`.
         description: one line for listings and ``--help``.
         trained: whether it needs trained weights (False: training-free).
     """
@@ -100,7 +101,8 @@ def register_calibration_method(
 
     Args:
         name: the method's name.
-        factory: ``factory(encoder, config) -> CalibrationMethod`` (a class works); omit to decorate.
+        factory: ``factory(encoder, config, **options) -> CalibrationMethod`` (a class works); omit to
+            decorate.
         description: one line for listings.
         trained: whether the method needs trained weights.
         replace: allow replacing an existing registration.
@@ -158,6 +160,7 @@ def calibration_methods() -> list[str]:
 def create_calibrator(
     encoder: Encoder, method: str | None = None, config: CalibrationConfig | None = None,
     settings: Mapping[str, Any] | None = None, recorded: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> CalibrationMethod:
     """Build the calibrator of ``encoder``: the one place calibrators are constructed.
 
@@ -171,6 +174,8 @@ def create_calibrator(
         config: a full `CalibrationConfig` to start from instead of the encoder's defaults.
         settings: `CalibrationConfig` field overrides (a config's ``calibration:`` section).
         recorded: an index's recorded calibration (``{"config": {...}, "method": ...}``).
+        options: the method's own keyword arguments (e.g. ``{"checkpoint": path}`` for a trained
+            method); the default method takes none.
 
     Returns:
         The method's calibrator (a `CalibrationMethod`; for ``calibclip`` a `Calibrator`).
@@ -184,7 +189,7 @@ def create_calibrator(
     else:
         base = config if config is not None else CalibrationConfig.default_for(encoder.name)
         cfg = CalibrationConfig.from_dict(settings or {}, base=base)
-    return get_calibration_method(method or DEFAULT_METHOD).factory(encoder, cfg)
+    return get_calibration_method(method or DEFAULT_METHOD).factory(encoder, cfg, **dict(options or {}))
 
 
 def method_record(calibrator: CalibrationMethod, method: str | None = None) -> dict[str, Any]:

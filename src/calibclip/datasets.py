@@ -1,4 +1,4 @@
-"""Dataset registry of the evaluation suite and the seed's dataset API.
+"""The seed's dataset API over the dataset table (`calibclip.data.registry`).
 
 ``load_dataset(name, root, split)`` returns a `RetrievalDataset` for the text->image datasets
 (person retrieval and captions); composed-retrieval datasets (``fashioniq``, ``cirr``, ``css``)
@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calibclip.data.captions import load_flickr8k, load_karpathy
-
 # The CalibCLIP reference repository's names (thin aliases, see calibclip.data.compat and docs/compat.md).
 from calibclip.data.compat import (  # noqa: F401  (re-exported)
     DATASET_REGISTRY,
@@ -32,33 +30,44 @@ from calibclip.data.compat import (  # noqa: F401  (re-exported)
     tokenize,
     wrap,
 )
-from calibclip.data.person import load_person
 from calibclip.data.records import RetrievalDataset
+from calibclip.data.registry import (
+    DatasetSpec,
+    canonical_dataset,
+    dataset_names,
+    get_dataset,
+    list_datasets,
+    register_dataset,
+    unregister_dataset,
+)
 from calibclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
-PERSON = ("cuhkpedes", "icfgpedes", "rstpreid")
-CAPTIONS = ("flickr8k", "karpathy")
-COMPOSED = ("fashioniq", "cirr", "css")
-DATASETS = PERSON + CAPTIONS + COMPOSED
-ALIASES = {
-    "rstp": "rstpreid", "cuhk-pedes": "cuhkpedes", "cuhk_pedes": "cuhkpedes", "icfg-pedes": "icfgpedes",
-    "icfg_pedes": "icfgpedes", "flickr": "flickr8k",
-}
+__all__ = [
+    "DatasetSpec", "EvalLoader", "build_dataloader", "build_transforms", "canonical_dataset",
+    "dataset_names", "dataset_task", "get_dataset", "list_datasets", "load_dataset", "register_dataset",
+    "unregister_dataset",
+    # the CalibCLIP reference repository's names (calibclip.data.compat)
+    "DATASET_REGISTRY", "BaseRetrievalDataset", "CUHKPEDESDataset", "ICFGPEDESDataset", "RSTPDataset",
+    "SimpleTokenizer", "TestTransforms", "TrainTransforms", "build_dataset", "reference_transforms", "tokenize",
+    "wrap",
+]
 
 
-def canonical_dataset(name: str) -> str:
-    """Canonical dataset name (``rstp`` -> ``rstpreid``); ValueError listing the valid names."""
-    key = str(name).strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)} (aliases: {sorted(ALIASES)})")
-    return key
+
+def __getattr__(name: str) -> Any:
+    """``DATASETS``: the names in the dataset table now (registrations included)."""
+    if name == "DATASETS":
+        return dataset_names()
+    raise AttributeError(f"module 'calibclip.datasets' has no attribute {name!r}")
 
 
 def dataset_task(name: str) -> str:
-    """``person``, ``captions`` or ``composed``."""
-    key = canonical_dataset(name)
-    return "person" if key in PERSON else "captions" if key in CAPTIONS else "composed"
+    """The task of a dataset: ``person``, ``captions`` or ``composed``.
+
+    Raises:
+        ValueError: unknown dataset name.
+    """
+    return get_dataset(name).task
 
 
 def load_dataset(name: str, root: str | Path, split: str = "test") -> RetrievalDataset:
@@ -66,15 +75,24 @@ def load_dataset(name: str, root: str | Path, split: str = "test") -> RetrievalD
 
     Flickr8k's validation split is ``dev`` (``val`` is accepted too); Karpathy JSON splits are
     train | restval | val | test.
+
+    Args:
+        name: a registered dataset name or alias (`dataset_names`).
+        root: the dataset folder.
+        split: the split to load.
+
+    Returns:
+        The `RetrievalDataset`.
+
+    Raises:
+        ValueError: unknown name, or a composed-retrieval dataset.
     """
-    key = canonical_dataset(name)
-    if key in PERSON:
-        return load_person(key, root, split)
-    if key == "flickr8k":
-        return load_flickr8k(root, split)
-    if key == "karpathy":
-        return load_karpathy(root, split)
-    raise ValueError(f"{key} is a composed-retrieval dataset: evaluate it with calibclip.composed.evaluate_composed")
+    spec = get_dataset(name)
+    if spec.task == "composed":
+        raise ValueError(
+            f"{spec.name} is a composed-retrieval dataset: evaluate it with calibclip.composed.evaluate_composed"
+        )
+    return spec.load(root, split)
 
 
 def build_transforms(

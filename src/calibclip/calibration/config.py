@@ -18,8 +18,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 @dataclass
 class CalibrationConfig:
@@ -185,7 +183,30 @@ class CalibrationConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` (the ``--set`` options) as a mapping of setting overrides.
+
+    Args:
+        items: ``KEY=VALUE`` strings.
+
+    Returns:
+        ``{KEY: VALUE}`` (values as strings; `CalibrationConfig.from_dict` coerces them).
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty key.
+    """
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _packaged_defaults() -> dict[str, dict[str, Any]]:
+    import yaml
+
     text = resources.files("calibclip").joinpath("configs/calibration.yaml").read_text()
     data = yaml.safe_load(text) or {}
     return {str(k): dict(v or {}) for k, v in data.get("encoders", {}).items()}

@@ -82,23 +82,8 @@ class ImageExplanation:
 
 
 def token_strings(encoder: Encoder, ids: Sequence[int]) -> list[str]:
-    """Readable strings of token ids: the encoder's ``token_strings(ids)`` when it has one, else its
-    ``tokenizer`` (``id_to_token`` / ``convert_ids_to_tokens``), else the CLIP BPE for CLIP ids,
-    else ``#id``."""
-    ids = [int(i) for i in ids]
-    hook = getattr(encoder, "token_strings", None)
-    if callable(hook):
-        return [str(s) for s in hook(ids)]
-    tok = getattr(encoder, "tokenizer", None)
-    if tok is not None and hasattr(tok, "id_to_token"):
-        return [str(tok.id_to_token(i)) for i in ids]
-    if tok is not None and hasattr(tok, "convert_ids_to_tokens"):
-        return [str(s) for s in tok.convert_ids_to_tokens(ids)]
-    if ids and ids[0] == SOT_TOKEN and EOT_TOKEN in ids:
-        from calibclip.models.tokenizer import token_strings as clip_strings
-
-        return clip_strings(ids)
-    return [f"#{i}" for i in ids]
+    """Readable strings of token ids: the encoder's `Encoder.token_strings`."""
+    return [str(t) for t in encoder.token_strings([int(i) for i in ids])]
 
 
 def join_tokens(tokens: Sequence[str]) -> str:

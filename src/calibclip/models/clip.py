@@ -471,6 +471,10 @@ class CLIP(Encoder):
         special = (pos == 0) | (pos == eot[:, None])
         return TextBatch(ids[:, :length].contiguous(), attention_mask, special, list(texts))
 
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Readable BPE strings of token ids (``<start_of_text>`` ... ``<end_of_text>``)."""
+        return clip_tokenizer.token_strings(ids)
+
     def _text_ids(self, text: TextBatch | torch.Tensor) -> torch.Tensor:
         ids = text.input_ids if isinstance(text, TextBatch) else torch.as_tensor(text)
         if ids.ndim == 1:

@@ -37,7 +37,6 @@ from torch import nn
 
 from calibclip.data.transforms import TFLITE_MEAN, TFLITE_STD, ImageTransform
 from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
-from calibclip.models.registry import register_model
 
 #: Backbone name -> (efficientnet-lite-pytorch model name, native input size).
 BACKBONES: dict[str, tuple[str, int]] = {
@@ -56,8 +55,10 @@ HEADS_FORMAT = "1"
 
 
 def default_weights_path() -> Path:
-    """The committed head weights inside the installed package."""
-    return Path(str(resources.files("calibclip") / "weights" / "starter.safetensors"))
+    """The committed head weights inside the installed package (declared in `calibclip.models.pretrained`)."""
+    from calibclip.models.pretrained import PRETRAINED
+
+    return PRETRAINED["starter"].builtin_path()
 
 
 # ----------------------------------------------------------------------------------------
@@ -405,12 +406,14 @@ class Starter(Encoder):
         tok = _minilm_tokenizer()
         return [tok.id_to_token(int(i)) or f"#{int(i)}" for i in ids]
 
+    def batch_from_ids(self, ids: torch.Tensor, texts: Sequence[str] = ()) -> TextBatch:
+        """MiniLM WordPiece ids ``[B, L]`` (0-padded; [CLS] 101 and [SEP] 102 special) -> `TextBatch`."""
+        ids = torch.as_tensor(ids).long()
+        return TextBatch(ids, (ids != 0).long(), (ids == 101) | (ids == 102), list(texts))
+
     def _text_features(self, text: TextBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch]:
         if isinstance(text, torch.Tensor):
-            ids = text.long()
-            mask = (ids != 0).long()
-            special = (ids == 101) | (ids == 102)
-            text = TextBatch(ids, mask, special)
+            text = self.batch_from_ids(text)
         ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
         hidden, probs = self.text_tower(ids, mask)
         pooled = minilm_pool(hidden, mask)
@@ -474,10 +477,3 @@ def create_starter(weights: str | os.PathLike | None = None, threads: int | None
     """Factory registered as ``starter``."""
     return Starter(weights=weights, threads=threads)
 
-
-register_model(
-    "starter",
-    create_starter,
-    "frozen EfficientNet-Lite0+Lite2 (ImageNet) + frozen MiniLM-L6 with linear heads trained on Flickr8k; offline",
-    pretrained="built-in",
-)

@@ -138,9 +138,9 @@ class ServedIndex:
         if self.can_calibrate:
             return self.index.calibrator()
         if self._calibrator is None:
-            from calibclip.calibration import CalibrationConfig, Calibrator
+            from calibclip.calibration.methods import create_calibrator
 
-            self._calibrator = Calibrator(self.index.encoder, CalibrationConfig())
+            self._calibrator = create_calibrator(self.index.encoder)  # the encoder's packaged defaults
         return self._calibrator
 
     def explain_text(self, text: str) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from calibclip.cli.main import main
 from calibclip.models import registry
-from test_evaluate_cli import color_model, make_flickr8k, make_person_dataset  # noqa: F401 (fixture)
+from fakes import make_flickr8k, make_person_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_index_helpers import FakeEncoder  # noqa: E402

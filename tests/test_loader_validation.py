@@ -15,8 +15,8 @@ from calibclip.data.composed import load_cirr, load_fashioniq
 from calibclip.data.person import load_cuhkpedes
 from calibclip.data.records import DatasetError
 from calibclip.evaluation.config import load_config
+from fakes import make_flickr8k, make_person_dataset
 from test_datasets_captions import make_karpathy
-from test_evaluate_cli import make_flickr8k, make_person_dataset
 
 
 def _edit_json(path: Path, fn) -> None:

@@ -17,8 +17,8 @@ from calibclip.cli.main import main
 from calibclip.models import registry
 
 sys.path.insert(0, str(Path(__file__).parent))
+from fakes import ColorEncoder, make_person_dataset  # noqa: E402
 from netguard import NetGuard  # noqa: E402
-from test_evaluate_cli import ColorEncoder, make_person_dataset  # noqa: E402
 from test_index_helpers import FakeEncoder, make_photo_folder  # noqa: E402
 
 

@@ -589,7 +589,7 @@ def _loader_case(make: Callable[[Path], tuple[str, Path, str]]) -> Callable[[Pat
 
 def _person(mutate: Callable[[list], Any], raw: bytes | None = None) -> Callable[[Path], tuple[str, Path, str]]:
     def make(tmp: Path) -> tuple[str, Path, str]:
-        from test_evaluate_cli import make_person_dataset
+        from fakes import make_person_dataset
 
         root = make_person_dataset(tmp / "cuhk", "cuhkpedes")
         ann = root / "reid_raw.json"
@@ -619,7 +619,7 @@ def _karpathy(mutate: Callable[[dict], Any], raw: bytes | None = None) -> Callab
 
 def _flickr_tokens(raw: bytes) -> Callable[[Path], tuple[str, Path, str]]:
     def make(tmp: Path) -> tuple[str, Path, str]:
-        from test_evaluate_cli import make_flickr8k
+        from fakes import make_flickr8k
 
         root = make_flickr8k(tmp / "f8k", n_images=3)
         token = root / "Flickr8k_text" / "Flickr8k.token.txt"

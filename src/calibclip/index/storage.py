@@ -253,7 +253,7 @@ class Storage:
             for name in sets:
                 for path, width in ((self.vector_path(name), dim * 2), (self.norm_path(name), 4)):
                     size = path.stat().st_size if path.exists() else -1
-                    if size < rows * width:
+                    if rows and size < rows * width:
                         have = "is missing" if size < 0 else f"holds {size} bytes"
                         raise self.damaged(f"{path.relative_to(self.directory)} {have}, the index committed "
                                            f"{rows} rows of {width} bytes ({rows * width})")

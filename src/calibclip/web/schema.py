@@ -117,3 +117,11 @@ class ExplainResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+#: Error responses shared by the API routes (documented in the OpenAPI document).
+ERRORS: dict[int | str, dict] = {
+    400: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}

@@ -20,7 +20,7 @@ from web_support import PHOTOS, live_server, web_app, web_data  # noqa: E402,F40
 
 @pytest.fixture(scope="module")
 def client(web_app) -> TestClient:  # noqa: F811
-    return TestClient(web_app, raise_server_exceptions=False)
+    return TestClient(web_app, base_url="http://localhost", raise_server_exceptions=False)
 
 
 def _ids_by_name(client: TestClient) -> dict[str, str]:
@@ -349,7 +349,7 @@ def test_several_indexes(client: TestClient, tmp_path: Path) -> None:
     shared = next(iter(client.app.state.indexes.values())).index  # one opened index, served twice
     app = create_app(WebConfig(index_dirs=[], upload_dir=str(tmp_path)),
                      indexes=[ServedIndex("first", shared), ServedIndex("second", shared)])
-    c = TestClient(app, raise_server_exceptions=False)
+    c = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
     assert [i["name"] for i in c.get("/api/indexes").json()["indexes"]] == ["first", "second"]
     home = c.get("/").text
     assert "/search?index=first" in home and "/search?index=second" in home

@@ -19,10 +19,22 @@ from web_support import web_app, web_data  # noqa: E402,F401
 MAX_EXAMPLES = 8
 
 
+def _as_localhost(app):
+    """The app as reached under ``localhost`` (schemathesis' ASGI client sends ``Host: testserver``,
+    which the app's Host allow-list refuses)."""
+    async def wrapped(scope, receive, send):
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"host"] + [(b"host", b"localhost")]
+            scope = {**scope, "headers": headers}
+        await app(scope, receive, send)
+
+    return wrapped
+
+
 def test_no_server_errors(web_app) -> None:  # noqa: F811
     """Every operation of the OpenAPI document, with generated valid (positive) and invalid
     (negative) inputs."""
-    schema = schemathesis.openapi.from_asgi("/openapi.json", web_app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", _as_localhost(web_app))
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8, [op.label for op in operations]
     tried: list[str] = []

@@ -30,6 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--upload-ttl", type=float, default=3600.0, help="seconds an upload is kept (default 3600)")
     p.add_argument("--device", default="cpu", help="device for the model: cpu, cuda or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
+                   help="host name the server may be reached under (the Host header), repeatable; '*.example.com' "
+                   "allows sub-domains, '*' any host (no DNS-rebinding protection). Default: the --host address "
+                   "and localhost, 127.0.0.1, ::1")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -54,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         upload_ttl_s=args.upload_ttl,
         device=args.device,
         threads=args.threads,
+        host=args.host,
+        allowed_hosts=args.allowed_host,
     )
     common = dict(host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                   proxy_headers=False, timeout_graceful_shutdown=5)

@@ -5,8 +5,11 @@ goes through the JSON API below, which FastAPI documents at ``/openapi.json`` (a
 
 Security model: images are only ever served by id (indexed ids map to paths recorded in the
 index; upload ids map to files in a private temporary directory) — no path from a request is
-opened. Errors are JSON ``{"detail": ...}`` with a 4xx status; unexpected failures are logged
-server-side and answered with a generic 500 message, never a stack trace.
+opened. Request bodies are capped per route before they are read, the Host header must name an
+allowed host, state-changing requests from other origins are refused, and pages carry a strict
+Content-Security-Policy (see `calibclip.web.security`). Errors are JSON ``{"detail": ...}`` with a
+4xx status; unexpected failures are logged server-side and answered with a generic 500 message,
+never a stack trace.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,11 +32,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from calibclip.web.deps import WebState
 from calibclip.web.routes import ROUTERS
+from calibclip.web.security import BodyLimit, HostGuard, default_allowed_hosts, normalise_hosts
 from calibclip.web.service import ImageNotFound, ServedIndex
 from calibclip.web.uploads import UploadStore
 
 log = logging.getLogger("calibclip.web")
 HERE = Path(__file__).resolve().parent
+#: Largest JSON body of `POST /api/search` (its fields fit in about 1 KB); `/api/explain` gets 4x
+#: (50 ids), every other route this much too (none reads a body but the upload, which has its own).
+JSON_BODY_LIMIT = 8 * 1024
+#: Allowance for the multipart framing around an upload.
+MULTIPART_OVERHEAD = 64 * 1024
 
 
 @dataclass
@@ -48,6 +57,9 @@ class WebConfig:
     upload_ttl_s: float = 3600.0
     device: str = "cpu"
     threads: Optional[int] = None
+    host: str = "127.0.0.1"
+    allowed_hosts: Optional[list[str]] = None
+    max_json_bytes: int = JSON_BODY_LIMIT
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -74,8 +86,9 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
     """Build the ASGI app. ``indexes`` (already opened) skips opening ``config.index_dirs``.
 
     Raises:
-        ValueError: no index to serve.
+        ValueError: no index to serve, or a malformed allowed host.
     """
+    hosts = normalise_hosts(config.allowed_hosts or default_allowed_hosts(config.host))
     if config.threads:
         import torch
 
@@ -121,7 +134,15 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
     for router in ROUTERS:
         app.include_router(router)
     _install_error_handlers(app)
-    _install_upload_limit(app, state.uploads)
+    # outermost first: Host / same-origin check and headers, then body caps, then the app
+    app.add_middleware(
+        BodyLimit,
+        limits={"/api/search": config.max_json_bytes, "/api/explain": 4 * config.max_json_bytes,
+                "/api/upload": state.uploads.max_bytes + MULTIPART_OVERHEAD},
+        default=config.max_json_bytes,
+        length_required=["/api/upload"],
+    )
+    app.add_middleware(HostGuard, allowed_hosts=hosts, docs_path="/docs")
     return app
 
 
@@ -154,24 +175,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error (see the server log)"}, status_code=500)
-
-
-def _install_upload_limit(app: FastAPI, uploads: UploadStore) -> None:
-    from fastapi.responses import Response
-
-    @app.middleware("http")
-    async def _limit_upload_body(request: Request, call_next: Any) -> Response:
-        if request.url.path == "/api/upload" and request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return JSONResponse({"detail": "uploads need a Content-Length header"}, status_code=411)
-            if int(length) > uploads.max_bytes + 64 * 1024:  # multipart overhead allowance
-                return JSONResponse(
-                    {"detail": f"upload too large: the limit is {uploads.max_bytes:,} bytes"}, status_code=413
-                )
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
 
 
 def app_from_env() -> FastAPI:

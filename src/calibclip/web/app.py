@@ -30,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from calibclip.web.batching import BatchSettings, Overloaded
 from calibclip.web.deps import WebState
 from calibclip.web.routes import ROUTERS
 from calibclip.web.security import BodyLimit, HostGuard, default_allowed_hosts, normalise_hosts
@@ -60,6 +61,15 @@ class WebConfig:
     host: str = "127.0.0.1"
     allowed_hosts: Optional[list[str]] = None
     max_json_bytes: int = JSON_BODY_LIMIT
+    batch_window_ms: float = BatchSettings.window_ms
+    batch_size: int = BatchSettings.max_batch
+    batch_queue: int = BatchSettings.max_queue
+    request_timeout_s: float = BatchSettings.timeout_s
+    refresh_s: Optional[float] = 1.0
+
+    def batching(self) -> BatchSettings:
+        """The micro-batching settings (validated)."""
+        return BatchSettings(self.batch_window_ms, self.batch_size, self.batch_queue, self.request_timeout_s)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -89,6 +99,9 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
         ValueError: no index to serve, or a malformed allowed host.
     """
     hosts = normalise_hosts(config.allowed_hosts or default_allowed_hosts(config.host))
+    batching = config.batching()
+    if config.refresh_s is not None and config.refresh_s < 0:
+        raise ValueError(f"refresh interval must be >= 0 s (or None: never), got {config.refresh_s}")
     if config.threads:
         import torch
 
@@ -99,7 +112,7 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
         names = _names(config.index_dirs)
         indexes = [
             ServedIndex.open(name, d, model=config.model, captions=config.captions if i == 0 else None,
-                             device=config.device)
+                             device=config.device, batching=batching, refresh_s=config.refresh_s)
             for i, (name, d) in enumerate(zip(names, config.index_dirs))
         ]
     from calibclip import __version__
@@ -116,6 +129,8 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.uploads.close()
+        for ix in state.indexes.values():
+            ix.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -166,6 +181,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "request"
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(ImageNotFound)
     async def _image_gone(request: Request, exc: ImageNotFound) -> JSONResponse:

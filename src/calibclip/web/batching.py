@@ -55,7 +55,7 @@ class BatchSettings:
         if self.max_batch < 1:
             raise ValueError(f"batch size must be >= 1, got {self.max_batch}")
         if self.max_queue < 1:
-            raise ValueError(f"batch queue must hold >= 1 request, got {self.max_queue}")
+            raise ValueError(f"batch queue size must be >= 1, got {self.max_queue}")
         if not self.timeout_s > 0:
             raise ValueError(f"request timeout must be > 0 s, got {self.timeout_s}")
 
@@ -77,10 +77,15 @@ class MicroBatcher(Generic[T, R]):
         self._queue: queue.Queue[tuple[T, Future[R]]] = queue.Queue(maxsize=settings.max_queue)
         self._closed = threading.Event()
         self._batch_s = 0.05  # running mean of one batch's duration (for Retry-After)
-        self.batches = 0
-        self.items = 0
+        self.batches = 0  # batches run
+        self.items = 0  # items answered through batches
+        self.submitted = 0  # items accepted into the queue
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def pending(self) -> int:
+        """Items waiting in the queue (not yet taken into a batch)."""
+        return self._queue.qsize()
 
     def retry_after(self) -> int:
         """Seconds after which a refused client should retry: the time to drain a full queue."""
@@ -101,6 +106,7 @@ class MicroBatcher(Generic[T, R]):
         except queue.Full:
             raise Overloaded(f"server busy: {self.settings.max_queue} queries are already waiting; retry shortly",
                              self.retry_after()) from None
+        self.submitted += 1
         try:
             return fut.result(timeout=self.settings.timeout_s)
         except FutureTimeout:

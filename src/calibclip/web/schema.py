@@ -125,3 +125,7 @@ ERRORS: dict[int | str, dict] = {
     404: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
 }
+
+#: `ERRORS` plus the 503 of an overloaded server (answered with ``Retry-After``).
+ERRORS_503: dict[int | str, dict] = {**ERRORS, 503: {"model": ErrorResponse, "description": "server busy; retry after "
+                                                     "the Retry-After header's seconds"}}

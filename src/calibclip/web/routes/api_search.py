@@ -13,7 +13,7 @@ from calibclip.web.service import ServedIndex
 router = APIRouter(prefix="/api", tags=["api"])
 
 
-@router.post("/search", response_model=schema.SearchResponse, responses=schema.ERRORS)
+@router.post("/search", response_model=schema.SearchResponse, responses=schema.ERRORS_503)
 def search(req: schema.SearchRequest, ix: ServedIndex = Depends(index_from_search),
            state: WebState = Depends(get_state)) -> dict[str, Any]:
     """Text search (``text``), image search (``reference``) or composed search (both)."""

@@ -144,8 +144,8 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
     app.state.web = state
     app.state.indexes = state.indexes
     app.state.uploads = state.uploads
+    _mount_swagger_ui(app)  # before /static, which would shadow it
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    _mount_swagger_ui(app)
     for router in ROUTERS:
         app.include_router(router)
     _install_error_handlers(app)

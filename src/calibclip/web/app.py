@@ -162,9 +162,11 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
 
 
 def _mount_swagger_ui(app: FastAPI) -> None:
-    import swagger_ui_bundle
+    """Swagger UI 5 (OpenAPI 3.1) files from the ``fastapi-offline`` package, at /static/swagger-ui/."""
+    import fastapi_offline
 
-    app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_bundle.swagger_ui_path)), name="swagger-ui")
+    files = Path(fastapi_offline.__file__).resolve().parent / "static"
+    app.mount("/static/swagger-ui", StaticFiles(directory=str(files)), name="swagger-ui")
 
 
 def _install_error_handlers(app: FastAPI) -> None:

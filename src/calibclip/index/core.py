@@ -529,12 +529,16 @@ class Index:
         if calibrate and text_features is not None and "calibrated" not in text_features:
             raise ValueError("calibrate=True needs calibrated text features (encode_texts(..., calibrate=True))")
         img, ref = self.encode_image(image, calibrate) if image is not None else (None, None)
+        vec: dict[str, torch.Tensor]
         if text_features is not None and img is not None:
             fn = self.combining()
             vec = {n: fn(img[n][None], text_features[n][None])[0].float() for n in img}
+        elif text_features is not None:
+            vec = dict(text_features)
         else:
-            vec = dict(text_features) if text_features is not None else img  # type: ignore[arg-type]
-        return Query(vec["raw"], vec.get("calibrated") if calibrate else None, ref,  # type: ignore[index, union-attr]
+            assert img is not None
+            vec = img
+        return Query(vec["raw"], vec.get("calibrated") if calibrate else None, ref,
                      composed=text_features is not None and img is not None)
 
     def pixels(self, images: Sequence[ImageQuery]) -> torch.Tensor:
@@ -548,8 +552,8 @@ class Index:
         from calibclip.data.images import load_image
 
         enc = self.encoder
-        sources = [self.path_of(int(i)) if isinstance(i, (int, np.integer)) and not isinstance(i, bool) else i
-                   for i in images]
+        sources: list[Any] = [self.path_of(int(i)) if isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                              else i for i in images]
         return torch.stack([enc.preprocess(load_image(s)) for s in sources]).to(enc.device, enc.dtype)
 
     @property

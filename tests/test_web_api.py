@@ -365,6 +365,9 @@ def test_serve_cli_validates_arguments(tmp_path: Path) -> None:
 
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert main(["serve", str(tmp_path), "--workers", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--batch-size", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--queue-size", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--refresh-interval", "-1"]) == 2
 
 
 def test_serve_command_runs_uvicorn(web_data, tmp_path: Path) -> None:  # noqa: F811

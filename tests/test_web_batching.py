@@ -183,3 +183,20 @@ def test_full_queue_answers_503_with_retry_after(batched_small_queue, tmp_path) 
         assert all(f.result().status_code == 200 for f in queued)
     doc = client.get("/openapi.json").json()
     assert "503" in doc["paths"]["/api/search"]["post"]["responses"]
+
+
+def test_same_text_same_vector_whatever_the_batch(batched) -> None:
+    """A batched forward's rows differ from a lone forward's in the last bits; recent texts are
+    cached so that one query always gets one vector (and one answer)."""
+    import torch
+
+    alone = batched.batcher.submit(("a red motorcycle", False))
+    batcher = batched.batcher
+    with ThreadPoolExecutor(4) as pool:
+        with batched.lock:
+            start = batcher.submitted
+            futs = [pool.submit(batcher.submit, (t, False))
+                    for t in ("a very long query about a motorcycle in a garage", "x", "a red motorcycle", "y z")]
+            _wait_for(lambda: batcher.submitted == start + 4, "4 submissions")
+        together = futs[2].result()
+    assert torch.equal(alone["raw"], together["raw"])

@@ -17,6 +17,7 @@ import io
 import logging
 import threading
 import time
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +35,8 @@ log = logging.getLogger("calibclip.web")
 
 THUMB_SIDE = 256
 FULL_SIDE = 2048
+#: Encoded query texts kept by the micro-batcher (least recently used dropped first).
+TEXT_CACHE = 4096
 #: Image explanations kept in memory (oldest dropped first).
 EXPLAIN_CACHE = 512
 #: Largest opacity (0-255) of a heatmap cell; scaled by the cell's attention.
@@ -72,6 +75,7 @@ class ServedIndex:
         self._calibrator: Any = None
         self._explained: dict[tuple[int | Path, int], dict[str, Any]] = {}
         self._image_cache = lru_cache(maxsize=512)(self._encode_image_file)
+        self._text_cache: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = OrderedDict()
         self.batcher: MicroBatcher[tuple[str, bool], dict[str, torch.Tensor]] | None = None
         if batching is not None and batching.max_batch > 1:
             self.batcher = MicroBatcher(self._encode_texts, batching, name=f"batcher-{name}")
@@ -119,6 +123,7 @@ class ServedIndex:
             self._reopen_failed = False
             suggestions = Suggestions(self.annotations, _all_paths(new)) if self.annotations else None
             self.index, self.suggestions = new, suggestions
+            self._text_cache = OrderedDict()  # its calibration settings may have changed
             log.info("index %s re-opened: %d images (was %d)", new.directory, len(new), len(old))
             return True
 
@@ -173,17 +178,25 @@ class ServedIndex:
             return index.search(text=text, image=image, k=k, calibrate=calibrate)
 
     def _encode_texts(self, items: list[tuple[str, bool]]) -> list[dict[str, torch.Tensor]]:
-        """Batch function of the micro-batcher: one forward per calibration setting for the
-        distinct texts of ``items``."""
-        out: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+        """Batch function of the micro-batcher: one forward per calibration setting for the distinct
+        texts of ``items`` not encoded recently. Recent texts come from a cache, so that a query gives
+        the same vector (and the same answer) whichever batch it lands in: a batched forward's rows
+        can differ from a lone forward's in the last float bits."""
+        cache = self._text_cache
         with self.lock:
             for flag in (False, True):
-                texts = list(dict.fromkeys(t for t, c in items if c == flag))
+                texts = [t for t in dict.fromkeys(t for t, c in items if c == flag) if (t, flag) not in cache]
                 if texts:
                     feats = self.index.encode_texts(texts, calibrate=flag)
                     for j, t in enumerate(texts):
-                        out[(t, flag)] = {name: v[j] for name, v in feats.items()}
-        return [out[item] for item in items]
+                        cache[(t, flag)] = {name: v[j].clone() for name, v in feats.items()}
+            out = []
+            for item in items:
+                cache.move_to_end(item)
+                out.append(cache[item])
+            while len(cache) > TEXT_CACHE:
+                cache.popitem(last=False)
+        return out
 
     def sample(self, n: int, seed: int | None, annotated: bool = False) -> list[int]:
         if annotated and self.suggestions is not None and len(self.suggestions):

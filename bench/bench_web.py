@@ -40,18 +40,46 @@ from pathlib import Path
 
 import numpy as np
 
-SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "horse.png", "camera.png",
-                  "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
-QUERIES = (
-    "a dog running on the grass", "two children playing in the water", "a man riding a bicycle down a street",
-    "a black and white photo of a man with a camera", "a cat looking at the camera", "a cup of coffee on a table",
-    "a rocket on the launch pad at night", "a woman in an orange space suit", "a red motorcycle in a garage",
-    "stars and galaxies in the night sky", "a horse standing in a field", "a person climbing a rock wall",
-    "a group of people standing in front of a building", "a boy jumping into a swimming pool",
-    "a brown dog carrying a stick", "people walking on a snowy mountain",
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "horse.png",
+    "camera.png",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "retina.jpg",
 )
-MODIFICATIONS = ("make it black and white", "at night", "with more people", "in a garden", "a close-up of it",
-                 "the same but red", "without the background", "two of them")
+QUERIES = (
+    "a dog running on the grass",
+    "two children playing in the water",
+    "a man riding a bicycle down a street",
+    "a black and white photo of a man with a camera",
+    "a cat looking at the camera",
+    "a cup of coffee on a table",
+    "a rocket on the launch pad at night",
+    "a woman in an orange space suit",
+    "a red motorcycle in a garage",
+    "stars and galaxies in the night sky",
+    "a horse standing in a field",
+    "a person climbing a rock wall",
+    "a group of people standing in front of a building",
+    "a boy jumping into a swimming pool",
+    "a brown dog carrying a stick",
+    "people walking on a snowy mountain",
+)
+MODIFICATIONS = (
+    "make it black and white",
+    "at night",
+    "with more people",
+    "in a garden",
+    "a close-up of it",
+    "the same but red",
+    "without the background",
+    "two of them",
+)
 
 
 def skimage_photos() -> list[Path]:
@@ -94,8 +122,16 @@ def make_replicated_index(photos: list[Path], out: Path, size: int, noise: float
         if not link.exists():
             os.symlink(Path(paths[j]).resolve(), link)
         w, h = dims[j]
-        records.append({"path": name, "size": Path(paths[j]).stat().st_size, "mtime_ns": i, "sha256": f"copy-{i}",
-                        "width": w, "height": h})
+        records.append(
+            {
+                "path": name,
+                "size": Path(paths[j]).stat().st_size,
+                "mtime_ns": i,
+                "sha256": f"copy-{i}",
+                "width": w,
+                "height": h,
+            }
+        )
     index_dir = out / "index"
     storage = Storage(index_dir, writable=True)
     try:
@@ -116,8 +152,18 @@ def free_port() -> int:
 
 
 def start_server(index_dir: Path, port: int, threads: int | None, extra: list[str] | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "calibclip.cli.main", "serve", str(index_dir), "--port", str(port),
-           "--log-level", "warning", *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "calibclip.cli.main",
+        "serve",
+        str(index_dir),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *(extra or []),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -139,7 +185,9 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"server not ready after {timeout:.0f} s")
 
 
-def run_clients(base: str, clients: int, duration: float, k: int, ids: list[str], seed: int, mix: str = "mixed") -> dict:
+def run_clients(
+    base: str, clients: int, duration: float, k: int, ids: list[str], seed: int, mix: str = "mixed"
+) -> dict:
     """``clients`` threads sending searches back to back for ``duration`` seconds."""
     import httpx
 
@@ -158,8 +206,11 @@ def run_clients(base: str, clients: int, duration: float, k: int, ids: list[str]
             while time.perf_counter() < stop_at[0]:
                 body = {"text": QUERIES[rng.integers(len(QUERIES))] + f" #{c}-{n}", "k": k}
                 if mix == "mixed" and n % 2 == 1:
-                    body = {"reference": ids[rng.integers(len(ids))], "text": MODIFICATIONS[rng.integers(len(MODIFICATIONS))],
-                            "k": k}
+                    body = {
+                        "reference": ids[rng.integers(len(ids))],
+                        "text": MODIFICATIONS[rng.integers(len(MODIFICATIONS))],
+                        "k": k,
+                    }
                 t = time.perf_counter()
                 r = http.post("/api/search", json=body)
                 dt = time.perf_counter() - t
@@ -181,14 +232,22 @@ def run_clients(base: str, clients: int, duration: float, k: int, ids: list[str]
     wall = time.perf_counter() - t0
     lat = np.concatenate([np.asarray(x) for x in latencies]) if any(latencies) else np.zeros(0)
     kind = np.concatenate([np.asarray(x) for x in kinds]) if any(kinds) else np.zeros(0)
-    out = {"clients": clients, "requests": int(len(lat)), "errors": len(errors), "wall_s": round(wall, 2),
-           "throughput_rps": round(len(lat) / wall, 3)}
+    out = {
+        "clients": clients,
+        "requests": int(len(lat)),
+        "errors": len(errors),
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(lat) / wall, 3),
+    }
     for name, sel in (("all", np.ones(len(lat), bool)), ("text", kind == "text"), ("composed", kind == "composed")):
         if sel.any():
-            out[name] = {"n": int(sel.sum()), "p50_ms": round(float(np.percentile(lat[sel], 50)), 1),
-                         "p95_ms": round(float(np.percentile(lat[sel], 95)), 1),
-                         "p99_ms": round(float(np.percentile(lat[sel], 99)), 1),
-                         "mean_ms": round(float(lat[sel].mean()), 1)}
+            out[name] = {
+                "n": int(sel.sum()),
+                "p50_ms": round(float(np.percentile(lat[sel], 50)), 1),
+                "p95_ms": round(float(np.percentile(lat[sel], 95)), 1),
+                "p99_ms": round(float(np.percentile(lat[sel], 99)), 1),
+                "mean_ms": round(float(lat[sel].mean()), 1),
+            }
     if errors:
         out["first_errors"] = errors[:3]
     return out
@@ -209,10 +268,17 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the server (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mix", choices=["text", "mixed"], default="mixed",
-                    help="text: text searches only; mixed: alternate text and composed searches (default)")
-    ap.add_argument("--compare", action="store_true",
-                    help="measure without micro-batching (--batch-size 1) and with it (defaults) in one run")
+    ap.add_argument(
+        "--mix",
+        choices=["text", "mixed"],
+        default="mixed",
+        help="text: text searches only; mixed: alternate text and composed searches (default)",
+    )
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="measure without micro-batching (--batch-size 1) and with it (defaults) in one run",
+    )
     ap.add_argument("--serve-args", default="", help="extra `calibclip serve` arguments (one string)")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
@@ -247,9 +313,18 @@ def main() -> int:
         result[label].pop("info")
     if not args.compare:
         result = result["server"]
-    result = {**result, "index_count": info["count"], "model": info["model"], "made_from": made,
-              "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "k": args.k, "mix": args.mix,
-              "clients": args.clients, "duration_s": args.duration}
+    result = {
+        **result,
+        "index_count": info["count"],
+        "model": info["model"],
+        "made_from": made,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "k": args.k,
+        "mix": args.mix,
+        "clients": args.clients,
+        "duration_s": args.duration,
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -55,8 +55,10 @@ def test_full_queue_is_refused_with_retry_after() -> None:
     from calibclip.web.batching import BatchSettings, MicroBatcher, Overloaded
 
     gate = threading.Event()
-    b = MicroBatcher(lambda items: [gate.wait(WAIT_S) and x for x in items],
-                     BatchSettings(window_ms=0, max_batch=1, max_queue=2, timeout_s=WAIT_S))
+    b = MicroBatcher(
+        lambda items: [gate.wait(WAIT_S) and x for x in items],
+        BatchSettings(window_ms=0, max_batch=1, max_queue=2, timeout_s=WAIT_S),
+    )
     try:
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(b.submit, 1)
@@ -76,8 +78,10 @@ def test_request_timeout_and_failing_items() -> None:
     from calibclip.web.batching import BatchSettings, MicroBatcher, Overloaded
 
     gate = threading.Event()
-    slow = MicroBatcher(lambda items: [gate.wait(WAIT_S) and x for x in items],
-                        BatchSettings(window_ms=0, max_batch=4, max_queue=4, timeout_s=0.05))
+    slow = MicroBatcher(
+        lambda items: [gate.wait(WAIT_S) and x for x in items],
+        BatchSettings(window_ms=0, max_batch=4, max_queue=4, timeout_s=0.05),
+    )
     try:
         with pytest.raises(Overloaded, match="not answered within"):
             slow.submit(1)
@@ -91,8 +95,10 @@ def test_request_timeout_and_failing_items() -> None:
         return [x.upper() for x in items]
 
     gate2 = threading.Event()
-    b = MicroBatcher(lambda items: (gate2.wait(WAIT_S), fn(items))[1],
-                     BatchSettings(window_ms=0, max_batch=8, max_queue=8, timeout_s=WAIT_S))
+    b = MicroBatcher(
+        lambda items: (gate2.wait(WAIT_S), fn(items))[1],
+        BatchSettings(window_ms=0, max_batch=8, max_queue=8, timeout_s=WAIT_S),
+    )
     try:
         with ThreadPoolExecutor(4) as pool:
             futs = {x: pool.submit(b.submit, x) for x in ("a", "bad", "c", "d")}
@@ -120,8 +126,13 @@ def _served(web_app, max_queue: int):  # noqa: F811
     from calibclip.web.service import ServedIndex
 
     base = next(iter(web_app.state.indexes.values()))
-    return ServedIndex("batched", base.index, base.suggestions, base.annotations,
-                       batching=BatchSettings(window_ms=0, max_batch=32, max_queue=max_queue, timeout_s=WAIT_S))
+    return ServedIndex(
+        "batched",
+        base.index,
+        base.suggestions,
+        base.annotations,
+        batching=BatchSettings(window_ms=0, max_batch=32, max_queue=max_queue, timeout_s=WAIT_S),
+    )
 
 
 @pytest.fixture()
@@ -143,9 +154,15 @@ def test_batched_results_equal_unbatched(batched, web_data) -> None:  # noqa: F8
 
     index = Index.open(web_data["index"])
     ids = index.sample(2, seed=1)
-    queries = [("a cup of coffee", None, False), ("a cat on a sofa", None, True), ("a rocket", None, False),
-               ("in black and white", ids[0], False), ("a horse instead", ids[1], True),
-               ("a cup of coffee", None, False), ("a person in a space suit", None, True)]
+    queries = [
+        ("a cup of coffee", None, False),
+        ("a cat on a sofa", None, True),
+        ("a rocket", None, False),
+        ("in black and white", ids[0], False),
+        ("a horse instead", ids[1], True),
+        ("a cup of coffee", None, False),
+        ("a person in a space suit", None, True),
+    ]
     n = len(queries)
     batcher = batched.batcher
     before = batcher.batches
@@ -195,8 +212,10 @@ def test_same_text_same_vector_whatever_the_batch(batched) -> None:
     with ThreadPoolExecutor(4) as pool:
         with batched.lock:
             start = batcher.submitted
-            futs = [pool.submit(batcher.submit, (t, False))
-                    for t in ("a very long query about a motorcycle in a garage", "x", "a red motorcycle", "y z")]
+            futs = [
+                pool.submit(batcher.submit, (t, False))
+                for t in ("a very long query about a motorcycle in a garage", "x", "a red motorcycle", "y z")
+            ]
             _wait_for(lambda: batcher.submitted == start + 4, "4 submissions")
         together = futs[2].result()
     assert torch.equal(alone["raw"], together["raw"])

@@ -14,8 +14,15 @@ from web_support import live_server, web_app, web_data  # noqa: F401
 
 CHROMIUM = os.environ.get("CALIBCLIP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 TIMEOUT_MS = 60_000
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
@@ -113,7 +120,8 @@ def test_text_search_calibration_composed_and_refine(browser, live_server: str, 
     # click a result: it becomes the reference; its annotated suggestions appear; refine again
     chelsea_id = page.evaluate(
         "() => [...document.querySelectorAll('#results .card')].find(c => "
-        "c.querySelector('.path').textContent === 'chelsea.png').dataset.id")
+        "c.querySelector('.path').textContent === 'chelsea.png').dataset.id"
+    )
     page.click(f"#results .card[data-id='{chelsea_id}']")
     assert page.get_attribute("#reference-img", "src").startswith(f"/api/images/{chelsea_id}?")
     page.wait_for_selector("#suggestions .chip")
@@ -246,7 +254,7 @@ def test_click_to_refine_leaves_no_selection_ring(browser, live_server: str) -> 
     page.mouse.move(1, 1)
     page.mouse.up()
     assert page.evaluate("() => document.activeElement.dataset.id") == ids[0]
-    style = ("e => { const c = getComputedStyle(e); return [c.borderTopColor, c.boxShadow, c.outlineStyle]; }")
+    style = "e => { const c = getComputedStyle(e); return [c.borderTopColor, c.boxShadow, c.outlineStyle]; }"
     plain = page.locator(f"#results .card[data-id='{ids[1]}']").evaluate(style)
     looks = page.evaluate(f"() => ({style})(document.activeElement)")
     assert looks == plain and looks[2] == "none", (looks, plain)  # looks like any other card

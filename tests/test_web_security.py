@@ -36,8 +36,14 @@ def _read_response(s: socket.socket, first: bytes = b"", wait_s: float = 10.0) -
     while time.time() < deadline:
         head, sep, body = data.partition(b"\r\n\r\n")
         if sep:
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
             if len(body) >= length:
                 return data
         chunk = s.recv(65536)
@@ -61,8 +67,10 @@ def _raw_request(base: str, head: str, body: bytes = b"", wait_s: float = 10.0) 
 def test_huge_declared_body_is_refused_before_it_is_sent(live_server: str) -> None:  # noqa: F811
     """300 MB announced, nothing sent: the server answers 413 at once instead of waiting to read it."""
     host = urlsplit(live_server).netloc
-    head = (f"POST /api/search HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {300 * 1024 * 1024}\r\n\r\n")
+    head = (
+        f"POST /api/search HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {300 * 1024 * 1024}\r\n\r\n"
+    )
     status, data = _raw_request(live_server, head, wait_s=10)
     assert status == 413, data[:300]
     assert b"limit" in data
@@ -73,8 +81,10 @@ def test_chunked_body_over_the_cap_is_refused_while_streaming(live_server: str) 
     import select
 
     parts = urlsplit(live_server)
-    head = (f"POST /api/search HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n")
+    head = (
+        f"POST /api/search HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
     piece = b'{"text": "' + b"a" * 8192
     chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
     sent, answer = 0, b""
@@ -126,8 +136,12 @@ def test_allowed_hosts_are_configurable(web_data, tmp_path) -> None:  # noqa: F8
     from calibclip.web.service import ServedIndex
 
     shared = ServedIndex.open("photos", web_data["index"])
-    app = create_app(WebConfig(index_dirs=[], upload_dir=str(tmp_path), host="0.0.0.0",
-                               allowed_hosts=["photos.lan", "*.example.org"]), indexes=[shared])
+    app = create_app(
+        WebConfig(
+            index_dirs=[], upload_dir=str(tmp_path), host="0.0.0.0", allowed_hosts=["photos.lan", "*.example.org"]
+        ),
+        indexes=[shared],
+    )
     c = TestClient(app, base_url="http://photos.lan", raise_server_exceptions=False)
     assert c.get("/api/health").status_code == 200
     assert c.get("/api/health", headers={"host": "a.example.org"}).status_code == 200
@@ -158,15 +172,18 @@ def test_serve_cli_takes_allowed_host(tmp_path) -> None:
 
 
 # ---- same origin for state-changing requests (item 6) ---------------------------------------------
-@pytest.mark.parametrize("headers,status", [
-    ({"origin": "http://attacker.example"}, 403),
-    ({"origin": "null"}, 403),
-    ({"origin": "http://127.0.0.1:5001"}, 403),  # another port is another origin
-    ({"referer": "http://attacker.example/page"}, 403),
-    ({"origin": "http://127.0.0.1:5000"}, 201),
-    ({"referer": "http://127.0.0.1:5000/search?mode=composed"}, 201),
-    ({}, 201),  # no Origin / Referer: not a browser (curl, scripts)
-])
+@pytest.mark.parametrize(
+    "headers,status",
+    [
+        ({"origin": "http://attacker.example"}, 403),
+        ({"origin": "null"}, 403),
+        ({"origin": "http://127.0.0.1:5001"}, 403),  # another port is another origin
+        ({"referer": "http://attacker.example/page"}, 403),
+        ({"origin": "http://127.0.0.1:5000"}, 201),
+        ({"referer": "http://127.0.0.1:5000/search?mode=composed"}, 201),
+        ({}, 201),  # no Origin / Referer: not a browser (curl, scripts)
+    ],
+)
 def test_cross_origin_upload_is_refused(client: TestClient, headers: dict, status: int) -> None:
     r = client.post("/api/upload", files={"file": ("a.png", _png(), "image/png")}, headers=headers)
     assert r.status_code == status, r.text

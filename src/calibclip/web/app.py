@@ -18,10 +18,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,21 +51,21 @@ class WebConfig:
     """Everything `create_app` needs; JSON-serialisable so that worker processes can rebuild it."""
 
     index_dirs: list[str]
-    model: Optional[str] = None
-    captions: Optional[str] = None
-    upload_dir: Optional[str] = None
+    model: str | None = None
+    captions: str | None = None
+    upload_dir: str | None = None
     max_upload_bytes: int = 10 * 1024 * 1024
     upload_ttl_s: float = 3600.0
     device: str = "cpu"
-    threads: Optional[int] = None
+    threads: int | None = None
     host: str = "127.0.0.1"
-    allowed_hosts: Optional[list[str]] = None
+    allowed_hosts: list[str] | None = None
     max_json_bytes: int = JSON_BODY_LIMIT
     batch_window_ms: float = BatchSettings.window_ms
     batch_size: int = BatchSettings.max_batch
     batch_queue: int = BatchSettings.max_queue
     request_timeout_s: float = BatchSettings.timeout_s
-    refresh_s: Optional[float] = 1.0
+    refresh_s: float | None = 1.0
 
     def batching(self) -> BatchSettings:
         """The micro-batching settings (validated)."""
@@ -75,7 +75,7 @@ class WebConfig:
         return json.dumps(self.__dict__)
 
     @classmethod
-    def from_json(cls, text: str) -> "WebConfig":
+    def from_json(cls, text: str) -> WebConfig:
         return cls(**json.loads(text))
 
 
@@ -111,8 +111,15 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
             raise ValueError("no index to serve: pass at least one INDEX_DIR built with `calibclip index`")
         names = _names(config.index_dirs)
         indexes = [
-            ServedIndex.open(name, d, model=config.model, captions=config.captions if i == 0 else None,
-                             device=config.device, batching=batching, refresh_s=config.refresh_s)
+            ServedIndex.open(
+                name,
+                d,
+                model=config.model,
+                captions=config.captions if i == 0 else None,
+                device=config.device,
+                batching=batching,
+                refresh_s=config.refresh_s,
+            )
             for i, (name, d) in enumerate(zip(names, config.index_dirs))
         ]
     from calibclip import __version__
@@ -152,8 +159,11 @@ def create_app(config: WebConfig, indexes: Sequence[ServedIndex] | None = None) 
     # outermost first: Host / same-origin check and headers, then body caps, then the app
     app.add_middleware(
         BodyLimit,
-        limits={"/api/search": config.max_json_bytes, "/api/explain": 4 * config.max_json_bytes,
-                "/api/upload": state.uploads.max_bytes + MULTIPART_OVERHEAD},
+        limits={
+            "/api/search": config.max_json_bytes,
+            "/api/explain": 4 * config.max_json_bytes,
+            "/api/upload": state.uploads.max_bytes + MULTIPART_OVERHEAD,
+        },
         default=config.max_json_bytes,
         length_required=["/api/upload"],
     )

@@ -16,10 +16,11 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -104,15 +105,17 @@ class MicroBatcher(Generic[T, R]):
         try:
             self._queue.put_nowait((item, fut))
         except queue.Full:
-            raise Overloaded(f"server busy: {self.settings.max_queue} queries are already waiting; retry shortly",
-                             self.retry_after()) from None
+            raise Overloaded(
+                f"server busy: {self.settings.max_queue} queries are already waiting; retry shortly", self.retry_after()
+            ) from None
         self.submitted += 1
         try:
             return fut.result(timeout=self.settings.timeout_s)
         except FutureTimeout:
             fut.cancel()
-            raise Overloaded(f"server busy: the query was not answered within {self.settings.timeout_s:g} s",
-                             self.retry_after()) from None
+            raise Overloaded(
+                f"server busy: the query was not answered within {self.settings.timeout_s:g} s", self.retry_after()
+            ) from None
         except CancelledError:
             raise Overloaded("the server is shutting down", 1) from None
 

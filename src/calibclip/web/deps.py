@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Query, Request
@@ -67,7 +67,12 @@ def image_url(ix: ServedIndex, image_id: str, size: str = "full") -> str:
 def item(ix: ServedIndex, image_id: int) -> dict[str, Any]:
     """The API's description of an indexed image (id, relative path, URLs)."""
     sid = str(image_id)
-    return {"id": sid, "path": ix.rel_path(image_id), "url": image_url(ix, sid), "thumb_url": image_url(ix, sid, "thumb")}
+    return {
+        "id": sid,
+        "path": ix.rel_path(image_id),
+        "url": image_url(ix, sid),
+        "thumb_url": image_url(ix, sid, "thumb"),
+    }
 
 
 def get_state(request: Request) -> WebState:
@@ -75,7 +80,7 @@ def get_state(request: Request) -> WebState:
 
 
 def index_from_query(
-    index: Optional[str] = Query(None, max_length=100, description="index name; default: the first"),
+    index: str | None = Query(None, max_length=100, description="index name; default: the first"),
     state: WebState = Depends(get_state),
 ) -> ServedIndex:
     """The index named by the ``index`` query parameter."""

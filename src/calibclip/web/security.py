@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
@@ -25,11 +25,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 #: Host names always allowed besides the bound address.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 #: Policy of the HTML pages of the app.
-PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 #: Policy of the Swagger UI page (/docs): its bundle sets inline styles.
-DOCS_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 #: Policy of everything else (JSON, images): nothing may run, nothing may frame it.
 OTHER_CSP = "default-src 'none'; frame-ancestors 'none'"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -38,8 +42,12 @@ _ANY_HOST = frozenset({"0.0.0.0", "::", ""})
 
 async def _send_json(send: Send, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-           (b"x-content-type-options", b"nosniff"), (b"connection", b"close")]
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"connection", b"close"),
+    ]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
@@ -69,8 +77,7 @@ class BodyLimit:
         length_required: paths whose requests must declare ``Content-Length`` (411 otherwise).
     """
 
-    def __init__(self, app: ASGIApp, limits: Mapping[str, int], default: int,
-                 length_required: Iterable[str] = ()):
+    def __init__(self, app: ASGIApp, limits: Mapping[str, int], default: int, length_required: Iterable[str] = ()):
         self.app = app
         self.limits = dict(limits)
         self.default = int(default)
@@ -93,8 +100,9 @@ class BodyLimit:
                 return
             if int(length) > limit:
                 what = "upload" if path in self.length_required else "request body"
-                await _send_json(send, 413, f"{what} too large: {int(length):,} bytes declared, the limit is "
-                                 f"{limit:,} bytes")
+                await _send_json(
+                    send, 413, f"{what} too large: {int(length):,} bytes declared, the limit is {limit:,} bytes"
+                )
                 return
         elif path in self.length_required and scope.get("method") not in _SAFE_METHODS:
             await _send_json(send, 411, "uploads need a Content-Length header")
@@ -134,7 +142,7 @@ def _split_host(value: str) -> tuple[str, int | None]:
     value = value.strip()
     if value.startswith("["):
         end = value.find("]")
-        host, rest = value[1:end], value[end + 1:]
+        host, rest = value[1:end], value[end + 1 :]
         port = rest[1:] if rest.startswith(":") else ""
     elif value.count(":") == 1:
         host, port = value.split(":")
@@ -171,8 +179,9 @@ def normalise_hosts(hosts: Iterable[str]) -> list[str]:
         raise ValueError("allowed hosts: the list is empty; pass at least one host name (e.g. localhost)")
     for h in out:
         if "/" in h or (":" in h and not _is_ip(h)):
-            raise ValueError(f"allowed host {h!r}: expected a host name or address without scheme or port "
-                             "(e.g. photos.example.com)")
+            raise ValueError(
+                f"allowed host {h!r}: expected a host name or address without scheme or port (e.g. photos.example.com)"
+            )
     return out
 
 
@@ -221,22 +230,32 @@ class HostGuard:
             return
         host, _ = _split_host(host_header)
         if not self.host_allowed(host):
-            await _send_json(send, 400, f"host {host[:100]!r} is not allowed; start the server with "
-                             "`--allowed-host NAME` to serve it under that name")
+            await _send_json(
+                send,
+                400,
+                f"host {host[:100]!r} is not allowed; start the server with "
+                "`--allowed-host NAME` to serve it under that name",
+            )
             return
         if scope.get("method", "GET") not in _SAFE_METHODS:
             origin = _header(scope, b"origin")
             source = origin if origin is not None else _header(scope, b"referer")
             if source is not None and not self.same_origin(source, host_header):
-                await _send_json(send, 403, "cross-origin request refused: state-changing requests must come from "
-                                 "this server's own pages")
+                await _send_json(
+                    send,
+                    403,
+                    "cross-origin request refused: state-changing requests must come from this server's own pages",
+                )
                 return
         path = scope.get("path", "")
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", ()) if k not in (
-                    b"x-content-type-options", b"content-security-policy", b"x-frame-options")]
+                headers = [
+                    (k, v)
+                    for k, v in message.get("headers", ())
+                    if k not in (b"x-content-type-options", b"content-security-policy", b"x-frame-options")
+                ]
                 ctype = next((v for k, v in headers if k == b"content-type"), b"")
                 if ctype.startswith(b"text/html"):
                     csp = DOCS_CSP if path == self.docs_path else PAGE_CSP

@@ -18,9 +18,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,9 +61,15 @@ class ServedIndex:
             (0: every request; None: never).
     """
 
-    def __init__(self, name: str, index: Index, suggestions: Suggestions | None = None,
-                 annotations: Sequence[Annotation] | None = None, batching: BatchSettings | None = None,
-                 refresh_s: float | None = 1.0):
+    def __init__(
+        self,
+        name: str,
+        index: Index,
+        suggestions: Suggestions | None = None,
+        annotations: Sequence[Annotation] | None = None,
+        batching: BatchSettings | None = None,
+        refresh_s: float | None = 1.0,
+    ):
         self.name = name
         self.index = index
         self.suggestions = suggestions
@@ -82,9 +89,15 @@ class ServedIndex:
 
     @classmethod
     def open(
-        cls, name: str, directory: str | Path, model: str | None = None, captions: str | Path | None = None,
-        device: str = "cpu", batching: BatchSettings | None = None, refresh_s: float | None = 1.0,
-    ) -> "ServedIndex":
+        cls,
+        name: str,
+        directory: str | Path,
+        model: str | None = None,
+        captions: str | Path | None = None,
+        device: str = "cpu",
+        batching: BatchSettings | None = None,
+        refresh_s: float | None = 1.0,
+    ) -> ServedIndex:
         """Open ``directory`` (built by ``calibclip index``), load its model, and read the
         annotations (``captions`` file, else the ones recorded with the index), if any."""
         index = Index.open(directory, model=model, device=device)
@@ -117,7 +130,9 @@ class ServedIndex:
             except Exception as exc:  # noqa: BLE001 - keep serving the version we have
                 (log.debug if self._reopen_failed else log.warning)(
                     "index %s changed on disk but cannot be re-opened (%s); serving the previous version",
-                    old.directory, exc)
+                    old.directory,
+                    exc,
+                )
                 self._reopen_failed = True
                 return False
             self._reopen_failed = False

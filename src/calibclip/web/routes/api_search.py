@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 
@@ -14,8 +14,9 @@ router = APIRouter(prefix="/api", tags=["api"])
 
 
 @router.post("/search", response_model=schema.SearchResponse, responses=schema.ERRORS_503)
-def search(req: schema.SearchRequest, ix: ServedIndex = Depends(index_from_search),
-           state: WebState = Depends(get_state)) -> dict[str, Any]:
+def search(
+    req: schema.SearchRequest, ix: ServedIndex = Depends(index_from_search), state: WebState = Depends(get_state)
+) -> dict[str, Any]:
     """Text search (``text``), image search (``reference``) or composed search (both)."""
     text = (req.text or "").strip() or None
     if text is None and req.reference is None:
@@ -42,7 +43,7 @@ def search(req: schema.SearchRequest, ix: ServedIndex = Depends(index_from_searc
 def sample(
     ix: ServedIndex = Depends(index_from_query),
     n: int = Query(12, ge=1, le=100),
-    seed: Optional[int] = Query(None, ge=0, le=2**31 - 1),
+    seed: int | None = Query(None, ge=0, le=2**31 - 1),
     annotated: bool = Query(False, description="only images with suggested modifications"),
 ) -> dict[str, Any]:
     """A random sample of the gallery (candidate references)."""

@@ -16,8 +16,9 @@ router = APIRouter(prefix="/api", tags=["api"])
 
 
 @router.post("/explain", response_model=schema.ExplainResponse, responses=schema.ERRORS)
-def explain(req: schema.ExplainRequest, ix: ServedIndex = Depends(index_from_explain),
-            state: WebState = Depends(get_state)) -> dict[str, Any]:
+def explain(
+    req: schema.ExplainRequest, ix: ServedIndex = Depends(index_from_explain), state: WebState = Depends(get_state)
+) -> dict[str, Any]:
     """CalibCLIP explanation: the query's dominant words and, per image, the token heatmap."""
     text = (req.text or "").strip() or None
     if text is None and not req.ids:
@@ -37,10 +38,12 @@ def explain(req: schema.ExplainRequest, ix: ServedIndex = Depends(index_from_exp
     }
 
 
-@router.get("/heatmap/{image_id}", responses={200: {"content": {"image/png": {}}}, **schema.ERRORS},
-            response_class=Response)
-def heatmap(image_id: str, ix: ServedIndex = Depends(index_from_query),
-            state: WebState = Depends(get_state)) -> Response:
+@router.get(
+    "/heatmap/{image_id}", responses={200: {"content": {"image/png": {}}}, **schema.ERRORS}, response_class=Response
+)
+def heatmap(
+    image_id: str, ix: ServedIndex = Depends(index_from_query), state: WebState = Depends(get_state)
+) -> Response:
     """PNG of an image with its CalibCLIP token treatment (suppress/decay/retain) overlaid."""
     source = state.resolve_reference(ix, image_id)
     return Response(ix.heatmap_png(source), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

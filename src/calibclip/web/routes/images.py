@@ -15,11 +15,21 @@ from calibclip.web.uploads import UploadError
 router = APIRouter(prefix="/api", tags=["api"])
 
 
-@router.post("/upload", response_model=schema.UploadResponse, status_code=201, responses={
-    400: {"model": schema.ErrorResponse}, 411: {"model": schema.ErrorResponse},
-    413: {"model": schema.ErrorResponse}, 422: {"model": schema.ErrorResponse}})
-def upload(file: UploadFile = File(..., description="an image file (JPEG, PNG, WebP, ...)"),
-           state: WebState = Depends(get_state)) -> dict[str, Any]:
+@router.post(
+    "/upload",
+    response_model=schema.UploadResponse,
+    status_code=201,
+    responses={
+        400: {"model": schema.ErrorResponse},
+        411: {"model": schema.ErrorResponse},
+        413: {"model": schema.ErrorResponse},
+        422: {"model": schema.ErrorResponse},
+    },
+)
+def upload(
+    file: UploadFile = File(..., description="an image file (JPEG, PNG, WebP, ...)"),
+    state: WebState = Depends(get_state),
+) -> dict[str, Any]:
     """Upload a reference image; returns an id usable as `reference` (expires after a while)."""
     uploads = state.uploads
     data = file.file.read(uploads.max_bytes + 1)
@@ -28,12 +38,18 @@ def upload(file: UploadFile = File(..., description="an image file (JPEG, PNG, W
     except UploadError as exc:
         raise HTTPException(exc.status, str(exc)) from None
     width, height = uploads.size(upload_id)
-    return {"id": upload_id, "url": f"/api/images/{upload_id}?size=full",
-            "thumb_url": f"/api/images/{upload_id}?size=thumb", "width": width, "height": height}
+    return {
+        "id": upload_id,
+        "url": f"/api/images/{upload_id}?size=full",
+        "thumb_url": f"/api/images/{upload_id}?size=thumb",
+        "width": width,
+        "height": height,
+    }
 
 
-@router.get("/images/{image_id}", responses={200: {"content": {"image/jpeg": {}}}, **schema.ERRORS},
-            response_class=Response)
+@router.get(
+    "/images/{image_id}", responses={200: {"content": {"image/jpeg": {}}}, **schema.ERRORS}, response_class=Response
+)
 def get_image(
     image_id: str,
     ix: ServedIndex = Depends(index_from_query),

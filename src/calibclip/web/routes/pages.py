@@ -4,7 +4,6 @@ server, not a CDN) and the favicon."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -26,8 +25,9 @@ def home(request: Request, state: WebState = Depends(get_state)) -> Response:
 
 
 @router.get("/search", response_class=HTMLResponse)
-def search_page(request: Request, index: Optional[str] = None, mode: str = "text",
-                state: WebState = Depends(get_state)) -> Response:
+def search_page(
+    request: Request, index: str | None = None, mode: str = "text", state: WebState = Depends(get_state)
+) -> Response:
     if index is not None and index not in state.indexes:
         return RedirectResponse("/", status_code=303)
     ix = state.index(index)
@@ -51,5 +51,6 @@ def api_docs(request: Request, state: WebState = Depends(get_state)) -> Response
 
 @router.get("/favicon.ico")
 def favicon() -> Response:
-    return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon",
-                        headers={"Cache-Control": "public, max-age=86400"})
+    return FileResponse(
+        STATIC / "favicon.ico", media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"}
+    )

@@ -108,7 +108,7 @@ def test_non_utf8_names_web(tmp_path: Path, toy: None, capsys: pytest.CaptureFix
     Image.new("RGB", (40, 32), (5, 250, 5)).save(os.fsdecode(os.fsencode(str(images)) + b"/" + LATIN1))
     ix = tmp_path / "ix"
     run_json(capsys, index_args(images, ix))
-    client = TestClient(create_app(WebConfig(index_dirs=[str(ix)], upload_dir=str(tmp_path / "up"))))
+    client = TestClient(create_app(WebConfig(index_dirs=[str(ix)], upload_dir=str(tmp_path / "up"))), base_url="http://localhost")
     res = client.post("/api/search", json={"text": "green", "k": 4})
     assert res.status_code == 200, res.text
     items = res.json()["results"]

@@ -73,7 +73,7 @@ def test_cli_commands_make_no_outward_connection(tmp_path: Path, toy_models: Non
     from calibclip.web.app import WebConfig, create_app
 
     app = create_app(WebConfig(index_dirs=[ix], upload_dir=str(tmp_path / "uploads")))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/").status_code == 200
         assert client.post("/api/search", json={"text": "a cat", "k": 3}).status_code == 200
     assert _no_outward_network.attempts == []

@@ -64,7 +64,7 @@ def make_tiny_clip(folder: Path, image_size: tuple[int, int] = (32, 16), seed: i
 
 
 TINY_TRAINING = {"epochs": 4, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 1, "trainable": "all",
-                 "losses": {"infonce": 1.0}, "eval_batch_size": 64}
+                 "losses": {"infonce": 1.0, "sdm": 0.0, "id": 0.0}, "eval_batch_size": 64}
 
 
 def write_config(path: Path, training: dict | None = None, dcc: dict | None = None) -> Path:
@@ -114,10 +114,11 @@ def test_tiny_clip_learns_person_retrieval(person_set: Path, tiny_clip: Path, tm
     assert (tmp_path / "out" / "train_curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # two subprocesses (~30 s on a busy 2-core machine)
 def test_tools_train_seed_command_then_evaluate(person_set: Path, tiny_clip: Path, tmp_path: Path) -> None:
     """The seed's command verbatim (underscore flags) on a CUHK-PEDES folder; scripts/evaluate.py evaluates
     the written checkpoint and reproduces the logged validation metrics."""
-    cfg = write_config(tmp_path / "cuhk.yaml", training={"epochs": 2, "losses": {"sdm": 1.0, "id": 1.0}})
+    cfg = write_config(tmp_path / "cuhk.yaml", training={"epochs": 2, "losses": {"infonce": 0.0, "sdm": 1.0, "id": 1.0}})
     out = tmp_path / "outputs"
     env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "CALIBCLIP_CACHE": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "--config", str(cfg), "--data_root",
@@ -206,3 +207,37 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(person_set: Path, tin
         train(settings, out, checkpoint=str(tiny_clip), progress=False)
     assert (out / "last" / "model.safetensors").exists() and (out / "resume.pt").exists()
     assert json.loads((out / "last" / "config.json").read_text())["training"]["epoch"] == 1
+
+
+def test_resume_after_a_crash_mid_epoch_is_exact(person_set: Path, tiny_clip: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process twin of the kill -9 test (tests/test_train_resume.py, slow): a crash at any step, then
+    --resume, gives the uninterrupted run's numbers (state saved every step)."""
+    from calibclip.training import targets
+    from calibclip.training.config import load_train_settings
+    from calibclip.training.trainer import train
+
+    settings = load_train_settings(
+        write_config(tmp_path / "c.yaml", training={"epochs": 2, "checkpoint_every": 1,
+                                                    "losses": {"infonce": 1.0, "sdm": 0.5, "id": 0.5}},
+                     dcc={"image_curriculum_epochs": [2], "text_curriculum_epochs": [2]}),
+        {"data_root": str(person_set)})
+    full = train(settings, tmp_path / "full", checkpoint=str(tiny_clip), progress=False)["history"]
+    original = targets.CLIPTarget.loss
+    calls = {"n": 0}
+
+    def crash(self, items, captions, flips):
+        calls["n"] += 1
+        if calls["n"] == 9:  # epoch 2, step 3
+            raise KeyboardInterrupt
+        return original(self, items, captions, flips)
+
+    monkeypatch.setattr(targets.CLIPTarget, "loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, tmp_path / "run", checkpoint=str(tiny_clip), progress=False)
+    monkeypatch.setattr(targets.CLIPTarget, "loss", original)
+    resumed = train(settings, tmp_path / "run", checkpoint=str(tiny_clip), resume=True, progress=False)["history"]
+    for a, b in zip(full, resumed, strict=True):
+        for k in a:
+            if not k.endswith("_seconds"):
+                assert a[k] == pytest.approx(b[k], abs=1e-6), k

@@ -343,7 +343,7 @@ class Trainer:
         row["neighbour_share"] = sums.get("neighbours", 0.0) / count
         row.update({f"val_{k}": float(v) for k, v in metrics.items()})
         row["train_seconds"] = seconds
-        row["val_seconds"] = time.perf_counter() - t0
+        row["validation_seconds"] = time.perf_counter() - t0
         return row
 
     def _write_logs(self, history: list[dict[str, Any]], key: str, best: dict[str, Any],

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_train import REPO, make_person_set, make_tiny_clip, write_config
 
 
@@ -33,7 +32,7 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path) -> None:
                        dcc={"image_curriculum_epochs": [2], "text_curriculum_epochs": [3]})
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     full = tmp_path / "full"
-    done = subprocess.run(_cmd(cfg, data, full, clip), env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cmd(cfg, data, full, clip), env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(cfg, data, killed, clip), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -45,10 +44,10 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # no --resume: refuses to overwrite; --resume continues
-    again = subprocess.run(_cmd(cfg, data, killed, clip), env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(_cmd(cfg, data, killed, clip), env=env, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 2 and "--resume" in again.stderr
     resumed = subprocess.run(_cmd(cfg, data, killed, clip, "--resume"), env=env, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = _history(full), _history(killed)
     assert len(a) == len(b) == 3
@@ -58,10 +57,10 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path) -> None:
             assert ra[k] == pytest.approx(rb[k], abs=1e-6), k
     # a different setting is refused; a damaged state is a clear error
     other = subprocess.run(_cmd(cfg, data, killed, clip, "--resume", "--lr", "0.5"), env=env, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, check=False)
     assert other.returncode == 2 and "other settings" in other.stderr and "lr" in other.stderr
     state = killed / "resume.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     broken = subprocess.run(_cmd(cfg, data, killed, clip, "--resume"), env=env, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, check=False)
     assert broken.returncode == 2 and "corrupt" in broken.stderr

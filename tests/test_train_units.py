@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from calibclip.training.objectives import DualEncoderObjective, info_nce, sdm
-from calibclip.training.sampler import (ANCHOR, FALLBACK, IMAGE_NEIGHBOUR, TEXT_NEIGHBOUR, CurriculumSchedule,
-                                        neighbour_table, plan_epoch)
+from calibclip.training.sampler import (
+    ANCHOR,
+    FALLBACK,
+    IMAGE_NEIGHBOUR,
+    TEXT_NEIGHBOUR,
+    CurriculumSchedule,
+    neighbour_table,
+    plan_epoch,
+)
 
 # images e0, e1; texts e0 and (e0 + e1)/sqrt(2): cos t2i = [[1, 0], [c, c]], c = 1/sqrt(2)
 IMAGE = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

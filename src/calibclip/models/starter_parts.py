@@ -10,14 +10,15 @@ computes in one pass what the split computes in two.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from calibclip.models.starter import GRID, MiniLM, StarterImageTower, area_matrix
+from calibclip.models.starter import GRID, StarterImageTower, area_matrix
 
 
-def image_split_index(net: nn.Module, image_blocks: int) -> int:
+def image_split_index(net: Any, image_blocks: int) -> int:
     """Index of the first trainable MBConv block of ``net`` (``image_blocks`` from the end)."""
     n = len(net._blocks)
     if not 0 <= image_blocks <= n:
@@ -25,7 +26,7 @@ def image_split_index(net: nn.Module, image_blocks: int) -> int:
     return n - image_blocks
 
 
-def image_lower(net: nn.Module, pixels: torch.Tensor, split: int) -> torch.Tensor:
+def image_lower(net: Any, pixels: torch.Tensor, split: int) -> torch.Tensor:
     """Frozen part of one backbone: stem and blocks ``[:split]`` (pixels at the backbone's size)."""
     x = net._swish(net._bn0(net._conv_stem(pixels)))
     for block in net._blocks[:split]:
@@ -33,7 +34,7 @@ def image_lower(net: nn.Module, pixels: torch.Tensor, split: int) -> torch.Tenso
     return x
 
 
-def image_upper(net: nn.Module, x: torch.Tensor, split: int) -> torch.Tensor:
+def image_upper(net: Any, x: torch.Tensor, split: int) -> torch.Tensor:
     """Trainable part of one backbone: blocks ``[split:]``, conv head, ReLU6."""
     for block in net._blocks[split:]:
         x = block(x, drop_connect_rate=None)
@@ -69,7 +70,7 @@ def tower_upper(tower: StarterImageTower, lowers: list[torch.Tensor], splits: li
     return torch.cat(maps, dim=1)
 
 
-def text_lower(model: MiniLM, ids: torch.Tensor, mask: torch.Tensor, n_lower: int) -> torch.Tensor:
+def text_lower(model: Any, ids: torch.Tensor, mask: torch.Tensor, n_lower: int) -> torch.Tensor:
     """Frozen part of MiniLM: embeddings and layers ``[:n_lower]`` -> hidden ``[B, L, 384]``."""
     emb = model.embeddings
     pos = torch.arange(ids.shape[1], device=ids.device)
@@ -81,7 +82,7 @@ def text_lower(model: MiniLM, ids: torch.Tensor, mask: torch.Tensor, n_lower: in
     return x
 
 
-def text_upper(model: MiniLM, x: torch.Tensor, mask: torch.Tensor, n_lower: int) -> torch.Tensor:
+def text_upper(model: Any, x: torch.Tensor, mask: torch.Tensor, n_lower: int) -> torch.Tensor:
     """Trainable part of MiniLM: layers ``[n_lower:]`` on cached hidden states."""
     x = x.float()
     bias = _bias(mask, x.dtype)
@@ -95,7 +96,7 @@ def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias.masked_fill(~mask.bool(), torch.finfo(dtype).min)[:, None, None, :]
 
 
-def upper_parameter_names(tower: StarterImageTower, image_blocks: int, n_text_layers: int, n_layers: int = 6) -> list[str]:
+def upper_parameter_names(tower: Any, image_blocks: int, n_text_layers: int, n_layers: int = 6) -> list[str]:
     """State-dict prefixes (relative to the `Starter`) of the parts that train."""
     names = []
     for i, net in enumerate(tower.nets):

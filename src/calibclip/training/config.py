@@ -76,7 +76,7 @@ class TrainSettings:
     starter: StarterOptions = field(default_factory=StarterOptions)
     cve: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> "TrainSettings":
+    def validate(self) -> TrainSettings:
         if self.target not in TARGETS:
             raise ValueError(f"training.target {self.target!r} is not available; valid: {list(TARGETS)}")
         if self.trainable not in TRAINABLE:
@@ -141,7 +141,7 @@ def settings_from_config(cfg: dict[str, Any], overrides: dict[str, Any] | None =
     losses = dict(training.pop("losses", None) or {})
     _check(losses, LOSS_KEYS, "training.losses")
     s = TrainSettings(**training)
-    s.losses = {**{"infonce": 0.0, "sdm": 0.0, "id": 0.0}, **{k: float(v) for k, v in losses.items()}} if losses else s.losses
+    s.losses = {"infonce": 0.0, "sdm": 0.0, "id": 0.0, **{k: float(v) for k, v in losses.items()}} if losses else s.losses
     s.starter = StarterOptions(**starter)
     s.dataset = str(cfg.get("dataset") or "")
     s.data_root = str(cfg.get("data_root") or "")

@@ -18,8 +18,8 @@ Definition (also in docs/training.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class CurriculumSchedule:
 
     def counts(self, epoch: int, batch_size: int) -> tuple[int, int]:
         h_img, h_txt = self.levels(epoch)
-        return int(round(h_img * batch_size)), int(round(h_txt * batch_size))
+        return round(h_img * batch_size), round(h_txt * batch_size)
 
 
 def neighbour_table(embeddings: torch.Tensor, k: int, identities: torch.Tensor | None = None,

@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from calibclip.data.images import load_image
 from calibclip.models.starter import MiniLM, StarterImageTower, minilm_tokenize
-from calibclip.models.starter_parts import image_lower, image_split_index, resize_pixels, text_lower
-from calibclip.models.starter_train import SHARD, _check_manifest, _claimed, _preprocess_for
+from calibclip.models.starter_parts import (
+    image_lower,
+    image_split_index,
+    resize_pixels,
+    text_lower,
+)
+from calibclip.models.starter_train import (
+    SHARD,
+    _check_manifest,
+    _claimed,
+    _preprocess_for,
+)
 from calibclip.utils import progress_bar
 
 TEXT_SHARD = 2048

@@ -72,7 +72,7 @@ def train_data(ds: RetrievalDataset) -> TrainData:
     person = ds.info.get("task") == "person"
     ids = torch.as_tensor(ds.image_ids if person else np.arange(len(ds.images)), dtype=torch.long)
     uniq, labels = torch.unique(ids, return_inverse=True)
-    return TrainData(ds, captions_of, ids, labels, int(len(uniq)))
+    return TrainData(ds, captions_of, ids, labels, len(uniq))
 
 
 class Target(ABC):
@@ -109,7 +109,7 @@ class Target(ABC):
     def export(self, folder: Path, info: dict[str, Any]) -> None:
         """Write a loadable checkpoint folder (``create_model(folder)``)."""
 
-    def train(self, mode: bool = True) -> None:  # noqa: B027  (optional hook)
+    def train(self, mode: bool = True) -> None:
         """Switch dropout etc. (default: nothing)."""
 
     def describe(self) -> dict[str, Any]:
@@ -143,7 +143,7 @@ class DualEncoderTarget(Target):
     resume state (``self.encoder``'s parameters named in ``self.train_names`` + the objective)."""
 
     name = "dual_encoder"
-    encoder: nn.Module
+    encoder: Any
     train_names: list[str]
 
     def __init__(self, settings: TrainSettings, data: TrainData, embed_dim: int):
@@ -157,7 +157,8 @@ class DualEncoderTarget(Target):
                                               data.num_classes, settings.learn_temperature)
 
     def objective_loss(self, img: torch.Tensor, txt: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.objective(img, txt, self.data.identities[items], self.data.labels[items])
+        self.objective.to(img.device)
+        return self.objective(img, txt, self.data.identities[items].to(img.device), self.data.labels[items].to(img.device))
 
     def new_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.objective.parameters() if p.requires_grad]
@@ -191,7 +192,7 @@ class DualEncoderTarget(Target):
 # --------------------------------------------------------------------------------------------
 # CLIP
 # --------------------------------------------------------------------------------------------
-def clip_trainable(model: nn.Module, trainable: str, top_blocks: int) -> list[str]:
+def clip_trainable(model: Any, trainable: str, top_blocks: int) -> list[str]:
     """Names of the CLIP parameters that train: ``heads`` (projections and final norms), ``top``
     (heads + the last ``top_blocks`` blocks of each tower) or ``all``."""
     names = [n for n, _ in model.named_parameters()]
@@ -223,11 +224,12 @@ class CLIPTarget(DualEncoderTarget):
         from calibclip.models.clip import CLIP
 
         if not isinstance(encoder, CLIP):
-            raise ValueError(f"CLIPTarget trains CLIP models, got {type(encoder).__name__}")
+            raise TypeError(f"CLIPTarget trains CLIP models, got {type(encoder).__name__}")
         super().__init__(settings, data, encoder.embed_dim)
         self.encoder = encoder.float()
         self.encoder.eval()
         self.encoder.requires_grad_(False)
+        self.objective.to(self.encoder.device)
         self.train_names = clip_trainable(encoder, settings.trainable, settings.top_blocks)
         params = dict(encoder.named_parameters())
         for n in self.train_names:
@@ -270,7 +272,7 @@ class CLIPTarget(DualEncoderTarget):
         save_clip(self.encoder, folder, info, logit_scale=self.objective.logit_scale.detach().reshape(()))
 
 
-def save_clip(encoder: nn.Module, folder: str | Path, info: dict[str, Any] | None = None,
+def save_clip(encoder: Any, folder: str | Path, info: dict[str, Any] | None = None,
               logit_scale: torch.Tensor | None = None) -> None:
     """Write a `CLIP` as a checkpoint folder (``model.safetensors`` with OpenAI names + ``config.json`` with
     its activation, heads, input geometry and preprocessing) that ``create_model(folder)`` loads back."""
@@ -301,10 +303,13 @@ class StarterTarget(DualEncoderTarget):
     def __init__(self, encoder: Encoder, settings: TrainSettings, data: TrainData, cache_dir: Path,
                  eval_sets: list[RetrievalDataset]):
         from calibclip.models.starter import Starter
-        from calibclip.models.starter_parts import image_split_index, upper_parameter_names
+        from calibclip.models.starter_parts import (
+            image_split_index,
+            upper_parameter_names,
+        )
 
         if not isinstance(encoder, Starter):
-            raise ValueError(f"StarterTarget trains the starter, got {type(encoder).__name__}")
+            raise TypeError(f"StarterTarget trains the starter, got {type(encoder).__name__}")
         if settings.trainable == "all":
             raise ValueError("the starter trains on cached lower activations: use training.trainable heads or top "
                              "(training.starter.image_blocks / text_layers set how much of the towers trains)")
@@ -313,12 +318,13 @@ class StarterTarget(DualEncoderTarget):
         image_blocks, text_layers = opts.image_blocks, opts.text_layers
         if settings.trainable == "top" and settings.top_blocks > 0:
             image_blocks = text_layers = settings.top_blocks
-        n_layers = len(encoder.text_tower.encoder.layer)
+        n_layers = len(encoder.text_tower.encoder.layer)  # type: ignore[arg-type]
         if not 0 <= text_layers <= n_layers:
             raise ValueError(f"training.starter.text_layers must be in [0, {n_layers}], got {text_layers}")
         self.encoder = encoder.float()
         self.encoder.eval()
         self.encoder.requires_grad_(False)
+        self.objective.to(self.encoder.device)
         self.image_blocks, self.text_layers = image_blocks, text_layers
         self.splits = [image_split_index(net, image_blocks) for net in encoder.image_tower.nets]
         self.n_lower = n_layers - text_layers
@@ -338,7 +344,12 @@ class StarterTarget(DualEncoderTarget):
                              "keep training.augment_flip: true")
 
     def _cache(self, ds: RetrievalDataset):
-        from calibclip.training.starter_cache import LowerImages, LowerTexts, extract_image_lower, extract_text_lower
+        from calibclip.training.starter_cache import (
+            LowerImages,
+            LowerTexts,
+            extract_image_lower,
+            extract_text_lower,
+        )
 
         base = self.cache_dir / f"{ds.name}-{ds.split}"
         bb = self.encoder.backbones
@@ -357,13 +368,15 @@ class StarterTarget(DualEncoderTarget):
     def _image(self, cache, items: torch.Tensor, flips: torch.Tensor | bool) -> torch.Tensor:
         from calibclip.models.starter_parts import tower_upper
 
-        return tower_upper(self.encoder.image_tower, cache.get(items, flips), self.splits).mean((2, 3))
+        dev = self.encoder.device
+        lowers = [x.to(dev) for x in cache.get(items, flips)]
+        return tower_upper(self.encoder.image_tower, lowers, self.splits).mean((2, 3))
 
     def _text(self, cache, captions: torch.Tensor) -> torch.Tensor:
         from calibclip.models.starter import minilm_pool
         from calibclip.models.starter_parts import text_upper
 
-        hidden, mask = cache.get(captions)
+        hidden, mask = (t.to(self.encoder.device) for t in cache.get(captions))
         pooled = minilm_pool(text_upper(self.encoder.text_tower, hidden, mask, self.n_lower), mask)
         return F.normalize(pooled, dim=-1) if self.encoder.text_normalize else pooled
 
@@ -384,17 +397,18 @@ class StarterTarget(DualEncoderTarget):
             pooled = self._image(img_cache, idx, False)
             if self.encoder.flip_average:
                 pooled = 0.5 * (pooled + self._image(img_cache, idx, True))
-            imgs.append(self.encoder.image_head(pooled))
+            imgs.append(self.encoder.image_head(pooled).float().cpu())
         order = torch.argsort(txt_cache.lengths[captions], descending=True, stable=True)
         txt = torch.empty(len(captions), self.encoder.embed_dim)
         for s in range(0, len(captions), 256):
             idx = order[s:s + 256]
-            txt[idx] = self.encoder.text_head(self._text(txt_cache, captions[idx]))
+            txt[idx] = self.encoder.text_head(self._text(txt_cache, captions[idx])).float().cpu()
         self.encoder.image_head.train(was)
         return torch.cat(imgs), txt
 
     def item_embeddings(self, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._embed_all(*self.train_cache, captions, self.data.size)
+        img_cache, txt_cache = self.train_cache
+        return self._embed_all(img_cache, txt_cache, captions, self.data.size)
 
     def validate(self, dataset: RetrievalDataset) -> dict[str, float]:
         img_cache, txt_cache = self.eval_caches[(dataset.name, dataset.split)]

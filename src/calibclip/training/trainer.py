@@ -82,7 +82,7 @@ def load_state(path: Path) -> dict[str, Any]:
     """Read a resume state; any damage is a clear error (never a silent restart)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (torch raises many types for a damaged zip)
+    except Exception as exc:
         raise RuntimeError(f"{path} is corrupt or not a calibclip training state ({type(exc).__name__}: {exc}); "
                            "restore it or start a new run in another --output-dir") from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -206,7 +206,7 @@ class Trainer:
             raise ValueError(f"the training split has {data.size} images, fewer than the batch size {s.batch_size}")
         total = steps_per_epoch * s.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-            total, int(round(s.warmup_epochs * steps_per_epoch)), s.warmup_factor, s.min_lr_factor))
+            total, round(s.warmup_epochs * steps_per_epoch), s.warmup_factor, s.min_lr_factor))
         key = select_key(val)
         history: list[dict[str, Any]] = []
         best = {"epoch": 0, "value": -1.0, "metrics": {}}

@@ -241,3 +241,23 @@ def test_resume_after_a_crash_mid_epoch_is_exact(person_set: Path, tiny_clip: Pa
         for k in a:
             if not k.endswith("_seconds"):
                 assert a[k] == pytest.approx(b[k], abs=1e-6), k
+
+
+def test_starts_from_an_irra_style_checkpoint_at_a_non_square_size(person_set: Path, tmp_path: Path) -> None:
+    """IRRA's best.pth nests CLIP under model.base_model.* with extra heads and a 384x128-style (here 32x16)
+    position grid; `--checkpoint` takes it as the starting weights."""
+    from calibclip.models.clip import CLIP, CLIPConfig
+    from calibclip.models.registry import create_model
+    from calibclip.training.config import load_train_settings
+    from calibclip.training.trainer import train
+
+    torch.manual_seed(1)
+    m = CLIP(CLIPConfig(embed_dim=32, vision_layers=2, vision_width=64, vision_patch_size=8, image_size=(32, 16),
+                        text_width=64, text_layers=2, context_length=32))
+    state = {"model": {**{f"base_model.{k}": v for k, v in m.state_dict().items()},
+                       "classifier.weight": torch.zeros(3, 32)}}
+    torch.save(state, tmp_path / "best.pth")
+    settings = load_train_settings(write_config(tmp_path / "c.yaml", training={"epochs": 1}),
+                                   {"data_root": str(person_set)})
+    train(settings, tmp_path / "out", checkpoint=str(tmp_path / "best.pth"), progress=False)
+    assert create_model(tmp_path / "out" / "best").config()["image_size"] == [32, 16]

@@ -401,15 +401,18 @@ def default_target(s: TrainSettings, data: TrainData, eval_sets: list[RetrievalD
     from calibclip.training.targets import CLIPTarget, StarterTarget
 
     source = checkpoint or s.model
-    kwargs: dict[str, Any] = {}
     device = s.device
-    encoder = create_model(source, device=device)
+    person = data.dataset.info.get("task") == "person"
+    size = tuple(int(v) for v in s.clip_image_size) if s.clip_image_size and person else None
+    try:
+        encoder = create_model(source, device=device)
+    except ValueError as exc:  # e.g. an IRRA checkpoint trained at 384x128 (non-square position grid)
+        if size is None or "square grid" not in str(exc):
+            raise
+        encoder = create_model(source, device=device, image_size=size)
     arch = encoder.config().get("arch")
-    if arch == "CLIP" and s.clip_image_size and data.dataset.info.get("task") == "person":
-        size = tuple(int(v) for v in s.clip_image_size)
-        if tuple(encoder.config().get("image_size", ())) != size:
-            kwargs["image_size"] = size
-            encoder = create_model(source, device=device, **kwargs)
+    if arch == "CLIP" and size is not None and tuple(encoder.config().get("image_size", ())) != size:
+        encoder = create_model(source, device=device, image_size=size)
     if arch == "CLIP":
         return CLIPTarget(encoder, s, data)
     if encoder.name == "starter":

@@ -124,3 +124,12 @@ def test_sampler_level_zero_is_random_anchors_and_fallback_is_counted() -> None:
     assert (kinds == FALLBACK).sum(1).tolist() == [2, 2, 2, 2]
     with pytest.raises(ValueError, match="fewer than the batch size"):
         plan_epoch(4, 8, 0, 0, torch.Generator())
+
+
+def test_warmup_cosine_schedule() -> None:
+    from calibclip.training.trainer import lr_lambda
+
+    f = lr_lambda(total_steps=110, warmup_steps=10, warmup_factor=0.1, min_factor=0.0)
+    assert f(0) == pytest.approx(0.1) and f(5) == pytest.approx(0.55) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    assert lr_lambda(100, 0, 0.1, 0.2)(100) == pytest.approx(0.2)

@@ -12,12 +12,25 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40),
-           "white": (245, 245, 245), "black": (15, 15, 15)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 40),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
 
 
-def make_person_set(root: Path, train_ids: int = 24, val_ids: int = 6, test_ids: int = 6, per_id: int = 2,
-                    size: tuple[int, int] = (32, 16), seed: int = 0) -> Path:
+def make_person_set(
+    root: Path,
+    train_ids: int = 24,
+    val_ids: int = 6,
+    test_ids: int = 6,
+    per_id: int = 2,
+    size: tuple[int, int] = (32, 16),
+    seed: int = 0,
+) -> Path:
     """A CUHK-PEDES-format folder (reid_raw.json + imgs/): each person is a (top colour, trousers colour)
     pair drawn as two bands with noise; captions name the colours. Splits use disjoint people."""
     from PIL import Image
@@ -43,8 +56,10 @@ def make_person_set(root: Path, train_ids: int = 24, val_ids: int = 6, test_ids:
                 rel = f"p{pid:03d}/{k}.png"
                 (folder / "imgs" / rel).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / "imgs" / rel)
-                caps = [f"a person wearing a {top} shirt and {bottom} trousers",
-                        f"the man has {bottom} pants and a {top} top"]
+                caps = [
+                    f"a person wearing a {top} shirt and {bottom} trousers",
+                    f"the man has {bottom} pants and a {top} top",
+                ]
                 entries.append({"split": split, "id": pid, "file_path": rel, "captions": caps})
             pid += 1
     (folder / "reid_raw.json").write_text(json.dumps(entries))
@@ -57,21 +72,43 @@ def make_tiny_clip(folder: Path, image_size: tuple[int, int] = (32, 16), seed: i
     from calibclip.training.targets import save_clip
 
     torch.manual_seed(seed)
-    model = CLIP(CLIPConfig(embed_dim=32, vision_layers=2, vision_width=64, vision_patch_size=8, image_size=image_size,
-                            text_width=64, text_layers=2, context_length=32, vocab_size=49408, name="tiny"))
+    model = CLIP(
+        CLIPConfig(
+            embed_dim=32,
+            vision_layers=2,
+            vision_width=64,
+            vision_patch_size=8,
+            image_size=image_size,
+            text_width=64,
+            text_layers=2,
+            context_length=32,
+            vocab_size=49408,
+            name="tiny",
+        )
+    )
     save_clip(model, folder)
     return folder
 
 
-TINY_TRAINING = {"epochs": 4, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 1, "trainable": "all",
-                 "losses": {"infonce": 1.0, "sdm": 0.0, "id": 0.0}, "eval_batch_size": 64}
+TINY_TRAINING = {
+    "epochs": 4,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "warmup_epochs": 1,
+    "trainable": "all",
+    "losses": {"infonce": 1.0, "sdm": 0.0, "id": 0.0},
+    "eval_batch_size": 64,
+}
 
 
 def write_config(path: Path, training: dict | None = None, dcc: dict | None = None) -> Path:
     import yaml
 
-    cfg = {"base": str(REPO / "configs" / "cuhkpedes.yaml"), "model": {"clip_image_size": [32, 16]},
-           "training": {**TINY_TRAINING, **(training or {})}}
+    cfg = {
+        "base": str(REPO / "configs" / "cuhkpedes.yaml"),
+        "model": {"clip_image_size": [32, 16]},
+        "training": {**TINY_TRAINING, **(training or {})},
+    }
     if dcc is not None:
         cfg["model"]["dcc"] = dcc
     path.write_text(yaml.safe_dump(cfg))
@@ -118,21 +155,59 @@ def test_tiny_clip_learns_person_retrieval(person_set: Path, tiny_clip: Path, tm
 def test_tools_train_seed_command_then_evaluate(person_set: Path, tiny_clip: Path, tmp_path: Path) -> None:
     """The seed's command verbatim (underscore flags) on a CUHK-PEDES folder; scripts/evaluate.py evaluates
     the written checkpoint and reproduces the logged validation metrics."""
-    cfg = write_config(tmp_path / "cuhk.yaml", training={"epochs": 2, "losses": {"infonce": 0.0, "sdm": 1.0, "id": 1.0}})
+    cfg = write_config(
+        tmp_path / "cuhk.yaml", training={"epochs": 2, "losses": {"infonce": 0.0, "sdm": 1.0, "id": 1.0}}
+    )
     out = tmp_path / "outputs"
     env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "CALIBCLIP_CACHE": str(tmp_path / "cache")}
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "--config", str(cfg), "--data_root",
-                          str(person_set), "--output_dir", str(out), "--checkpoint", str(tiny_clip), "--no_progress",
-                          "--json"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "train.py"),
+            "--config",
+            str(cfg),
+            "--data_root",
+            str(person_set),
+            "--output_dir",
+            str(out),
+            "--checkpoint",
+            str(tiny_clip),
+            "--no_progress",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     line = json.loads(run.stdout.strip().splitlines()[-1])
     assert line["best_epoch"] in (1, 2) and set(line["best_val"]) >= {"R@1", "R@5", "R@10", "mAP", "mINP"}
     log = json.loads((out / "train_log.json").read_text())
     assert {"loss_sdm", "loss_id"} <= set(log["history"][0])
-    ev = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--config", str(cfg), "--checkpoint",
-                         str(out / "best"), "--data_root", str(person_set), "--split", "val", "--json",
-                         "--output_dir", str(tmp_path / "results")], capture_output=True, text=True, env=env,
-                        timeout=300, check=False)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "evaluate.py"),
+            "--config",
+            str(cfg),
+            "--checkpoint",
+            str(out / "best"),
+            "--data_root",
+            str(person_set),
+            "--split",
+            "val",
+            "--json",
+            "--output_dir",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert ev.returncode == 0, ev.stderr[-2000:]
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])["metrics"]
     for k in ("R@1", "R@5", "mAP", "mINP"):
@@ -158,8 +233,12 @@ def test_bad_inputs_are_clear_errors(person_set: Path, tiny_clip: Path, tmp_path
         train(settings, tmp_path / "new", checkpoint=str(tiny_clip), resume=True, progress=False)
     # unknown layout
     with pytest.raises(FileNotFoundError, match="reid_raw.json"):
-        train(load_train_settings(write_config(tmp_path / "c.yaml"), {"data_root": str(tmp_path)}), tmp_path / "o",
-              checkpoint=str(tiny_clip), progress=False)
+        train(
+            load_train_settings(write_config(tmp_path / "c.yaml"), {"data_root": str(tmp_path)}),
+            tmp_path / "o",
+            checkpoint=str(tiny_clip),
+            progress=False,
+        )
     # empty caption and missing image
     broken = tmp_path / "broken"
     import shutil
@@ -185,14 +264,16 @@ def test_bad_inputs_are_clear_errors(person_set: Path, tiny_clip: Path, tmp_path
         train(settings, tmp_path / "o4", checkpoint=str(other), progress=False)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(person_set: Path, tiny_clip: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    person_set: Path, tiny_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from calibclip.training import targets
     from calibclip.training.config import load_train_settings
     from calibclip.training.trainer import train
 
-    settings = load_train_settings(write_config(tmp_path / "c.yaml", training={"epochs": 2}),
-                                   {"data_root": str(person_set)})
+    settings = load_train_settings(
+        write_config(tmp_path / "c.yaml", training={"epochs": 2}), {"data_root": str(person_set)}
+    )
     calls = {"n": 0}
     original = targets.CLIPTarget.loss
 
@@ -209,8 +290,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(person_set: Path, tin
     assert json.loads((out / "last" / "config.json").read_text())["training"]["epoch"] == 1
 
 
-def test_resume_after_a_crash_mid_epoch_is_exact(person_set: Path, tiny_clip: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_a_crash_mid_epoch_is_exact(
+    person_set: Path, tiny_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In-process twin of the kill -9 test (tests/test_train_resume.py, slow): a crash at any step, then
     --resume, gives the uninterrupted run's numbers (state saved every step)."""
     from calibclip.training import targets
@@ -218,10 +300,13 @@ def test_resume_after_a_crash_mid_epoch_is_exact(person_set: Path, tiny_clip: Pa
     from calibclip.training.trainer import train
 
     settings = load_train_settings(
-        write_config(tmp_path / "c.yaml", training={"epochs": 2, "checkpoint_every": 1,
-                                                    "losses": {"infonce": 1.0, "sdm": 0.5, "id": 0.5}},
-                     dcc={"image_curriculum_epochs": [2], "text_curriculum_epochs": [2]}),
-        {"data_root": str(person_set)})
+        write_config(
+            tmp_path / "c.yaml",
+            training={"epochs": 2, "checkpoint_every": 1, "losses": {"infonce": 1.0, "sdm": 0.5, "id": 0.5}},
+            dcc={"image_curriculum_epochs": [2], "text_curriculum_epochs": [2]},
+        ),
+        {"data_root": str(person_set)},
+    )
     full = train(settings, tmp_path / "full", checkpoint=str(tiny_clip), progress=False)["history"]
     original = targets.CLIPTarget.loss
     calls = {"n": 0}
@@ -252,12 +337,24 @@ def test_starts_from_an_irra_style_checkpoint_at_a_non_square_size(person_set: P
     from calibclip.training.trainer import train
 
     torch.manual_seed(1)
-    m = CLIP(CLIPConfig(embed_dim=32, vision_layers=2, vision_width=64, vision_patch_size=8, image_size=(32, 16),
-                        text_width=64, text_layers=2, context_length=32))
-    state = {"model": {**{f"base_model.{k}": v for k, v in m.state_dict().items()},
-                       "classifier.weight": torch.zeros(3, 32)}}
+    m = CLIP(
+        CLIPConfig(
+            embed_dim=32,
+            vision_layers=2,
+            vision_width=64,
+            vision_patch_size=8,
+            image_size=(32, 16),
+            text_width=64,
+            text_layers=2,
+            context_length=32,
+        )
+    )
+    state = {
+        "model": {**{f"base_model.{k}": v for k, v in m.state_dict().items()}, "classifier.weight": torch.zeros(3, 32)}
+    }
     torch.save(state, tmp_path / "best.pth")
-    settings = load_train_settings(write_config(tmp_path / "c.yaml", training={"epochs": 1}),
-                                   {"data_root": str(person_set)})
+    settings = load_train_settings(
+        write_config(tmp_path / "c.yaml", training={"epochs": 1}), {"data_root": str(person_set)}
+    )
     train(settings, tmp_path / "out", checkpoint=str(tmp_path / "best.pth"), progress=False)
     assert create_model(tmp_path / "out" / "best").config()["image_size"] == [32, 16]

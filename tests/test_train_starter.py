@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from test_train import COLOURS, REPO
 
 
@@ -49,10 +50,22 @@ def test_starter_target_trains_upper_parts_and_exports_a_loadable_starter(tmp_pa
 
     data = make_flickr_set(tmp_path / "f8k")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"base": str(REPO / "configs" / "flickr8k.yaml"), "training": {
-        "epochs": 2, "batch_size": 8, "lr": 1e-4, "warmup_epochs": 0, "trainable": "top",
-        "starter": {"image_blocks": 1, "text_layers": 1}}, "model": {"dcc": {"image_curriculum_epochs": [2],
-                                                                            "text_curriculum_epochs": []}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "configs" / "flickr8k.yaml"),
+                "training": {
+                    "epochs": 2,
+                    "batch_size": 8,
+                    "lr": 1e-4,
+                    "warmup_epochs": 0,
+                    "trainable": "top",
+                    "starter": {"image_blocks": 1, "text_layers": 1},
+                },
+                "model": {"dcc": {"image_curriculum_epochs": [2], "text_curriculum_epochs": []}},
+            }
+        )
+    )
     settings = load_train_settings(cfg, {"data_root": str(data)})
     summary = train(settings, tmp_path / "out", progress=False)
     assert len(summary["history"]) == 2 and (tmp_path / "out" / "cache").is_dir()

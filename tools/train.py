@@ -20,10 +20,17 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 from calibclip.cli.main import main
 
 UNDERSCORE_FLAGS = {
-    "--data_root": "--data-root", "--output_dir": "--output-dir", "--batch_size": "--batch-size",
-    "--top_blocks": "--top-blocks", "--val_split": "--val-split", "--image_curriculum_epochs": "--image-curriculum-epochs",
-    "--text_curriculum_epochs": "--text-curriculum-epochs", "--grad_checkpointing": "--grad-checkpointing",
-    "--checkpoint_every": "--checkpoint-every", "--eval_test": "--eval-test", "--no_progress": "--no-progress",
+    "--data_root": "--data-root",
+    "--output_dir": "--output-dir",
+    "--batch_size": "--batch-size",
+    "--top_blocks": "--top-blocks",
+    "--val_split": "--val-split",
+    "--image_curriculum_epochs": "--image-curriculum-epochs",
+    "--text_curriculum_epochs": "--text-curriculum-epochs",
+    "--grad_checkpointing": "--grad-checkpointing",
+    "--checkpoint_every": "--checkpoint-every",
+    "--eval_test": "--eval-test",
+    "--no_progress": "--no-progress",
 }
 
 

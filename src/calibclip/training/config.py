@@ -100,8 +100,9 @@ class TrainSettings:
     def schedule(self):
         from calibclip.training.sampler import CurriculumSchedule
 
-        return CurriculumSchedule(self.image_curriculum_epochs, self.text_curriculum_epochs, self.hardness_step,
-                                  self.neighbours)
+        return CurriculumSchedule(
+            self.image_curriculum_epochs, self.text_curriculum_epochs, self.hardness_step, self.neighbours
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,8 +120,11 @@ class TrainSettings:
 def _check(section: dict[str, Any], valid: set[str], where: str) -> None:
     unknown = sorted(set(section) - valid)
     if unknown:
-        raise ValueError(f"unknown config key {where}.{unknown[0]}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
-                         + f"; valid keys of {where}: {sorted(valid)}")
+        raise ValueError(
+            f"unknown config key {where}.{unknown[0]}"
+            + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            + f"; valid keys of {where}: {sorted(valid)}"
+        )
 
 
 def settings_from_config(cfg: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainSettings:
@@ -132,16 +136,28 @@ def settings_from_config(cfg: dict[str, Any], overrides: dict[str, Any] | None =
     cve = dict(model.get("cve") or {})
     _check(cve, CVE_KEYS, "model.cve")
     training = dict(cfg.get("training") or {})
-    valid = {f.name for f in fields(TrainSettings)} - {"dataset", "data_root", "model", "clip_image_size", "device",
-                                                       "image_curriculum_epochs", "text_curriculum_epochs",
-                                                       "hardness_step", "neighbours", "temperature", "cve"}
+    valid = {f.name for f in fields(TrainSettings)} - {
+        "dataset",
+        "data_root",
+        "model",
+        "clip_image_size",
+        "device",
+        "image_curriculum_epochs",
+        "text_curriculum_epochs",
+        "hardness_step",
+        "neighbours",
+        "temperature",
+        "cve",
+    }
     _check(training, valid, "training")
     starter = dict(training.pop("starter", None) or {})
     _check(starter, STARTER_KEYS, "training.starter")
     losses = dict(training.pop("losses", None) or {})
     _check(losses, LOSS_KEYS, "training.losses")
     s = TrainSettings(**training)
-    s.losses = {"infonce": 0.0, "sdm": 0.0, "id": 0.0, **{k: float(v) for k, v in losses.items()}} if losses else s.losses
+    s.losses = (
+        {"infonce": 0.0, "sdm": 0.0, "id": 0.0, **{k: float(v) for k, v in losses.items()}} if losses else s.losses
+    )
     s.starter = StarterOptions(**starter)
     s.dataset = str(cfg.get("dataset") or "")
     s.data_root = str(cfg.get("data_root") or "")

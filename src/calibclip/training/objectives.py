@@ -25,8 +25,9 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor 
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
-def sdm(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, logit_scale: torch.Tensor | float,
-        eps: float = 1e-8) -> torch.Tensor:
+def sdm(
+    image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, logit_scale: torch.Tensor | float, eps: float = 1e-8
+) -> torch.Tensor:
     """IRRA's similarity-distribution matching of paired ``[B, D]`` features with identities ``[B]``."""
     a, b = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
     ids = ids.reshape(-1, 1)
@@ -43,7 +44,9 @@ def sdm(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, logit_scale:
 
 def identity_loss(classifier: nn.Module, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """IRRA's ID loss: ``0.5 * (CE(W image, id) + CE(W text, id))`` (features un-normalised, as IRRA)."""
-    return 0.5 * (F.cross_entropy(classifier(image.float()), labels) + F.cross_entropy(classifier(text.float()), labels))
+    return 0.5 * (
+        F.cross_entropy(classifier(image.float()), labels) + F.cross_entropy(classifier(text.float()), labels)
+    )
 
 
 class DualEncoderObjective(nn.Module):
@@ -56,8 +59,15 @@ class DualEncoderObjective(nn.Module):
         embed_dim / num_identities: size of the ID classifier (only built when ``weights["id"] > 0``).
     """
 
-    def __init__(self, weights: dict[str, float], temperature: float = 0.07, sdm_temperature: float = 0.02,
-                 embed_dim: int = 0, num_identities: int = 0, learn_temperature: bool = True):
+    def __init__(
+        self,
+        weights: dict[str, float],
+        temperature: float = 0.07,
+        sdm_temperature: float = 0.02,
+        embed_dim: int = 0,
+        num_identities: int = 0,
+        learn_temperature: bool = True,
+    ):
         super().__init__()
         unknown = sorted(set(weights) - {"infonce", "sdm", "id"})
         if unknown:
@@ -83,8 +93,9 @@ class DualEncoderObjective(nn.Module):
     def temperature(self) -> float:
         return float(1.0 / self.scale().detach())
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its parts. ``ids``: identities (SDM); ``labels``: class indices (ID loss)."""
         parts: dict[str, torch.Tensor] = {}
         if self.weights["infonce"]:

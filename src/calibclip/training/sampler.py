@@ -38,7 +38,10 @@ class CurriculumSchedule:
     neighbours: int = 16
 
     def __post_init__(self) -> None:
-        for name, epochs in (("image_curriculum_epochs", self.image_epochs), ("text_curriculum_epochs", self.text_epochs)):
+        for name, epochs in (
+            ("image_curriculum_epochs", self.image_epochs),
+            ("text_curriculum_epochs", self.text_epochs),
+        ):
             if any(int(e) < 1 for e in epochs):
                 raise ValueError(f"model.dcc.{name} must list epochs >= 1, got {list(epochs)}")
         if not 0 <= self.step <= 1:
@@ -54,16 +57,19 @@ class CurriculumSchedule:
 
     def levels(self, epoch: int) -> tuple[float, float]:
         """``(h_img, h_txt)`` at ``epoch``."""
-        return (self.step * sum(1 for e in self.image_epochs if int(e) <= epoch),
-                self.step * sum(1 for e in self.text_epochs if int(e) <= epoch))
+        return (
+            self.step * sum(1 for e in self.image_epochs if int(e) <= epoch),
+            self.step * sum(1 for e in self.text_epochs if int(e) <= epoch),
+        )
 
     def counts(self, epoch: int, batch_size: int) -> tuple[int, int]:
         h_img, h_txt = self.levels(epoch)
         return round(h_img * batch_size), round(h_txt * batch_size)
 
 
-def neighbour_table(embeddings: torch.Tensor, k: int, identities: torch.Tensor | None = None,
-                    chunk: int = 2048) -> torch.Tensor:
+def neighbour_table(
+    embeddings: torch.Tensor, k: int, identities: torch.Tensor | None = None, chunk: int = 2048
+) -> torch.Tensor:
     """``[N, k]`` indices of each row's ``k`` most cosine-similar rows (self and same identity excluded;
     ``-1`` pads when fewer exist), nearest first; ties broken by the lower index."""
     x = F.normalize(embeddings.float(), dim=-1)
@@ -74,7 +80,7 @@ def neighbour_table(embeddings: torch.Tensor, k: int, identities: torch.Tensor |
         return out
     ids = identities if identities is not None else torch.arange(n)
     for s in range(0, n, chunk):
-        sim = x[s:s + chunk] @ x.t()
+        sim = x[s : s + chunk] @ x.t()
         rows = torch.arange(s, min(n, s + chunk))
         bad = ids[rows][:, None] == ids[None, :]
         bad[torch.arange(len(rows)), rows] = True
@@ -83,20 +89,26 @@ def neighbour_table(embeddings: torch.Tensor, k: int, identities: torch.Tensor |
         val, idx = torch.sort(-sim, dim=1, stable=True)
         idx, val = idx[:, :k_eff], val[:, :k_eff]
         idx = torch.where(torch.isinf(val), torch.full_like(idx, -1), idx)
-        out[s:s + len(rows), :k_eff] = idx
+        out[s : s + len(rows), :k_eff] = idx
     return out
 
 
 def plan_epoch(
-    n_items: int, batch_size: int, n_img: int, n_txt: int, generator: torch.Generator,
-    image_table: torch.Tensor | None = None, text_table: torch.Tensor | None = None,
+    n_items: int,
+    batch_size: int,
+    n_img: int,
+    n_txt: int,
+    generator: torch.Generator,
+    image_table: torch.Tensor | None = None,
+    text_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batches of one epoch: ``(items [steps, B], kinds [steps, B])`` (see the module doc)."""
     if batch_size < 2:
         raise ValueError(f"batch size must be >= 2, got {batch_size}")
     if n_items < batch_size:
-        raise ValueError(f"the training split has {n_items} images, fewer than the batch size {batch_size}; "
-                         "lower --batch-size")
+        raise ValueError(
+            f"the training split has {n_items} images, fewer than the batch size {batch_size}; lower --batch-size"
+        )
     anchors_per_batch = batch_size - n_img - n_txt
     if anchors_per_batch < 1:
         raise ValueError(f"{n_img} + {n_txt} neighbours leave no anchor in a batch of {batch_size}")

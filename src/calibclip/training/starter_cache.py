@@ -46,18 +46,29 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def extract_image_lower(
-    images: Sequence[Path], folder: Path, backbones: Sequence[str], image_blocks: int,
-    batch_size: int = 16, desc: str = "images",
+    images: Sequence[Path],
+    folder: Path,
+    backbones: Sequence[str],
+    image_blocks: int,
+    batch_size: int = 16,
+    desc: str = "images",
 ) -> list[Path]:
     """Cache the lower activations of ``images`` (and their mirror images); returns the shard files."""
     transform = _preprocess_for(backbones)
     folder = Path(folder)
-    manifest = {"images": [str(p) for p in images], "backbones": list(backbones), "image_blocks": image_blocks,
-                "preprocess": transform.describe(), "shard": SHARD, "dtype": "float16", "flip": True}
+    manifest = {
+        "images": [str(p) for p in images],
+        "backbones": list(backbones),
+        "image_blocks": image_blocks,
+        "preprocess": transform.describe(),
+        "shard": SHARD,
+        "dtype": "float16",
+        "flip": True,
+    }
     _check_manifest(folder, manifest)
     n_shards = math.ceil(len(images) / SHARD)
     todo = [s for s in range(n_shards) if not (folder / f"{s:05d}.safetensors").exists()]
-    done = len(images) - sum(len(images[s * SHARD:(s + 1) * SHARD]) for s in todo)
+    done = len(images) - sum(len(images[s * SHARD : (s + 1) * SHARD]) for s in todo)
     bar = progress_bar(total=len(images), desc=desc, initial=done)
     tower: StarterImageTower | None = None
     splits: list[int] = []
@@ -65,43 +76,49 @@ def extract_image_lower(
         if tower is None:
             tower = StarterImageTower(backbones)
             splits = [image_split_index(net, image_blocks) for net in tower.nets]
-        paths = list(images[s * SHARD:(s + 1) * SHARD])
+        paths = list(images[s * SHARD : (s + 1) * SHARD])
         parts: dict[str, list[torch.Tensor]] = {}
         with torch.inference_mode():
             for i in range(0, len(paths), batch_size):
-                pixels = torch.stack([transform(load_image(p)) for p in paths[i:i + batch_size]])
+                pixels = torch.stack([transform(load_image(p)) for p in paths[i : i + batch_size]])
                 for suffix, x in (("", pixels), ("_flip", pixels.flip(-1))):
                     for b, net, split, inp in zip(backbones, tower.nets, splits, resize_pixels(tower, x)):
                         parts.setdefault(b + suffix, []).append(image_lower(net, inp, split).contiguous().half())
-                bar.update(len(paths[i:i + batch_size]))
+                bar.update(len(paths[i : i + batch_size]))
         _save({k: torch.cat(v) for k, v in parts.items()}, folder / f"{s:05d}.safetensors")
         (folder / f"{s:05d}.lock").unlink(missing_ok=True)
     bar.close()
     return [folder / f"{s:05d}.safetensors" for s in range(n_shards)]
 
 
-def extract_text_lower(captions: Sequence[str], folder: Path, n_lower: int, batch_size: int = 128,
-                       desc: str = "captions") -> list[Path]:
+def extract_text_lower(
+    captions: Sequence[str], folder: Path, n_lower: int, batch_size: int = 128, desc: str = "captions"
+) -> list[Path]:
     """Cache MiniLM hidden states after ``n_lower`` layers; returns the shard files."""
     import hashlib
 
     folder = Path(folder)
     digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()
-    _check_manifest(folder, {"captions": digest, "count": len(captions), "n_lower": n_lower, "shard": TEXT_SHARD,
-                             "dtype": "float16"})
+    _check_manifest(
+        folder,
+        {"captions": digest, "count": len(captions), "n_lower": n_lower, "shard": TEXT_SHARD, "dtype": "float16"},
+    )
     n_shards = math.ceil(len(captions) / TEXT_SHARD)
     todo = [s for s in range(n_shards) if not (folder / f"{s:05d}.safetensors").exists()]
-    bar = progress_bar(total=len(captions), desc=desc, initial=len(captions) - sum(
-        len(captions[s * TEXT_SHARD:(s + 1) * TEXT_SHARD]) for s in todo))
+    bar = progress_bar(
+        total=len(captions),
+        desc=desc,
+        initial=len(captions) - sum(len(captions[s * TEXT_SHARD : (s + 1) * TEXT_SHARD]) for s in todo),
+    )
     model: MiniLM | None = None
     for s in _claimed(folder, todo):
         model = model or MiniLM()
-        chunk = list(captions[s * TEXT_SHARD:(s + 1) * TEXT_SHARD])
+        chunk = list(captions[s * TEXT_SHARD : (s + 1) * TEXT_SHARD])
         order = np.argsort([-len(c) for c in chunk], kind="stable")
         rows: list[torch.Tensor | None] = [None] * len(chunk)
         with torch.inference_mode():
             for i in range(0, len(chunk), batch_size):
-                idx = order[i:i + batch_size]
+                idx = order[i : i + batch_size]
                 batch = minilm_tokenize([chunk[j] for j in idx])
                 hidden = text_lower(model, batch.input_ids, batch.attention_mask, n_lower)
                 lengths = batch.attention_mask.sum(1)

@@ -53,15 +53,19 @@ def check_dataset(ds: RetrievalDataset) -> None:
     """Clear errors for data a trainer cannot use (empty captions, images without captions)."""
     empty = [i for i, c in enumerate(ds.captions) if not str(c).strip()]
     if empty:
-        raise DatasetError(f"{ds.name}/{ds.split}: {len(empty)} empty caption(s), e.g. caption {empty[0]} of image "
-                           f"{ds.images[int(ds.caption_image[empty[0]])]}; fix or remove them in the annotation file")
+        raise DatasetError(
+            f"{ds.name}/{ds.split}: {len(empty)} empty caption(s), e.g. caption {empty[0]} of image "
+            f"{ds.images[int(ds.caption_image[empty[0]])]}; fix or remove them in the annotation file"
+        )
     if len(ds.images) == 0:
         raise DatasetError(f"{ds.name}/{ds.split} has no images")
     counts = np.bincount(ds.caption_image, minlength=len(ds.images))
     if (counts == 0).any():
         first = int(np.flatnonzero(counts == 0)[0])
-        raise DatasetError(f"{ds.name}/{ds.split}: {int((counts == 0).sum())} image(s) without a caption, e.g. "
-                           f"{ds.images[first]}; every training image needs at least one caption")
+        raise DatasetError(
+            f"{ds.name}/{ds.split}: {int((counts == 0).sum())} image(s) without a caption, e.g. "
+            f"{ds.images[first]}; every training image needs at least one caption"
+        )
 
 
 def train_data(ds: RetrievalDataset) -> TrainData:
@@ -86,7 +90,9 @@ class Target(ABC):
         """``(pretrained parameters, new-module parameters)`` that train (new ones get the lr multiplier)."""
 
     @abstractmethod
-    def loss(self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one batch and its parts (floats)."""
 
     @abstractmethod
@@ -109,15 +115,13 @@ class Target(ABC):
     def export(self, folder: Path, info: dict[str, Any]) -> None:
         """Write a loadable checkpoint folder (``create_model(folder)``)."""
 
-    def train(self, mode: bool = True) -> None:
+    def train(self, mode: bool = True) -> None:  # noqa: B027  (optional hook)
         """Switch dropout etc. (default: nothing)."""
 
-    def describe(self) -> dict[str, Any]:
-        return {"target": self.name}
 
-
-def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-                  metadata: dict[str, str] | None = None) -> None:
+def _write_folder(
+    folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
     """Atomically (re)place ``folder`` with ``model.safetensors`` + ``config.json``."""
     from safetensors.torch import save_file
 
@@ -125,8 +129,11 @@ def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict[s
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-              metadata=metadata)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(tmp / "model.safetensors"),
+        metadata=metadata,
+    )
     (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
     for f in (tmp / "model.safetensors", tmp / "config.json"):
         with open(f, "rb") as fh:
@@ -153,19 +160,28 @@ class DualEncoderTarget(Target):
         weights = dict(settings.losses)
         if not person and weights.get("id"):
             raise ValueError("training.losses.id needs identity labels: only person-retrieval datasets have them")
-        self.objective = DualEncoderObjective(weights, settings.temperature, settings.sdm_temperature, embed_dim,
-                                              data.num_classes, settings.learn_temperature)
+        self.objective = DualEncoderObjective(
+            weights,
+            settings.temperature,
+            settings.sdm_temperature,
+            embed_dim,
+            data.num_classes,
+            settings.learn_temperature,
+        )
 
-    def objective_loss(self, img: torch.Tensor, txt: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def objective_loss(
+        self, img: torch.Tensor, txt: torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         self.objective.to(img.device)
-        return self.objective(img, txt, self.data.identities[items].to(img.device), self.data.labels[items].to(img.device))
+        return self.objective(
+            img, txt, self.data.identities[items].to(img.device), self.data.labels[items].to(img.device)
+        )
 
     def new_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.objective.parameters() if p.requires_grad]
 
     def metrics_from(self, txt: torch.Tensor, img: torch.Tensor, dataset: RetrievalDataset) -> dict[str, float]:
         return {k: float(v) for k, v in dataset_metrics(cosine_similarity(txt, img), dataset).items()}
-
 
     def state(self) -> dict[str, torch.Tensor]:
         params = dict(self.encoder.named_parameters())
@@ -177,16 +193,22 @@ class DualEncoderTarget(Target):
         params = dict(self.encoder.named_parameters())
         expected = {f"encoder.{n}" for n in self.train_names} | {f"objective.{k}" for k in self.objective.state_dict()}
         if set(tensors) != expected:
-            raise ValueError(f"training state does not fit this model: {len(set(expected) - set(tensors))} missing, "
-                             f"{len(set(tensors) - expected)} unexpected tensors (e.g. "
-                             f"{sorted(set(expected) ^ set(tensors))[:3]})")
+            raise ValueError(
+                f"training state does not fit this model: {len(set(expected) - set(tensors))} missing, "
+                f"{len(set(tensors) - expected)} unexpected tensors (e.g. "
+                f"{sorted(set(expected) ^ set(tensors))[:3]})"
+            )
         with torch.no_grad():
             for n in self.train_names:
                 if params[n].shape != tensors[f"encoder.{n}"].shape:
-                    raise ValueError(f"training state: {n} has shape {tuple(tensors[f'encoder.{n}'].shape)}, "
-                                     f"model {tuple(params[n].shape)}")
+                    raise ValueError(
+                        f"training state: {n} has shape {tuple(tensors[f'encoder.{n}'].shape)}, "
+                        f"model {tuple(params[n].shape)}"
+                    )
                 params[n].copy_(tensors[f"encoder.{n}"])
-        self.objective.load_state_dict({k[len("objective."):]: v for k, v in tensors.items() if k.startswith("objective.")})
+        self.objective.load_state_dict(
+            {k[len("objective.") :]: v for k, v in tensors.items() if k.startswith("objective.")}
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,8 +222,11 @@ def clip_trainable(model: Any, trainable: str, top_blocks: int) -> list[str]:
         return [n for n in names if n != "logit_scale"]
     vit = hasattr(model.visual, "transformer")
     heads = {"text_projection", "ln_final.weight", "ln_final.bias"}
-    heads |= {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias"} if vit else {
-        n for n in names if n.startswith("visual.attnpool.")}
+    heads |= (
+        {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias"}
+        if vit
+        else {n for n in names if n.startswith("visual.attnpool.")}
+    )
     prefixes: list[str] = []
     if trainable == "top":
         if top_blocks < 1:
@@ -212,7 +237,9 @@ def clip_trainable(model: Any, trainable: str, top_blocks: int) -> list[str]:
             n_vis = len(model.visual.transformer.resblocks)
             prefixes += [f"visual.transformer.resblocks.{i}." for i in range(max(0, n_vis - top_blocks), n_vis)]
         else:
-            blocks = [f"visual.layer{s}.{b}." for s in (1, 2, 3, 4) for b in range(len(getattr(model.visual, f"layer{s}")))]
+            blocks = [
+                f"visual.layer{s}.{b}." for s in (1, 2, 3, 4) for b in range(len(getattr(model.visual, f"layer{s}")))
+            ]
             prefixes += blocks[-top_blocks:]
     return [n for n in names if n in heads or any(n.startswith(p) for p in prefixes)]
 
@@ -249,7 +276,9 @@ class CLIPTarget(DualEncoderTarget):
         pixels = torch.where(flips[:, None, None, None], pixels.flip(-1), pixels)
         return pixels.to(self.encoder.positional_embedding.device)
 
-    def loss(self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         texts = [self.data.dataset.captions[int(c)] for c in captions]
         ids = self.encoder.tokenize(texts).input_ids.to(self.encoder.positional_embedding.device)
         img, txt = self.encoder(self._pixels(items, flips), ids)
@@ -272,8 +301,9 @@ class CLIPTarget(DualEncoderTarget):
         save_clip(self.encoder, folder, info, logit_scale=self.objective.logit_scale.detach().reshape(()))
 
 
-def save_clip(encoder: Any, folder: str | Path, info: dict[str, Any] | None = None,
-              logit_scale: torch.Tensor | None = None) -> None:
+def save_clip(
+    encoder: Any, folder: str | Path, info: dict[str, Any] | None = None, logit_scale: torch.Tensor | None = None
+) -> None:
     """Write a `CLIP` as a checkpoint folder (``model.safetensors`` with OpenAI names + ``config.json`` with
     its activation, heads, input geometry and preprocessing) that ``create_model(folder)`` loads back."""
     cfg = encoder.cfg
@@ -281,11 +311,17 @@ def save_clip(encoder: Any, folder: str | Path, info: dict[str, Any] | None = No
     if logit_scale is not None:
         state["logit_scale"] = logit_scale.detach().clone().float()
     config = {
-        "architecture": "CLIP", "format": CHECKPOINT_FORMAT,
+        "architecture": "CLIP",
+        "format": CHECKPOINT_FORMAT,
         "vision_config": {"hidden_act": cfg.act, "num_attention_heads": cfg.vision_heads},
         "text_config": {"hidden_act": cfg.act, "num_attention_heads": cfg.text_heads},
-        "calibclip": {"image_size": list(cfg.image_size), "image_mean": list(cfg.image_mean),
-                      "image_std": list(cfg.image_std), "resize_mode": cfg.resize_mode, "model": cfg.to_dict()},
+        "calibclip": {
+            "image_size": list(cfg.image_size),
+            "image_mean": list(cfg.image_mean),
+            "image_std": list(cfg.image_std),
+            "resize_mode": cfg.resize_mode,
+            "model": cfg.to_dict(),
+        },
         "training": info or {},
     }
     _write_folder(Path(folder), state, config)
@@ -300,8 +336,14 @@ class StarterTarget(DualEncoderTarget):
 
     name = "dual_encoder"
 
-    def __init__(self, encoder: Encoder, settings: TrainSettings, data: TrainData, cache_dir: Path,
-                 eval_sets: list[RetrievalDataset]):
+    def __init__(
+        self,
+        encoder: Encoder,
+        settings: TrainSettings,
+        data: TrainData,
+        cache_dir: Path,
+        eval_sets: list[RetrievalDataset],
+    ):
         from calibclip.models.starter import Starter
         from calibclip.models.starter_parts import (
             image_split_index,
@@ -311,8 +353,10 @@ class StarterTarget(DualEncoderTarget):
         if not isinstance(encoder, Starter):
             raise TypeError(f"StarterTarget trains the starter, got {type(encoder).__name__}")
         if settings.trainable == "all":
-            raise ValueError("the starter trains on cached lower activations: use training.trainable heads or top "
-                             "(training.starter.image_blocks / text_layers set how much of the towers trains)")
+            raise ValueError(
+                "the starter trains on cached lower activations: use training.trainable heads or top "
+                "(training.starter.image_blocks / text_layers set how much of the towers trains)"
+            )
         super().__init__(settings, data, encoder.embed_dim)
         opts = settings.starter
         image_blocks, text_layers = opts.image_blocks, opts.text_layers
@@ -340,8 +384,10 @@ class StarterTarget(DualEncoderTarget):
         self.train_cache = self._cache(data.dataset)
         self.eval_caches = {(d.name, d.split): self._cache(d) for d in eval_sets}
         if not settings.augment_flip:
-            raise ValueError("the starter is trained with flip augmentation (its features are flip-averaged); "
-                             "keep training.augment_flip: true")
+            raise ValueError(
+                "the starter is trained with flip augmentation (its features are flip-averaged); "
+                "keep training.augment_flip: true"
+            )
 
     def _cache(self, ds: RetrievalDataset):
         from calibclip.training.starter_cache import (
@@ -353,8 +399,14 @@ class StarterTarget(DualEncoderTarget):
 
         base = self.cache_dir / f"{ds.name}-{ds.split}"
         bb = self.encoder.backbones
-        img = extract_image_lower(ds.images, base / f"images-{self.image_blocks}-{'+'.join(bb)}", bb, self.image_blocks,
-                                  batch_size=self.settings.starter.extract_batch_size, desc=f"{ds.split} images")
+        img = extract_image_lower(
+            ds.images,
+            base / f"images-{self.image_blocks}-{'+'.join(bb)}",
+            bb,
+            self.image_blocks,
+            batch_size=self.settings.starter.extract_batch_size,
+            desc=f"{ds.split} images",
+        )
         txt = extract_text_lower(ds.captions, base / f"text-{self.n_lower}", self.n_lower, desc=f"{ds.split} captions")
         return LowerImages(img, bb), LowerTexts(txt)
 
@@ -380,14 +432,18 @@ class StarterTarget(DualEncoderTarget):
         pooled = minilm_pool(text_upper(self.encoder.text_tower, hidden, mask, self.n_lower), mask)
         return F.normalize(pooled, dim=-1) if self.encoder.text_normalize else pooled
 
-    def loss(self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         img_cache, txt_cache = self.train_cache
         img = self.encoder.image_head(self._image(img_cache, items, flips))
         txt = self.encoder.text_head(self._text(txt_cache, captions))
         return self.objective_loss(img, txt, items)
 
     @torch.inference_mode()
-    def _embed_all(self, img_cache, txt_cache, captions: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_all(
+        self, img_cache, txt_cache, captions: torch.Tensor, n_images: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         was = self.encoder.image_head.training
         self.encoder.image_head.eval()
         bs = max(64, self.settings.eval_batch_size)
@@ -401,7 +457,7 @@ class StarterTarget(DualEncoderTarget):
         order = torch.argsort(txt_cache.lengths[captions], descending=True, stable=True)
         txt = torch.empty(len(captions), self.encoder.embed_dim)
         for s in range(0, len(captions), 256):
-            idx = order[s:s + 256]
+            idx = order[s : s + 256]
             txt[idx] = self.encoder.text_head(self._text(txt_cache, captions[idx])).float().cpu()
         self.encoder.image_head.train(was)
         return torch.cat(imgs), txt
@@ -424,9 +480,13 @@ class StarterTarget(DualEncoderTarget):
         tower = [n for n in self.train_names if n.startswith(("image_tower.", "text_tower."))]
         for n in tower:
             tensors[n] = own[n].detach().float().contiguous().clone()
-        meta = {**enc.meta, "format": TOWER_FORMAT if tower else enc.meta.get("format", "1"),
-                "image_blocks": str(self.image_blocks if tower else 0),
-                "text_layers": str(self.text_layers if tower else 0),
-                "dev_metrics": json.dumps(info.get("val_metrics", {})), "command": str(info.get("command", ""))}
+        meta = {
+            **enc.meta,
+            "format": TOWER_FORMAT if tower else enc.meta.get("format", "1"),
+            "image_blocks": str(self.image_blocks if tower else 0),
+            "text_layers": str(self.text_layers if tower else 0),
+            "dev_metrics": json.dumps(info.get("val_metrics", {})),
+            "command": str(info.get("command", "")),
+        }
         config = {"architecture": "starter", "format": CHECKPOINT_FORMAT, "starter": enc.config(), "training": info}
         _write_folder(folder, tensors, config, metadata={k: str(v) for k, v in meta.items()})

@@ -83,8 +83,10 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"{path} is corrupt or not a calibclip training state ({type(exc).__name__}: {exc}); "
-                           "restore it or start a new run in another --output-dir") from exc
+        raise RuntimeError(
+            f"{path} is corrupt or not a calibclip training state ({type(exc).__name__}: {exc}); "
+            "restore it or start a new run in another --output-dir"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise RuntimeError(f"{path} is not a calibclip training state of format {STATE_FORMAT}")
     return state
@@ -119,8 +121,16 @@ class Trainer:
     """One training run (see the module doc). ``target_factory(settings, data, eval_sets, out) -> Target``
     lets callers (tests, the re-ranker) supply their own target; the default builds one from the model."""
 
-    def __init__(self, settings: TrainSettings, output_dir: str | Path, checkpoint: str | None = None,
-                 resume: bool = False, progress: bool = True, command: str = "", target_factory: Any = None):
+    def __init__(
+        self,
+        settings: TrainSettings,
+        output_dir: str | Path,
+        checkpoint: str | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        command: str = "",
+        target_factory: Any = None,
+    ):
         self.s = settings
         self.out = Path(output_dir)
         self.checkpoint = checkpoint
@@ -135,22 +145,31 @@ class Trainer:
     def _check_output(self) -> dict[str, Any] | None:
         if self.resume:
             if not self.state_path.exists():
-                raise FileNotFoundError(f"--resume: {self.state_path} does not exist (nothing to resume); "
-                                        "run without --resume to start")
+                raise FileNotFoundError(
+                    f"--resume: {self.state_path} does not exist (nothing to resume); run without --resume to start"
+                )
             state = load_state(self.state_path)
             if state["fingerprint"] != self.s.fingerprint() or state.get("checkpoint") != self.checkpoint:
                 old = state["settings"]
                 new = self.s.to_dict()
-                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                              and k not in ("eval_test", "eval_batch_size", "checkpoint_every", "device", "data_root"))
+                diff = sorted(
+                    k
+                    for k in set(old) | set(new)
+                    if old.get(k) != new.get(k)
+                    and k not in ("eval_test", "eval_batch_size", "checkpoint_every", "device", "data_root")
+                )
                 if state.get("checkpoint") != self.checkpoint:
                     diff.append("checkpoint")
-                raise RuntimeError(f"--resume: {self.state_path} was written with other settings ({diff}); resume "
-                                   "with the same config and flags, or start a new run in another --output-dir")
+                raise RuntimeError(
+                    f"--resume: {self.state_path} was written with other settings ({diff}); resume "
+                    "with the same config and flags, or start a new run in another --output-dir"
+                )
             return state
         if self.state_path.exists():
-            raise RuntimeError(f"{self.out} already holds a training run ({self.state_path.name}); pass --resume to "
-                               "continue it or choose another --output-dir")
+            raise RuntimeError(
+                f"{self.out} already holds a training run ({self.state_path.name}); pass --resume to "
+                "continue it or choose another --output-dir"
+            )
         return None
 
     def _datasets(self) -> tuple[TrainData, RetrievalDataset, RetrievalDataset | None]:
@@ -160,7 +179,9 @@ class Trainer:
             raise ValueError("give a dataset and its folder (config dataset:/data_root: or --dataset/--data-root)")
         name = canonical_dataset(self.s.dataset)
         if dataset_task(name) == "composed":
-            raise ValueError(f"{name} is a composed-retrieval dataset: train its Combiner with calibclip train-combiner")
+            raise ValueError(
+                f"{name} is a composed-retrieval dataset: train its Combiner with calibclip train-combiner"
+            )
         val_split = self.s.val_split or VAL_SPLITS.get(name)
         if not val_split:
             raise ValueError(f"{name} has no validation split; set training.val_split (never the test split)")
@@ -205,8 +226,9 @@ class Trainer:
         if steps_per_epoch < 1:
             raise ValueError(f"the training split has {data.size} images, fewer than the batch size {s.batch_size}")
         total = steps_per_epoch * s.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-            total, round(s.warmup_epochs * steps_per_epoch), s.warmup_factor, s.min_lr_factor))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total, round(s.warmup_epochs * steps_per_epoch), s.warmup_factor, s.min_lr_factor)
+        )
         key = select_key(val)
         history: list[dict[str, Any]] = []
         best = {"epoch": 0, "value": -1.0, "metrics": {}}
@@ -227,14 +249,27 @@ class Trainer:
         def save(ep: int, st: int, pl: Any, sm: dict[str, float]) -> None:
             if self.rank != 0:
                 return
-            _atomic_torch_save({
-                "format": STATE_FORMAT, "fingerprint": s.fingerprint(), "settings": s.to_dict(),
-                "checkpoint": self.checkpoint, "epoch": ep, "step": st, "plan": pl, "sums": sm,
-                "target": target.state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "history": history, "best": best,
-            }, self.state_path)
+            _atomic_torch_save(
+                {
+                    "format": STATE_FORMAT,
+                    "fingerprint": s.fingerprint(),
+                    "settings": s.to_dict(),
+                    "checkpoint": self.checkpoint,
+                    "epoch": ep,
+                    "step": st,
+                    "plan": pl,
+                    "sums": sm,
+                    "target": target.state(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "history": history,
+                    "best": best,
+                },
+                self.state_path,
+            )
 
         while epoch <= s.epochs:
             t_epoch = time.perf_counter()
@@ -244,8 +279,12 @@ class Trainer:
                 save(epoch, 0, plan, sums)
             items_all, kinds_all = plan["items"], plan["kinds"]
             target.train(True)
-            bar = progress_bar(total=steps_per_epoch, desc=f"epoch {epoch}/{s.epochs}", initial=step,
-                               disable=not self.progress or self.rank != 0)
+            bar = progress_bar(
+                total=steps_per_epoch,
+                desc=f"epoch {epoch}/{s.epochs}",
+                initial=step,
+                disable=not self.progress or self.rank != 0,
+            )
             while step < steps_per_epoch:
                 if step % self.world == self.rank:
                     items = items_all[step]
@@ -255,17 +294,20 @@ class Trainer:
                         loss, parts = target.loss(items, captions, flips)
                     if not torch.isfinite(loss):
                         raise RuntimeError(
-                            f"training loss became {float(loss.detach())} at epoch {epoch} step {step + 1} ({parts}); stopped. "
+                            f"training loss became {float(loss.detach())} at epoch {epoch} step {step + 1} "
+                            f"({parts}); stopped. "
                             f"The last good state is {self.state_path} and {self.out / 'last'}: lower --lr, use fp32, "
-                            "or check the data")
+                            "or check the data"
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     if self.world > 1:
                         _average_gradients(optimizer, self.world)
                     if s.max_grad_norm > 0:
                         scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                       s.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for g in optimizer.param_groups for p in g["params"]], s.max_grad_norm
+                        )
                     scaler.step(optimizer)
                     scaler.update()
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -286,9 +328,14 @@ class Trainer:
             if self.rank == 0:
                 row = self._epoch_row(target, val, key, epoch, sums, optimizer, plan, time.perf_counter() - t_epoch)
                 history.append(row)
-                info = {"epoch": epoch, "val_split": val.split, "val_metrics": {k[4:]: v for k, v in row.items()
-                                                                                if k.startswith("val_")},
-                        "settings": s.to_dict(), "command": self.command, "select": key}
+                info = {
+                    "epoch": epoch,
+                    "val_split": val.split,
+                    "val_metrics": {k[4:]: v for k, v in row.items() if k.startswith("val_")},
+                    "settings": s.to_dict(),
+                    "command": self.command,
+                    "select": key,
+                }
                 if row[f"val_{key}"] > best["value"]:
                     best = {"epoch": epoch, "value": row[f"val_{key}"], "metrics": info["val_metrics"]}
                     target.export(self.out / "best", info)
@@ -323,12 +370,30 @@ class Trainer:
             img_table = neighbour_table(img_emb, schedule.neighbours, ids) if n_img else None
             txt_table = neighbour_table(txt_emb, schedule.neighbours, ids) if n_txt else None
         items, kinds = plan_epoch(data.size, s.batch_size, n_img, n_txt, gen, img_table, txt_table)
-        flips = (torch.rand(items.shape, generator=gen) < 0.5) if s.augment_flip else torch.zeros(items.shape, dtype=torch.bool)
-        return {"items": items, "kinds": kinds, "flips": flips, "captions": captions,
-                "levels": torch.tensor(schedule.levels(epoch), dtype=torch.float64)}
+        flips = (
+            (torch.rand(items.shape, generator=gen) < 0.5)
+            if s.augment_flip
+            else torch.zeros(items.shape, dtype=torch.bool)
+        )
+        return {
+            "items": items,
+            "kinds": kinds,
+            "flips": flips,
+            "captions": captions,
+            "levels": torch.tensor(schedule.levels(epoch), dtype=torch.float64),
+        }
 
-    def _epoch_row(self, target: Target, val: RetrievalDataset, key: str, epoch: int, sums: dict[str, float],
-                   optimizer: torch.optim.Optimizer, plan: dict[str, torch.Tensor], seconds: float) -> dict[str, Any]:
+    def _epoch_row(
+        self,
+        target: Target,
+        val: RetrievalDataset,
+        key: str,
+        epoch: int,
+        sums: dict[str, float],
+        optimizer: torch.optim.Optimizer,
+        plan: dict[str, torch.Tensor],
+        seconds: float,
+    ) -> dict[str, Any]:
         count = max(1.0, sums.get("count", 1.0))
         t0 = time.perf_counter()
         metrics = target.validate(val)
@@ -346,11 +411,23 @@ class Trainer:
         row["validation_seconds"] = time.perf_counter() - t0
         return row
 
-    def _write_logs(self, history: list[dict[str, Any]], key: str, best: dict[str, Any],
-                    test_metrics: dict[str, float] | None, seconds: float) -> dict[str, Any]:
+    def _write_logs(
+        self,
+        history: list[dict[str, Any]],
+        key: str,
+        best: dict[str, Any],
+        test_metrics: dict[str, float] | None,
+        seconds: float,
+    ) -> dict[str, Any]:
         summary: dict[str, Any] = {
-            "settings": self.s.to_dict(), "checkpoint": self.checkpoint, "command": self.command, "select": f"val_{key}",
-            "best_epoch": best["epoch"], "best_val": best["metrics"], "train_seconds": seconds, "history": history,
+            "settings": self.s.to_dict(),
+            "checkpoint": self.checkpoint,
+            "command": self.command,
+            "select": f"val_{key}",
+            "best_epoch": best["epoch"],
+            "best_val": best["metrics"],
+            "train_seconds": seconds,
+            "history": history,
         }
         if test_metrics is not None:
             summary["test_metrics"] = test_metrics
@@ -394,8 +471,9 @@ def _validate_encoder(encoder: Any, dataset: RetrievalDataset, batch_size: int) 
     return {k: float(v) for k, v in dataset_metrics(cosine_similarity(txt, img), dataset).items()}
 
 
-def default_target(s: TrainSettings, data: TrainData, eval_sets: list[RetrievalDataset], out: Path,
-                   checkpoint: str | None) -> Target:
+def default_target(
+    s: TrainSettings, data: TrainData, eval_sets: list[RetrievalDataset], out: Path, checkpoint: str | None
+) -> Target:
     """A CLIP or starter target for the configured model (``checkpoint`` overrides ``model.name``)."""
     from calibclip.models.registry import create_model
     from calibclip.training.targets import CLIPTarget, StarterTarget
@@ -421,7 +499,13 @@ def default_target(s: TrainSettings, data: TrainData, eval_sets: list[RetrievalD
     raise ValueError(f"{source}: training supports CLIP checkpoints and the starter, not {type(encoder).__name__}")
 
 
-def train(settings: TrainSettings, output_dir: str | Path, checkpoint: str | None = None, resume: bool = False,
-          progress: bool = True, command: str = "") -> dict[str, Any]:
+def train(
+    settings: TrainSettings,
+    output_dir: str | Path,
+    checkpoint: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
     """Run (or resume) a training run; returns the summary written to ``OUT/train_log.json``."""
     return Trainer(settings, output_dir, checkpoint, resume, progress, command).run()

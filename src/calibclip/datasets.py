@@ -1,7 +1,7 @@
 """Dataset registry of the evaluation suite and the seed's dataset API.
 
 ``load_dataset(name, root, split)`` returns a `RetrievalDataset` for the text->image datasets
-(person retrieval and captions); composed-retrieval datasets (``fashioniq``, ``cirr``, ``css``)
+(person retrieval and captions); composed-retrieval datasets (``fashioniq``, ``cirr``, ``css``, ``pseudo-cir``)
 have their own protocol in `calibclip.composed`. ``build_transforms`` and ``build_dataloader``
 keep the seed's API (IRRA-style names).
 """
@@ -18,7 +18,7 @@ from calibclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 PERSON = ("cuhkpedes", "icfgpedes", "rstpreid")
 CAPTIONS = ("flickr8k", "karpathy")
-COMPOSED = ("fashioniq", "cirr", "css")
+COMPOSED = ("fashioniq", "cirr", "css", "pseudo-cir")
 DATASETS = PERSON + CAPTIONS + COMPOSED
 ALIASES = {
     "rstp": "rstpreid", "cuhk-pedes": "cuhkpedes", "cuhk_pedes": "cuhkpedes", "icfg-pedes": "icfgpedes",

@@ -13,11 +13,19 @@ from calibclip.evaluation.evaluator import SHARD_SIZE, evaluate_retrieval
 from calibclip.models.base import Encoder
 
 #: Split used when none is given (FashionIQ/CIRR test targets are not public).
-DEFAULT_SPLIT = {"fashioniq": "val", "cirr": "val"}
+DEFAULT_SPLIT = {"fashioniq": "val", "cirr": "val", "pseudo-cir": "dev"}
 
 
 def default_split(dataset: str) -> str:
     return DEFAULT_SPLIT.get(canonical_dataset(dataset), "test")
+
+
+def default_combining_name(encoder: Encoder, combiner: str | None) -> str:
+    """Composed retrieval without ``--combining``: ``combiner`` with a checkpoint or a packaged
+    Combiner for the encoder, else ``sum`` (the normalised sum)."""
+    from calibclip.composed import packaged_combiner_for
+
+    return "combiner" if combiner or packaged_combiner_for(encoder) is not None else "sum"
 
 
 def load_encoder(
@@ -63,7 +71,7 @@ def run_evaluation(
     if task == "composed" and calibrate:
         raise ValueError("--calibrate applies to text->image retrieval; composed retrieval uses --combining")
     if task != "composed" and (combiner or combining):
-        raise ValueError(f"--combiner/--combining apply to fashioniq, cirr and css, not {name}")
+        raise ValueError(f"--combiner/--combining apply to fashioniq, cirr, css and pseudo-cir, not {name}")
     t0 = time.perf_counter()
     if encoder is None:
         encoder = load_encoder(model, task, model_cfg.get("device", "auto"), model_cfg.get("precision", "fp32"),
@@ -77,7 +85,7 @@ def run_evaluation(
         from calibclip.composed import evaluate_composed
 
         metrics = evaluate_composed(
-            encoder, name, data_root, split, combining=combining or ("combiner" if combiner else "sum"),
+            encoder, name, data_root, split, combining=combining or default_combining_name(encoder, combiner),
             combiner=combiner, cache=cache, batch_size=batch_size, workers=workers,
             submission_dir=Path(submission_dir) if submission_dir else None, progress=progress,
         )

@@ -3,7 +3,8 @@
 normalised sum baseline, the packaged Combiner (if any) and the `train-combiner` recipe.
 
 Lookup of an encoder name: the exact key, else the longest key that is a prefix of the name,
-else ``"*"``; the matched entry overrides the ``"*"`` entry field by field (``recipe`` too).
+else ``"*"``; the matched entry overrides the ``"*"`` entry field by field (``recipe`` too), and
+an entry's ``recipes: {DATASET: {...}}`` refines its recipe for one training dataset.
 """
 
 from __future__ import annotations
@@ -44,18 +45,27 @@ def entry_key(name: str | None) -> str:
     return prefixes[0] if prefixes else "*"
 
 
-def composed_defaults(name: str | None) -> dict[str, Any]:
-    """``{"key", "sum_text_weight", "combiner", "recipe"}`` for encoder ``name`` (None: the ``"*"`` entry)."""
+def composed_defaults(name: str | None, dataset: str | None = None) -> dict[str, Any]:
+    """``{"key", "sum_text_weight", "combiner", "recipe"}`` for encoder ``name`` (None: the ``"*"`` entry);
+    ``dataset`` selects the entry's per-dataset recipe refinement, if it has one (``key`` then reads
+    ``ENTRY/DATASET``)."""
     table = _table()
     base, key = table.get("*", {}), entry_key(name)
-    own = table.get(key, {}) if key != "*" else {}
-    recipe = {**dict(base.get("recipe") or {}), **dict(own.get("recipe") or {})}
+    own = table.get(key, {}) if key != "*" else base
+    refined = dict((own.get("recipes") or {}).get(dataset) or {}) if dataset else {}
+    recipe = {**dict(base.get("recipe") or {}), **dict(own.get("recipe") or {}), **refined}
     missing = [k for k in RECIPE_KEYS if k not in recipe]
     if missing:
         raise ValueError(f"calibclip/configs/composed.yaml: the recipe for {key!r} lacks {missing}")
+    key = f"{key}/{dataset}" if refined else key
     return {"key": key, "sum_text_weight": float(own.get("sum_text_weight", base.get("sum_text_weight", 1.0))),
-            "combiner": own.get("combiner", base.get("combiner")) if key != "*" else base.get("combiner"),
+            "combiner": own.get("combiner", base.get("combiner")),
             "recipe": recipe}
+
+
+def weights_dir() -> Path:
+    """The package's ``calibclip/weights`` folder (packaged model files)."""
+    return Path(str(resources.files("calibclip") / "weights"))
 
 
 def packaged_combiner(encoder: Any) -> Path | None:
@@ -64,7 +74,7 @@ def packaged_combiner(encoder: Any) -> Path | None:
     file = composed_defaults(name)["combiner"] if name else None
     if not file:
         return None
-    path = Path(str(resources.files("calibclip") / "weights" / str(file)))
+    path = weights_dir() / str(file)
     if not path.is_file():
         raise FileNotFoundError(f"calibclip/configs/composed.yaml names the packaged Combiner {file}, but {path} "
                                 "is missing; reinstall calibclip")

@@ -66,7 +66,7 @@ class TrainConfig:
 def resolve_config(config: TrainConfig, encoder_name: str | None) -> TrainConfig:
     """``config`` with every unset recipe field taken from the encoder's measured recipe
     (``calibclip/configs/composed.yaml``; the ``"*"`` entry is CLIP4Cir's recipe)."""
-    defaults = composed_defaults(encoder_name)
+    defaults = composed_defaults(encoder_name, config.dataset)
     fields = tuple(k for k in RECIPE_KEYS if getattr(config, k) is None)
     values = {k: type_(defaults["recipe"][k]) for k, type_ in zip(RECIPE_KEYS, (float, float, float, int, int, float))
               if k in fields}

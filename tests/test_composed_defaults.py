@@ -113,3 +113,20 @@ def test_packaged_combiner_is_the_default(tmp_path: Path, fake_table, monkeypatc
     assert main(["evaluate", "--dataset", "css", "--data-root", str(root), "--split", "val", "--combiner", str(run),
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"] == packaged
+
+
+def test_export_to_half_precision_safetensors(tmp_path: Path) -> None:
+    from calibclip.composed.combiner import export_combiner, load_combiner, read_combiner_checkpoint
+
+    torch.manual_seed(0)
+    comb = Combiner(32, 16, 32).eval()
+    src = save_combiner(tmp_path / "best.pt", comb, "fp-1", epoch=7, metrics={"R@1": 50.0})
+    dst = export_combiner(src, tmp_path / "packaged.safetensors", command="train-combiner ...")
+    record = read_combiner_checkpoint(dst)
+    assert record["epoch"] == 7 and record["command"] == "train-combiner ..." and record["encoder_fingerprint"] == "fp-1"
+    assert all(v.dtype == torch.float16 for v in record["state_dict"].values())
+    loaded = load_combiner(dst, encoder="fp-1")
+    img, txt = torch.randn(4, 32), torch.randn(4, 32)
+    assert next(loaded.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.allclose(loaded(img, txt), comb(img, txt), atol=2e-3)

@@ -156,3 +156,19 @@ def load_combiner(
     combiner.load_state_dict(record["state_dict"])
     combiner.encoder_fingerprint = record.get("encoder_fingerprint", "")
     return combiner.to(device).eval()
+
+
+def export_combiner(src: str | Path, dst: str | Path, half: bool = True, **extra: Any) -> Path:
+    """Write checkpoint ``src`` (``.pt`` or a run directory) as a ``.safetensors`` Combiner file, in
+    float16 by default (half the size; loading casts back to float32). ``extra``: JSON-able notes
+    stored in the metadata (e.g. the training command)."""
+    record = read_combiner_checkpoint(src)
+    cfg = record["config"]
+    combiner = Combiner(int(cfg["feature_dim"]), int(cfg["projection_dim"]), int(cfg["hidden_dim"]),
+                        float(cfg.get("dropout", 0.5)), float(cfg.get("logit_scale", LOGIT_SCALE)))
+    combiner.load_state_dict(record["state_dict"])
+    if half:
+        combiner = combiner.half()
+    keep = {k: record[k] for k in ("epoch", "metrics", "dataset", "encoder_name", "train_config") if k in record}
+    return save_combiner(Path(dst).with_suffix(".safetensors"), combiner, record.get("encoder_fingerprint", ""),
+                         **keep, **extra)

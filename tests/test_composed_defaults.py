@@ -24,7 +24,8 @@ from test_composed_fakes import FakeEncoder
 
 torch.set_num_threads(1)
 
-CLIP4CIR = {"lr": 2e-5, "proj_mult": 4.0, "hidden_mult": 8.0, "batch_size": 4096, "epochs": 30, "dropout": 0.5}
+CLIP4CIR = {"lr": 2e-5, "proj_mult": 4.0, "hidden_mult": 8.0, "batch_size": 4096, "epochs": 30, "dropout": 0.5,
+            "normalize_inputs": False}
 
 
 def test_packaged_table_lookup() -> None:

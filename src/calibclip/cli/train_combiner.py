@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--proj-mult", type=float, help="projection size / feature size" + recipe.format(2, 4))
     p.add_argument("--hidden-mult", type=float, help="hidden size / feature size" + recipe.format(4, 8))
     p.add_argument("--dropout", type=float, help="dropout" + recipe.format(0.5, 0.5))
+    p.add_argument("--normalize-inputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise both inputs and start from the normalised sum" + recipe.format("on", "off"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-split", help="validation split for model selection (default: dev for pseudo-cir, else val)")
     p.add_argument("--workers", type=int, default=None,
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     encoder = create_model(args.model, device=args.device)
     config = TrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         proj_mult=args.proj_mult, hidden_mult=args.hidden_mult, dropout=args.dropout, seed=args.seed,
+                         proj_mult=args.proj_mult, hidden_mult=args.hidden_mult, dropout=args.dropout, normalize_inputs=args.normalize_inputs, seed=args.seed,
                          val_split=args.val_split)
     cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
     workers = default_workers() if args.workers is None else args.workers

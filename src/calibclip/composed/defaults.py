@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 #: Fields of a `train-combiner` recipe.
-RECIPE_KEYS = ("lr", "proj_mult", "hidden_mult", "batch_size", "epochs", "dropout")
+RECIPE_KEYS = ("lr", "proj_mult", "hidden_mult", "batch_size", "epochs", "dropout", "normalize_inputs")
 
 
 @lru_cache(maxsize=1)

@@ -40,7 +40,7 @@ from calibclip.models.base import Encoder
 from calibclip.utils import progress_bar
 
 #: Settings that must match when resuming (the number of epochs may grow).
-RESUME_KEYS = ("dataset", "batch_size", "lr", "proj_mult", "hidden_mult", "dropout", "seed")
+RESUME_KEYS = ("dataset", "batch_size", "lr", "proj_mult", "hidden_mult", "dropout", "normalize_inputs", "seed")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class TrainConfig:
     proj_mult: float | None = None
     hidden_mult: float | None = None
     dropout: float | None = None
+    normalize_inputs: bool | None = None
     seed: int = 0
     train_split: str = "train"
     val_split: str | None = None
@@ -68,7 +69,7 @@ def resolve_config(config: TrainConfig, encoder_name: str | None) -> TrainConfig
     (``calibclip/configs/composed.yaml``; the ``"*"`` entry is CLIP4Cir's recipe)."""
     defaults = composed_defaults(encoder_name, config.dataset)
     fields = tuple(k for k in RECIPE_KEYS if getattr(config, k) is None)
-    values = {k: type_(defaults["recipe"][k]) for k, type_ in zip(RECIPE_KEYS, (float, float, float, int, int, float))
+    values = {k: type_(defaults["recipe"][k]) for k, type_ in zip(RECIPE_KEYS, (float, float, float, int, int, float, bool))
               if k in fields}
     return replace(config, **values, val_split=config.val_split or VAL_SPLIT.get(config.dataset, "val"),
                    recipe=defaults["key"], recipe_fields=fields)
@@ -76,7 +77,8 @@ def resolve_config(config: TrainConfig, encoder_name: str | None) -> TrainConfig
 
 def describe_recipe(config: TrainConfig) -> str:
     """One line: the settings in use and where they came from."""
-    settings = ", ".join(f"{k} {getattr(config, k):g}" for k in RECIPE_KEYS)
+    settings = ", ".join(f"{k} {getattr(config, k)}" if isinstance(getattr(config, k), bool) else
+                         f"{k} {getattr(config, k):g}" for k in RECIPE_KEYS)
     source = (f"recipe {config.recipe!r} of calibclip/configs/composed.yaml" if config.recipe_fields else
               "all given on the command line")
     given = [k for k in RECIPE_KEYS if k not in config.recipe_fields]
@@ -166,7 +168,8 @@ def train_combiner(
 
     torch.manual_seed(config.seed)
     assert config.proj_mult is not None and config.hidden_mult is not None and config.dropout is not None
-    model = Combiner.for_features(images.shape[1], config.proj_mult, config.hidden_mult, dropout=config.dropout)
+    model = Combiner.for_features(images.shape[1], config.proj_mult, config.hidden_mult, dropout=config.dropout,
+                                  normalize_inputs=bool(config.normalize_inputs))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []

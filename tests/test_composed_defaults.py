@@ -131,3 +131,19 @@ def test_export_to_half_precision_safetensors(tmp_path: Path) -> None:
     assert next(loaded.parameters()).dtype == torch.float32
     with torch.no_grad():
         assert torch.allclose(loaded(img, txt), comb(img, txt), atol=2e-3)
+
+
+def test_the_starter_ships_its_combiner() -> None:
+    from calibclip.composed.combiner import read_combiner_checkpoint
+    from calibclip.models.registry import create_model
+
+    starter = create_model("starter")
+    path = packaged_combiner_for(starter)
+    assert path is not None and path.name == "starter-combiner.safetensors" and path.stat().st_size < 4_000_000
+    record = read_combiner_checkpoint(path)
+    assert record["encoder_fingerprint"] == starter.fingerprint() and record["config"]["normalize_inputs"]
+    fn = default_combining(starter)
+    assert fn.description == "combiner (packaged starter-combiner.safetensors)"
+    img, txt = torch.randn(2, 512) * 25, torch.randn(2, 512) * 12
+    assert torch.allclose(fn(img, txt).norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert sum_text_weight(starter) == 1.25 and composed_defaults("starter", "pseudo-cir")["recipe"]["normalize_inputs"]

@@ -52,6 +52,7 @@ def default_index_dir(image_dir: Path, model: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calibclip.data.registry import get_dataset
     from calibclip.evaluation.config import load_config
     from calibclip.evaluation.runner import load_encoder
     from calibclip.index import Index
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if looks_like_path and not Path(model).exists():
         raise FileNotFoundError(f"--checkpoint {model} not found; give an existing checkpoint file or a registered "
                                 "model name (`calibclip models` lists them)")
-    task = "person" if cfg.get("dataset") in ("cuhkpedes", "icfgpedes", "rstpreid") else "captions"
+    task = "person" if cfg.get("dataset") and get_dataset(cfg["dataset"]).task == "person" else "captions"
     encoder = load_encoder(model, task, args.device or m["device"], m["precision"], m.get("clip_image_size"))
     out = Path(args.index) if args.index else default_index_dir(image_dir, model)
     index = Index.build(image_dir, out, model=encoder, calibrate=True if args.calibrate else None,

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_evaluate_cli import color_model, save_person_image  # noqa: F401 (fixture)
+
+from fakes import save_person_image
 from test_seed_scripts import REPO, run_script
 
 

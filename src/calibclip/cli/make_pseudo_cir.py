@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, help="its split: train or dev (val = dev)")
     p.add_argument("--out", required=True, help="output folder for pseudo-cir.<split>.json (e.g. runs/pseudo-cir)")
     p.add_argument("--model", default="starter", help="encoder whose features choose the triplets (default starter)")
-    p.add_argument("--neighbours", type=int, default=10, help="visual neighbours a reference is chosen from (default 10)")
+    p.add_argument("--neighbours", type=int, default=10,
+                   help="visual neighbours a reference is chosen from (default 10)")
     p.add_argument("--references-per-target", type=int, default=1, help="triplets per target image (default 1)")
     p.add_argument("--max-images", type=int, help="use only the first N images of the split (split-file order)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoding batch (default 32)")
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     encoder = create_model(args.model, device=args.device)
     summary = make_pseudo_cir(
-        encoder, args.dataset, args.data_root, args.split, args.out, cache=FeatureCache(args.cache_dir, shard_size=SHARD_SIZE),
+        encoder, args.dataset, args.data_root, args.split, args.out,
+        cache=FeatureCache(args.cache_dir, shard_size=SHARD_SIZE),
         neighbours=args.neighbours, references_per_target=args.references_per_target, max_images=args.max_images,
         batch_size=args.batch_size, workers=args.workers, progress=not args.json,
     )

@@ -7,12 +7,14 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from calibclip.data.registry import dataset_names
+
     p = sub.add_parser("train-combiner", help="train a composed-retrieval Combiner (FashionIQ, CIRR, CSS, pseudo-CIR)",
                        description="Train the CLIP4Cir Combiner on frozen, cached encoder features. Recipe flags not "
                                    "given come from the encoder's measured recipe (calibclip/configs/composed.yaml; "
                                    "the run prints and records which). Re-running with the same --out resumes from "
                                    "RUN_DIR/last.pt.")
-    p.add_argument("--dataset", required=True, choices=("fashioniq", "cirr", "css", "pseudo-cir"))
+    p.add_argument("--dataset", required=True, choices=dataset_names("composed"))
     p.add_argument("--data-root", required=True, help="dataset folder (layouts: README, section Composed image retrieval)")
     p.add_argument("--model", default="starter", help="registered model name or checkpoint path (default: starter)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, plot)")
@@ -28,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-split", help="validation split for model selection (default: dev for pseudo-cir, else val)")
     p.add_argument("--workers", type=int, default=None,
-                   help="image decoding processes for feature extraction (default as `index`: CPU cores - 1, at most 4)")
+                   help="image decoding processes for feature extraction (default as `index`: CPU cores - 1, "
+                   "at most 4)")
     p.add_argument("--image-batch-size", type=int, default=32, help="encoder batch size for feature extraction")
     p.add_argument("--device", default="cpu", help="device of the encoder (cpu, cuda, auto)")
     p.add_argument("--cache-dir", default=None, help="feature cache root (default $CALIBCLIP_CACHE/features)")
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     encoder = create_model(args.model, device=args.device)
     config = TrainConfig(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         proj_mult=args.proj_mult, hidden_mult=args.hidden_mult, dropout=args.dropout, normalize_inputs=args.normalize_inputs, seed=args.seed,
+                         proj_mult=args.proj_mult, hidden_mult=args.hidden_mult, dropout=args.dropout,
+                         normalize_inputs=args.normalize_inputs, seed=args.seed,
                          val_split=args.val_split)
     cache = FeatureCache(args.cache_dir, enabled=not args.no_cache)
     workers = default_workers() if args.workers is None else args.workers

@@ -12,8 +12,14 @@
 """
 
 from calibclip.composed.baselines import (
-    COMBININGS, build_combining, default_combining, element_wise_sum, image_only, normalized_sum,
-    packaged_combiner_for, text_only,
+    COMBININGS,
+    build_combining,
+    default_combining,
+    element_wise_sum,
+    image_only,
+    normalized_sum,
+    packaged_combiner_for,
+    text_only,
 )
 from calibclip.composed.combiner import LOGIT_SCALE, Combiner, load_combiner, save_combiner
 from calibclip.composed.css import make_css

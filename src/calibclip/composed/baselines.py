@@ -9,8 +9,9 @@ nothing is chosen: the packaged Combiner when the encoder has one, else the norm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -59,7 +59,7 @@ class Combiner(nn.Module):
             nn.init.zeros_(self.output_layer.bias)
 
     @classmethod
-    def for_features(cls, feature_dim: int, proj_mult: float = 4, hidden_mult: float = 8, **kwargs: Any) -> "Combiner":
+    def for_features(cls, feature_dim: int, proj_mult: float = 4, hidden_mult: float = 8, **kwargs: Any) -> Combiner:
         """CLIP4Cir sizing: projection = ``proj_mult`` x and hidden = ``hidden_mult`` x the feature size."""
         return cls(feature_dim, int(round(feature_dim * proj_mult)), int(round(feature_dim * hidden_mult)), **kwargs)
 

@@ -33,7 +33,11 @@ import torch.nn.functional as F
 
 from calibclip.data.cache import FeatureCache
 from calibclip.data.composed import (
-    PSEUDO_CIR_FORMAT, PSEUDO_CIR_SOURCES, load_pseudo_cir_source, pseudo_cir_file, pseudo_cir_split,
+    PSEUDO_CIR_FORMAT,
+    PSEUDO_CIR_SOURCES,
+    load_pseudo_cir_source,
+    pseudo_cir_file,
+    pseudo_cir_split,
 )
 from calibclip.data.records import RetrievalDataset
 from calibclip.models.base import Encoder
@@ -156,7 +160,8 @@ def make_pseudo_cir(
                 "caption": captions[t["caption"]], "target_captions": by_image[t["target"]],
                 **{k: t[k] for k in ("visual_rank", "image_similarity", "caption_similarity")}}
                for n, t in enumerate(triplets)]
-    rule = {"neighbours": neighbours, "references_per_target": references_per_target, "duplicate_threshold": DUPLICATE_THRESHOLD,
+    rule = {"neighbours": neighbours, "references_per_target": references_per_target,
+            "duplicate_threshold": DUPLICATE_THRESHOLD,
             "reference": "least similar caption centroid among the visual neighbours",
             "text": "target caption least similar to the reference's captions"}
     data = {"format": PSEUDO_CIR_FORMAT, "source": dataset, "data_root": str(root), "source_split": split,

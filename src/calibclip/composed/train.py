@@ -21,11 +21,9 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
-
-from dataclasses import replace
 
 import torch
 
@@ -33,7 +31,13 @@ from calibclip.composed.baselines import build_combining
 from calibclip.composed.combiner import Combiner, combiner_record
 from calibclip.composed.defaults import RECIPE_KEYS, composed_defaults
 from calibclip.composed.evaluate import (
-    DATASETS, HEADLINE, VAL_SPLIT, ComposedFeatures, extract_features, load_composed, metrics_from_features,
+    VAL_SPLIT,
+    ComposedFeatures,
+    composed_spec,
+    extract_features,
+    headline_metric,
+    load_composed,
+    metrics_from_features,
 )
 from calibclip.data.cache import FeatureCache
 from calibclip.models.base import Encoder
@@ -69,8 +73,8 @@ def resolve_config(config: TrainConfig, encoder_name: str | None) -> TrainConfig
     (``calibclip/configs/composed.yaml``; the ``"*"`` entry is CLIP4Cir's recipe)."""
     defaults = composed_defaults(encoder_name, config.dataset)
     fields = tuple(k for k in RECIPE_KEYS if getattr(config, k) is None)
-    values = {k: type_(defaults["recipe"][k]) for k, type_ in zip(RECIPE_KEYS, (float, float, float, int, int, float, bool))
-              if k in fields}
+    types = (float, float, float, int, int, float, bool)
+    values = {k: type_(defaults["recipe"][k]) for k, type_ in zip(RECIPE_KEYS, types) if k in fields}
     return replace(config, **values, val_split=config.val_split or VAL_SPLIT.get(config.dataset, "val"),
                    recipe=defaults["key"], recipe_fields=fields)
 
@@ -133,8 +137,7 @@ def train_combiner(
 ) -> dict[str, Any]:
     """Train (or resume training) a Combiner; returns a summary with the best validation metrics,
     the baselines, the recipe used and timings. Re-running with the same ``out_dir`` resumes from ``last.pt``."""
-    if config.dataset not in DATASETS:
-        raise ValueError(f"unknown composed dataset {config.dataset!r}: use one of {', '.join(DATASETS)}")
+    composed_spec(config.dataset)  # ValueError listing the composed datasets
     config = resolve_config(config, encoder.name)
     assert config.epochs is not None and config.batch_size is not None and config.lr is not None
     if progress:
@@ -144,7 +147,7 @@ def train_combiner(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or FeatureCache()
-    headline = HEADLINE[config.dataset]
+    headline = headline_metric(config.dataset)
     fingerprint = encoder.fingerprint()
 
     t0 = time.perf_counter()

@@ -262,6 +262,21 @@ def load_css(root: str | Path, split: str = "test", check_images: bool = True) -
     return load_cirr(root, split, name="css", check_images=check_images)
 
 
+def load_fashioniq_categories(root: str | Path, split: str = "val") -> list[ComposedDataset]:
+    """FashionIQ as the dataset table loads it: one `ComposedDataset` per category."""
+    return list(load_fashioniq(root, split).values())
+
+
+def load_cirr_split(root: str | Path, split: str = "val") -> list[ComposedDataset]:
+    """CIRR as the dataset table loads it (``test`` means ``test1``)."""
+    return [load_cirr(root, "test1" if split == "test" else split)]
+
+
+def load_css_split(root: str | Path, split: str = "test") -> list[ComposedDataset]:
+    """CSS as the dataset table loads it."""
+    return [load_css(root, split)]
+
+
 # ----------------------------------------------------------------------------------------
 # Pseudo-CIR: composed triplets built from a captioned photo dataset (`calibclip make-pseudo-cir`)
 # ----------------------------------------------------------------------------------------
@@ -324,3 +339,8 @@ def load_pseudo_cir(root: str | Path, split: str = "dev", data_root: str | Path 
         info={"source": data["source"], "source_split": data["source_split"],
               "variants": [tuple(t["target_captions"]) for t in triplets]},
     )
+
+
+def load_pseudo_cir_split(root: str | Path, split: str = "dev") -> list[ComposedDataset]:
+    """Pseudo-CIR as the dataset table loads it."""
+    return [load_pseudo_cir(root, split)]

@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,8 @@ def extract_features(
     training text variants of every query (FashionIQ: the four caption variants; pseudo-CIR: every
     caption of the target). Pseudo-CIR galleries are the source dataset's images, cached under the
     source's own key (shared with `calibclip evaluate --dataset flickr8k` and `make-pseudo-cir`)."""
-    tags = {"dataset": ds.name, "split": ds.split}
+    tags: dict[str, Any] = {"dataset": ds.name, "split": ds.split}
+    image_tags: dict[str, Any]
     if ds.name == "pseudo-cir":
         from calibclip.composed.pseudo_cir import SHARD_SIZE
 

@@ -54,7 +54,8 @@ def source_image_features(
 ) -> np.ndarray:
     """Raw features of the first ``count`` images of ``source``, cached under the same key as
     `calibclip evaluate --dataset flickr8k` uses (for the whole split), so either run fills it for the other."""
-    tags = {"dataset": source.name, "split": source.split, "preprocess": encoder.preprocess.describe()}
+    tags: dict[str, Any] = {"dataset": source.name, "split": source.split,
+                            "preprocess": encoder.preprocess.describe()}
     return cache.image_features(encoder, source.images[:count], batch_size=batch_size, workers=workers,
                                 progress=progress, **tags)["raw"]
 

@@ -152,7 +152,7 @@ def train_combiner(
 
     t0 = time.perf_counter()
     train_sets = load_composed(config.dataset, data_root, config.train_split)
-    val_sets = load_composed(config.dataset, data_root, config.val_split)
+    val_sets = load_composed(config.dataset, data_root, str(config.val_split))
     if not all(ds.has_targets for ds in train_sets + val_sets):
         raise ValueError(f"the {config.train_split}/{config.val_split} splits of {data_root} must have targets")
     t_feat = time.perf_counter()

@@ -60,6 +60,6 @@ cat <<MSG
 
 Done. The index is in $WORK/index. To use calibclip yourself, activate the environment first:
     . .venv/bin/activate
-    calibclip search $WORK/index --text "a cup of coffee"
+    calibclip search $WORK/index --text "a tabby cat"
     calibclip serve $WORK/index          # web demo at http://127.0.0.1:8000
 MSG

@@ -212,4 +212,4 @@ register_dataset("css", "calibclip.data.composed:load_css_split", task="composed
                  "(calibclip make-css)", config="css.yaml", headline="R@1")
 register_dataset("pseudo-cir", "calibclip.data.composed:load_pseudo_cir_split", task="composed", default_split="dev",
                  splits=("train", "dev", "val"), description="pseudo-CIR triplets from real captioned photos "
-                 "(calibclip make-pseudo-cir)", headline="R@1")
+                 "(calibclip make-pseudo-cir)", config="pseudo-cir.yaml", headline="R@1")

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bootstrap import ensure_environment  # noqa: E402
 
-ensure_environment(__file__)
+ensure_environment(__file__)  # outside calibclip's environment: one line with the exact command to run
 
 from evaluate import seed_argv  # noqa: E402
 

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bootstrap import ensure_environment  # noqa: E402
 
-ensure_environment(__file__)
+ensure_environment(__file__)  # outside calibclip's environment: one line with the exact command to run
 
 from calibclip.cli.main import main  # noqa: E402
 

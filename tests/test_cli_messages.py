@@ -115,8 +115,8 @@ def test_demo_missing_checkpoint_and_folder_one_line(tmp_path: Path, capsys, mon
     import runpy
 
     for argv, expect in (
-        (["--checkpoint", str(tmp_path / "nope.pt"), "--image_dir", str(tmp_path), "--query", "x"], "unknown model"),
-        (["--image_dir", str(tmp_path / "missing"), "--query", "x"], "does not exist"),
+        (["--checkpoint", str(tmp_path / "nope.pt"), "--image_dir", str(tmp_path), "--query", "x"], "not found"),
+        (["--image_dir", str(tmp_path / "missing"), "--query", "x"], "is not a folder"),
     ):
         monkeypatch.setattr(sys, "argv", [str(REPO / "scripts" / "demo.py"), *argv])
         monkeypatch.syspath_prepend(str(REPO / "scripts"))

@@ -363,6 +363,10 @@ def _hf_settings(config: Any, where: str) -> dict[str, Any]:
         if abs(float(eps) - 1e-5) > 1e-12:
             raise CheckpointError(f"{where}: layer_norm_eps {eps} is not supported (CLIP uses 1e-5)")
     settings: dict[str, Any] = {"act": acts.pop()}
+    trained = config.get("calibclip") or {}  # written by `calibclip train`: input geometry and preprocessing
+    for key in ("image_size", "image_mean", "image_std", "resize_mode"):
+        if trained.get(key) is not None:
+            settings[key] = tuple(trained[key]) if isinstance(trained[key], list) else trained[key]
     for tower, key, name in ((vision, "vision_heads", "vision_config"), (text, "text_heads", "text_config")):
         if "num_attention_heads" in tower:
             heads = tower["num_attention_heads"]
@@ -375,12 +379,16 @@ def _hf_settings(config: Any, where: str) -> dict[str, Any]:
     return settings
 
 
-def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _hf_config(path: Path) -> Any:
+    """The parsed ``config.json`` of a Hugging Face directory (CheckpointError when it is not JSON)."""
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}/config.json is not valid JSON ({exc}); re-download the model folder") from None
-    settings = _hf_settings(config, str(path))
+
+
+def _read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    settings = _hf_settings(_hf_config(path), str(path))
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).exists():
             tensors = read_tensors(path / name)
@@ -453,6 +461,13 @@ def load_checkpoint(
     if kwargs:
         raise TypeError(f"load_checkpoint() got unexpected arguments {sorted(kwargs)}")
     fmt = detect_format(path)
+    if fmt == "hf" and (path / "model.safetensors").exists():
+        config = _hf_config(path)
+        arch = config.get("architecture") if isinstance(config, dict) else None
+        if arch == "starter":  # a starter fine-tuned by `calibclip train` (OUT/best, OUT/last)
+            from calibclip.models.starter import Starter
+
+            return Starter(weights=path / "model.safetensors")  # type: ignore[return-value]
     settings: dict[str, Any] = {}
     if fmt == "hf":
         tensors, settings = _read_hf_dir(path)
@@ -482,8 +497,9 @@ def load_checkpoint(
     for key, value in (("vision_heads", vision_heads), ("text_heads", text_heads)):
         if value is not None:
             settings[key] = value
+    stored_size = settings.pop("image_size", None)
     try:
-        cfg = config_from_state_dict(state, image_size=image_size, name=name or path.name, **settings)
+        cfg = config_from_state_dict(state, image_size=image_size or stored_size, name=name or path.name, **settings)
     except KeyError as exc:
         raise CheckpointError(
             f"{path}: incomplete CLIP weights, {exc} is missing. Found: {_describe(state)}; {_EXPECTED}"

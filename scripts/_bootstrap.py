@@ -22,18 +22,18 @@ def _shown(path: Path) -> str:
 
 
 def next_command(script: str, argv: list[str]) -> str:
-    """The command that runs ``script`` with ``argv`` inside the project's virtual environment."""
+    """The command that runs ``script`` with ``argv`` inside the project's virtual environment (set up by
+    scripts/venv.sh when it does not exist yet)."""
     venv = Path(os.environ.get("CALIBCLIP_VENV") or REPO / ".venv")
-    rel = _shown(Path(script).resolve())
-    run = shlex.join([str(venv / "bin" / "python") if (venv / "bin" / "python").exists() else "python", rel, *argv])
+    run = shlex.join(["python", _shown(Path(script).resolve()), *argv])
     if (venv / "bin" / "python").exists():
-        return run
+        return f"{shlex.join(['.', _shown(venv / 'bin' / 'activate')])} && {run}"
     setup = shlex.join([".", _shown(REPO / "scripts" / "venv.sh")])
     return f"{setup} && cd {shlex.quote(os.getcwd())} && {run}"
 
 
 def ensure_environment(script: str) -> None:
-    """Put ``src/`` on the path for a source checkout; exit 2 with one line if a dependency is missing."""
+    """Put ``src/`` on the path for a source checkout; exit 1 with one line if a dependency is missing."""
     try:
         import calibclip  # noqa: F401
     except ImportError:  # running from a source checkout without `pip install -e .`
@@ -43,5 +43,6 @@ def ensure_environment(script: str) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             print(f"{Path(script).name}: error: {exc} (this Python, {sys.executable}, is not calibclip's "
-                  f"environment); run: {next_command(script, sys.argv[1:])}", file=sys.stderr)
-            raise SystemExit(2) from None
+                  f"environment); run: {next_command(script, sys.argv[1:])}   (scripts/venv.sh creates .venv once; "
+                  "later: . .venv/bin/activate first)", file=sys.stderr)
+            raise SystemExit(1) from None

@@ -177,3 +177,36 @@ def test_listwise_training_learns_a_match():
         loss.backward()
         opt.step()
     assert before < 0.4 and accuracy() > 0.9
+
+
+def test_evaluate_with_reranking_only_moves_top_k(tmp_path):
+    from test_evaluate_cli import make_flickr8k
+
+    from calibclip.data.cache import FeatureCache
+    from calibclip.datasets import load_dataset
+    from calibclip.evaluation.evaluator import dataset_features, dataset_metrics, dataset_token_views, \
+        evaluate_retrieval, rerank_similarity, similarity_matrix
+
+    enc = tiny_clip()
+    ds = load_dataset("flickr8k", make_flickr8k(tmp_path / "f8k", n_images=8), "dev")
+    cache = FeatureCache(tmp_path / "cache" / "features")
+    plain = evaluate_retrieval(enc, ds, cache=cache, progress=False)
+    identity = Reranking(enc, CrossModalReranker(RerankerConfig(token_dim=16, width=16, num_heads=2, top_k=3)))
+    assert evaluate_retrieval(enc, ds, cache=cache, progress=False, reranking=identity) == plain
+    model = _trained_like(RerankerConfig(token_dim=16, width=16, num_heads=2, top_k=3), seed=3)
+    texts, images = dataset_features(enc, ds, cache=cache, progress=False)
+    sim = similarity_matrix(texts, images)
+    views = dataset_token_views(enc, ds, cache, progress=False)
+    assert views.image_tokens.shape[:2] == (8, 16) and len(views.text_offsets) == len(ds.captions) + 1
+    out = rerank_similarity(sim, views, Reranking(enc, model), chunk=3)
+    top = torch.topk(sim, 3, dim=1).indices
+    new_top = torch.topk(out, 3, dim=1).indices
+    assert all(set(a) == set(b) for a, b in zip(top.tolist(), new_top.tolist()))  # same candidates on top
+    rest_order = torch.argsort(out, dim=1, descending=True)[:, 3:]
+    assert torch.equal(rest_order, torch.argsort(sim.double() - 10 * torch.zeros_like(sim.double()).scatter_(
+        1, top, -1.0), dim=1, descending=True)[:, 3:])  # the others keep their order
+    assert not torch.equal(out.argsort(dim=1), sim.double().argsort(dim=1))
+    assert set(dataset_metrics(out, ds)) == set(plain)
+    # cached token views are reused (same folder, same arrays)
+    again = dataset_token_views(enc, ds, cache, progress=False)
+    assert torch.equal(again.image_tokens, views.image_tokens)

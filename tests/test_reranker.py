@@ -9,7 +9,7 @@ import torch
 
 from calibclip.calibration.rerank import fuse_scores, place_topk
 from calibclip.calibration.reranker import (
-    CrossModalReranker, RerankerConfig, Reranking, listwise_loss, load_reranker,
+    CrossModalReranker, RerankerConfig, Reranking, listwise_loss, load_reranker, render_match,
 )
 
 
@@ -210,3 +210,16 @@ def test_evaluate_with_reranking_only_moves_top_k(tmp_path):
     # cached token views are reused (same folder, same arrays)
     again = dataset_token_views(enc, ds, cache, progress=False)
     assert torch.equal(again.image_tokens, views.image_tokens)
+
+
+def test_explain_match_maps_words_to_regions(tmp_path):
+    from PIL import Image
+
+    enc = tiny_clip()
+    rr = Reranking(enc, _trained_like(RerankerConfig(token_dim=16, width=16, num_heads=2)))
+    exp = rr.explain("a red car", torch.randn(1, 3, 64, 64))
+    assert exp.tokens and len(exp.tokens) == exp.maps.shape[0] and exp.maps.shape[1:] == (4, 4)
+    assert torch.allclose(exp.maps.flatten(1).sum(1), torch.ones(len(exp.tokens)), atol=1e-4)
+    assert abs(exp.fused - (exp.similarity + exp.match)) < 1e-5
+    png = render_match(Image.new("RGB", (64, 64), "white"), exp, tmp_path / "m.png")
+    assert png.stat().st_size > 1000

@@ -379,3 +379,81 @@ class Reranking:
             fused, _ = self.rescore(top.values, text[s : s + chunk], pad[s : s + chunk], cand)
             out.append(place_topk(rows.double(), top.indices, fused.cpu()))
         return torch.cat(out) if out else torch.zeros(0, sim.shape[1], dtype=torch.float64)
+
+    @torch.inference_mode()
+    def explain(self, text: str, pixels: torch.Tensor) -> "MatchExplanation":
+        """Which query words attended to which image regions, for one query and one image
+        (``pixels`` ``[1, 3, H, W]``): the last block's cross-attention, mean over heads."""
+        from calibclip.calibration.explain import token_strings
+
+        enc = self.encoder
+        batch = enc.tokenize([text])
+        pooled, x, pad = self.text_inputs(batch)
+        view = enc.image_tokens(pixels.to(enc.device, enc.dtype))
+        image = self.reranker.project_image(view.tokens.float())
+        sim = F.cosine_similarity(pooled, view.pooled.float()).double()
+        match, weights = self.reranker.match(x, pad, image, need_weights=True)
+        length = x.shape[1] - 1
+        ids = batch.input_ids[0, :length].tolist()
+        keep = (batch.attention_mask[0, :length].bool() & ~batch.special_mask[0, :length].bool()).tolist()
+        words = token_strings(enc, ids)
+        h, w = view.grid
+        maps = weights[0, :length].float().cpu().reshape(length, h, w)  # type: ignore[index]
+        return MatchExplanation(
+            text=text, tokens=[t for t, k in zip(words, keep) if k], maps=maps[torch.tensor(keep, dtype=torch.bool)],
+            grid=(h, w), similarity=float(sim), match=float(match[0]),
+            fused=float(self.reranker.fuse(sim, match.double())[0]),
+        )
+
+
+@dataclass
+class MatchExplanation:
+    """The re-ranker's view of one (query, image) pair: per word token, its attention over the image
+    grid (``maps [T, h, w]``, rows summing to 1), and the cosine, match and fused scores."""
+
+    text: str
+    tokens: list[str]
+    maps: torch.Tensor
+    grid: tuple[int, int]
+    similarity: float
+    match: float
+    fused: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "tokens": self.tokens, "grid": list(self.grid),
+                "attention": [[round(float(v), 5) for v in m.flatten()] for m in self.maps],
+                "similarity": self.similarity, "match": self.match, "fused": self.fused}
+
+
+def render_match(image: Any, explanation: MatchExplanation, out: str | os.PathLike, max_words: int = 8,
+                 title: str = "") -> Path:
+    """A PNG with one panel per query word (up to ``max_words``): the image under that word's
+    cross-attention heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arr = np.asarray(image.convert("RGB"))
+    height, width = arr.shape[:2]
+    words = explanation.tokens[:max_words]
+    n = max(len(words), 1)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(words):
+            continue
+        ax.imshow(arr, extent=(0, width, height, 0))
+        ax.imshow(explanation.maps[i].numpy(), cmap="inferno", alpha=0.6, extent=(0, width, height, 0),
+                  interpolation="nearest")
+        ax.set_title(words[i], fontsize=11)
+    fig.suptitle(title or f"re-ranker cross-attention | cosine {explanation.similarity:.3f}, match "
+                 f"{explanation.match:+.3f}, fused {explanation.fused:.3f}", fontsize=10)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -180,7 +180,7 @@ def test_listwise_training_learns_a_match():
 
 
 def test_evaluate_with_reranking_only_moves_top_k(tmp_path):
-    from test_evaluate_cli import make_flickr8k
+    from fakes import make_flickr8k
 
     from calibclip.data.cache import FeatureCache
     from calibclip.datasets import load_dataset
@@ -223,3 +223,36 @@ def test_explain_match_maps_words_to_regions(tmp_path):
     assert abs(exp.fused - (exp.similarity + exp.match)) < 1e-5
     png = render_match(Image.new("RGB", (64, 64), "white"), exp, tmp_path / "m.png")
     assert png.stat().st_size > 1000
+
+
+def test_evaluate_cli_rerank_flag(tmp_path, capsys):
+    """`calibclip evaluate --rerank PATH` re-ranks with a saved re-ranker and reports the same keys;
+    a re-ranker of another encoder and a missing packaged one are one-line errors."""
+    from fakes import make_flickr8k
+
+    from calibclip.cli.main import main
+
+    enc = tiny_clip()
+    path = tmp_path / "clip.pt"
+    torch.save(enc.state_dict(), path)
+    root = make_flickr8k(tmp_path / "f8k", n_images=8)
+    base = ["evaluate", "--dataset", "flickr8k", "--data-root", str(root), "--split", "dev", "--model", str(path),
+            "--json", "--no-cache"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from calibclip.models.registry import create_model
+
+    loaded = create_model(str(path))
+    model = _trained_like(RerankerConfig(token_dim=16, width=16, num_heads=2, top_k=4, encoder=loaded.fingerprint()))
+    model.save(tmp_path / "rr")
+    assert main(base + ["--rerank", str(tmp_path / "rr")]) == 0
+    reranked = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(reranked["metrics"]) == set(plain["metrics"])
+    assert {k: v for k, v in reranked["metrics"].items() if k.startswith("i2t")} == \
+        {k: v for k, v in plain["metrics"].items() if k.startswith("i2t")}
+    other = _trained_like(RerankerConfig(token_dim=32, width=16, num_heads=2, encoder_name="starter"))
+    other.save(tmp_path / "other")
+    assert main(base + ["--rerank", str(tmp_path / "other")]) == 2
+    assert "width 32" in capsys.readouterr().err
+    assert main(base + ["--rerank"]) == 2
+    assert "no re-ranker ships with" in capsys.readouterr().err

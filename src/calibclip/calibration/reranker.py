@@ -457,3 +457,32 @@ def render_match(image: Any, explanation: MatchExplanation, out: str | os.PathLi
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+#: Folder of the re-rankers shipped inside the package: ``weights/<encoder name>-reranker/``.
+PACKAGED_SUFFIX = "-reranker"
+
+
+def packaged_reranker_path(encoder_name: str) -> Path | None:
+    """The re-ranker shipped for ``encoder_name`` (e.g. ``starter``), or None."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("calibclip"))) / "weights" / f"{encoder_name}{PACKAGED_SUFFIX}"
+    return folder if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file() else None
+
+
+def create_reranking(encoder: Any, source: str | os.PathLike | None = None, top_k: int | None = None) -> Reranking:
+    """The re-ranking stage for ``encoder``: ``source`` a re-ranker folder, or None/"packaged" for the
+    re-ranker shipped with the encoder.
+
+    Raises:
+        ValueError: no packaged re-ranker for this encoder, or one trained for another encoder.
+        FileNotFoundError: ``source`` is not a re-ranker folder.
+    """
+    if source is None or str(source) == "packaged":
+        path = packaged_reranker_path(encoder.name)
+        if path is None:
+            raise ValueError(f"no re-ranker ships with {encoder.name}; train one (calibclip train with "
+                             "training.target: reranker) and pass its folder")
+        source = path
+    return Reranking(encoder, load_reranker(source, device=encoder.device), top_k=top_k)

@@ -48,6 +48,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-method", choices=calibration_method_choices(), metavar="METHOD",
                    help=f"with --calibrate: the calibration method ({', '.join(calibration_method_choices())}; "
                    "default calibclip)")
+    p.add_argument("--rerank", nargs="?", const="packaged", default=None, metavar="PATH",
+                   help="re-rank each query's top-K with the trained cross-modal re-ranker: the one shipped with the "
+                   "encoder (no value) or a re-ranker folder (PATH); combines with --calibrate")
+    p.add_argument("--rerank-top-k", type=int, metavar="K", help="with --rerank: candidates re-scored per query "
+                   "(default: the re-ranker's own top_k)")
     p.add_argument("--output-dir", help="write metrics.json, metrics.md and recall.png here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -94,7 +99,8 @@ def print_human(result: dict[str, Any]) -> None:
     from calibclip.evaluation.report import markdown_table
 
     metrics = result["metrics"]
-    title = f"{result['dataset']} ({result['split']}) — {result['model']}" + (" + CalibCLIP" if result["calibrate"] else "")
+    title = f"{result['dataset']} ({result['split']}) — {result['model']}" + (" + CalibCLIP" if result["calibrate"] else "") \
+        + (" + re-ranker" if result.get("rerank") else "")
     print(title)
     print(markdown_table([metrics], list(metrics)), end="")
     t = result["timing"]
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_evaluation(
         dataset, data_root, cfg, model=args.checkpoint or args.model, split=args.split, calibrate=args.calibrate,
         combiner=args.combiner, combining=args.combining, calibration_method=args.calibration_method,
-        submission_dir=Path(args.output_dir) / "submission" if args.submission else None,
+        rerank=args.rerank, rerank_top_k=args.rerank_top_k, submission_dir=Path(args.output_dir) / "submission" if args.submission else None,
     )
     if args.output_dir:
         paths = write_report(result, args.output_dir)

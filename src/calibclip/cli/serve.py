@@ -12,24 +12,75 @@ from typing import Any
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "serve", help="serve the web demo and JSON API over indexes",
+        "serve",
+        help="serve the web demo and JSON API over indexes",
         description="Serve the web demo (text, calibrated and composed search) and its JSON API "
         "(OpenAPI document at /openapi.json) over one or more indexes built with `calibclip index`.",
     )
     p.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR", help="index folder(s); the first is the default")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes (default 1); each loads the model and indexes (memory x N)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes (default 1); each loads the model and indexes (memory x N)",
+    )
     p.add_argument("--model", default=None, help="model name or checkpoint (default: the one the index records)")
-    p.add_argument("--captions", default=None, metavar="FILE",
-                   help="annotations JSON (CIRR/CSS or FashionIQ style) giving suggested modifications and "
-                   "ground-truth targets for the first index (default: captions/cap.*.json found in or "
-                   "beside the indexed folder, the CIRR / CSS / FashionIQ layout)")
+    p.add_argument(
+        "--captions",
+        default=None,
+        metavar="FILE",
+        help="annotations JSON (CIRR/CSS or FashionIQ style) giving suggested modifications and "
+        "ground-truth targets for the first index (default: captions/cap.*.json found in or "
+        "beside the indexed folder, the CIRR / CSS / FashionIQ layout)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default 10)")
     p.add_argument("--upload-ttl", type=float, default=3600.0, help="seconds an upload is kept (default 3600)")
     p.add_argument("--device", default="cpu", help="device for the model: cpu, cuda or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="HOST",
+        help="host name the server may be reached under (the Host header), repeatable; '*.example.com' "
+        "allows sub-domains, '*' any host (no DNS-rebinding protection). Default: the --host address "
+        "and localhost, 127.0.0.1, ::1",
+    )
+    g = p.add_argument_group("micro-batching of text queries (one encoder forward for concurrent searches)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="most text queries per encoder forward (default 32; 1 turns batching off)",
+    )
+    g.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more queries after its first one (default 5 ms)",
+    )
+    g.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        help="most queries waiting for the encoder; more are answered 503 with Retry-After (default 256)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a query may wait for the encoder before a 503 (default 30)",
+    )
+    p.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often (at most) a request checks whether the index was updated on disk (another "
+        "`calibclip index` run) and re-opens it (default 1 s; 0: every request)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -41,9 +92,16 @@ def run(args: argparse.Namespace) -> int:
 
     for d in args.index_dirs:
         if not os.path.isdir(d):
-            raise FileNotFoundError(f"index folder {d} does not exist; build one with `calibclip index IMAGES --out {d}`")
+            raise FileNotFoundError(
+                f"index folder {d} does not exist; build one with `calibclip index IMAGES --out {d}`"
+            )
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.refresh_interval < 0:
+        raise ValueError(f"--refresh-interval must be >= 0 seconds, got {args.refresh_interval}")
+    from calibclip.web.batching import BatchSettings
+
+    BatchSettings(args.batch_window_ms, args.batch_size, args.queue_size, args.request_timeout)  # validate early
     upload_dir = tempfile.mkdtemp(prefix="calibclip-uploads-")
     config = WebConfig(
         index_dirs=[os.path.abspath(d) for d in args.index_dirs],
@@ -54,9 +112,23 @@ def run(args: argparse.Namespace) -> int:
         upload_ttl_s=args.upload_ttl,
         device=args.device,
         threads=args.threads,
+        host=args.host,
+        allowed_hosts=args.allowed_host,
+        batch_window_ms=args.batch_window_ms,
+        batch_size=args.batch_size,
+        batch_queue=args.queue_size,
+        request_timeout_s=args.request_timeout,
+        refresh_s=args.refresh_interval,
     )
-    common = dict(host=args.host, port=args.port, log_level=args.log_level, server_header=False,
-                  proxy_headers=False, timeout_graceful_shutdown=5)
+
+    common = dict(
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+    )
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler in place
     # before it started: make that handler an exit that runs the clean-up below.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)

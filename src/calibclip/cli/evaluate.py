@@ -86,10 +86,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_common_arguments(p)
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"dataset","split","model","metrics"} as the last stdout line')
-    p.add_argument("--combiner", help="composed retrieval: trained Combiner checkpoint (RUN_DIR/best.pt)")
+    p.add_argument("--combiner", help="composed retrieval: trained Combiner checkpoint (RUN_DIR/best.pt); default: the "
+                   "encoder's packaged Combiner")
     p.add_argument("--combining", choices=("combiner", "sum", "image", "text"),
                    help="composed retrieval: how to combine reference image and text (default: combiner with "
-                   "--combiner, else sum)")
+                   "--combiner or a packaged Combiner, else the normalised sum)")
     p.add_argument("--submission", action="store_true",
                    help="CIRR: write the two test-server JSON files into --output-dir (needed for test1)")
     return p

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         query = {
             "text": args.text, "image": args.image, "top_k": args.top_k, "calibrate": args.calibrate,
             "ann": resolve_kind(args.ann, len(index)), "model": index.model_name,
-            "combining": ("combiner" if index.combiner else "sum") if composed else None,
+            "combining": (("combiner" if hasattr(index.combining(), "combiner") else "sum") if composed
+                          else None),
         }
     if args.json:
         out = {"query": query, "results": [r.to_dict() for r in results],

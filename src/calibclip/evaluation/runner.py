@@ -24,6 +24,14 @@ def default_split(dataset: str) -> str:
     return get_dataset(dataset).default_split
 
 
+def default_combining_name(encoder: Encoder, combiner: str | None) -> str:
+    """Composed retrieval without ``--combining``: ``combiner`` with a checkpoint or a packaged
+    Combiner for the encoder, else ``sum`` (the normalised sum)."""
+    from calibclip.composed import packaged_combiner_for
+
+    return "combiner" if combiner or packaged_combiner_for(encoder) is not None else "sum"
+
+
 def load_encoder(
     model: str, task: str = "captions", device: str = "auto", precision: str = "fp32",
     clip_image_size: tuple[int, int] | list[int] | None = None,
@@ -81,7 +89,7 @@ def run_evaluation(
         from calibclip.composed import evaluate_composed
 
         metrics = evaluate_composed(
-            encoder, name, data_root, split, combining=combining or ("combiner" if combiner else "sum"),
+            encoder, name, data_root, split, combining=combining or default_combining_name(encoder, combiner),
             combiner=combiner, cache=cache, batch_size=batch_size, workers=workers,
             submission_dir=Path(submission_dir) if submission_dir else None, progress=progress,
         )

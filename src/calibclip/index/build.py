@@ -224,6 +224,10 @@ def build_index(
         count = storage.count()
         if storage.rows - count > COMPACT_FRACTION * max(storage.rows, 1):
             storage.compact()
+        if combiner is None and not (storage.get("combiner") or {}).get("file"):
+            from calibclip.composed import packaged_combiner_for
+
+            combiner = packaged_combiner_for(encoder)  # the encoder's packaged Combiner, if it has one
         if combiner is not None:
             install_combiner(storage, combiner)
         return BuildReport(

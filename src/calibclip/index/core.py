@@ -369,15 +369,13 @@ class Index:
             return self._calibrator
 
     def combining(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The image+text combining function: the index's Combiner if it has one, else the sum."""
+        """The image+text combining function: the index's Combiner if it has one, else the encoder's
+        packaged Combiner, else the normalised sum (`calibclip.composed.default_combining`)."""
         with self._lock:
             if self._combining is None:
-                from calibclip.composed import build_combining
+                from calibclip.composed import default_combining
 
-                if self.combiner is not None:
-                    self._combining = build_combining("combiner", self.combiner, encoder=self.encoder)
-                else:
-                    self._combining = build_combining("sum", None)
+                self._combining = default_combining(self.encoder, self.combiner)
             return self._combining
 
     def attach_combiner(self, path: str | os.PathLike) -> None:

@@ -256,3 +256,31 @@ def test_evaluate_cli_rerank_flag(tmp_path, capsys):
     assert "width 32" in capsys.readouterr().err
     assert main(base + ["--rerank"]) == 2
     assert "no re-ranker ships with" in capsys.readouterr().err
+
+
+def test_trainer_reranker_target(tmp_path):
+    """One trainer, a `reranker` target: the frozen dual encoder's top-K is re-ranked by a re-ranker
+    trained with the listwise loss; best/last load with `load_reranker`; evaluate --rerank uses them."""
+    from test_train import make_person_set, make_tiny_clip, write_config
+
+    from calibclip.cli.main import main
+    from calibclip.training.config import load_train_settings
+    from calibclip.training.trainer import train
+
+    people = make_person_set(tmp_path / "people")
+    clip = make_tiny_clip(tmp_path / "clip")
+    cfg = write_config(tmp_path / "cfg.yaml", training={"target": "reranker", "epochs": 2, "lr": 1e-3,
+                                                        "max_train_images": 40})
+    import yaml
+
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"]["cve"] = {"num_layers": 1, "num_heads": 2, "width": 16, "top_k": 4, "dropout": 0.0}
+    cfg.write_text(yaml.safe_dump(raw))
+    settings = load_train_settings(cfg, {"data_root": str(people)})
+    summary = train(settings, tmp_path / "out", checkpoint=str(clip), progress=False)
+    assert len(summary["history"]) == 2 and all("train_loss" in h for h in summary["history"])
+    model = load_reranker(tmp_path / "out" / "best")
+    assert model.config.top_k == 4 and model.config.width == 16 and model.config.num_layers == 1
+    assert any(float(p.abs().sum()) > 0 for p in model.head.parameters())  # it trained (the head starts at zero)
+    assert main(["evaluate", "--dataset", "cuhkpedes", "--data-root", str(people), "--split", "val",
+                 "--model", str(clip), "--rerank", str(tmp_path / "out" / "best"), "--no-cache", "--json"]) == 0

@@ -96,7 +96,7 @@ class RerankerTarget(Target):
         with torch.no_grad():
             hit = float((fused.argmax(1) == target).float().mean())
             base = float((self.candidate_sim[captions].argmax(1) == target).float().mean())
-        return loss, {"listwise": float(loss), "top1": hit, "dual_top1": base}
+        return loss, {"listwise": float(loss.detach()), "top1": hit, "dual_top1": base}
 
     def item_embeddings(self, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.views.image_pooled.float(), self.views.text_pooled[captions].float()

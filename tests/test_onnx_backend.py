@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from calibclip.models import onnx_backend  # noqa: E402
-from calibclip.models.clip import CLIP, CLIPConfig  # noqa: E402
-from calibclip.models.onnx_backend import OnnxEncoder  # noqa: E402
+from calibclip.models import onnx_backend
+from calibclip.models.clip import CLIP, CLIPConfig
+from calibclip.models.onnx_backend import OnnxEncoder
 
 TEXTS = ["a dog runs on the grass", "hello", "two men playing guitars on a stage at night under red lights", ""]
 
@@ -166,3 +166,42 @@ def test_starter_int8_flickr8k_dev_recall(flickr8k_root: Path, tmp_path: Path, m
     int8 = run_evaluation("flickr8k", flickr8k_root, config, split="dev", progress=False,
                           encoder=create_model("starter", backend="onnx", precision="int8"))["metrics"]
     assert abs(int8["t2i_R@1"] - fp32["t2i_R@1"]) <= 0.3, (int8, fp32)
+
+
+def test_cli_backend_onnx_search_matches_torch(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+
+    from calibclip.cli.main import main
+    from calibclip.models import registry
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_index_helpers import make_photo_folder
+
+    def tiny(**_: object) -> CLIP:
+        torch.manual_seed(0)
+        return CLIP(CLIPConfig(**TINY["vit"]))
+
+    monkeypatch.setenv("CALIBCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CALIBCLIP_BACKEND", raising=False)
+    monkeypatch.setattr(registry, "_DEFAULT_BACKEND", {"backend": None, "precision": None})
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the test model stays local
+    registry.register_model("tiny-onnx-test", tiny, pretrained="random")
+    make_photo_folder(tmp_path / "img")
+    ix = str(tmp_path / "ix")
+    assert main(["index", str(tmp_path / "img"), "--out", ix, "--model", "tiny-onnx-test", "--workers", "0",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    results = {}
+    for backend in ("torch", "onnx"):
+        assert main(["search", ix, "--text", "a red square", "--top-k", "3", "--json", "--backend", backend]) == 0
+        results[backend] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+        monkeypatch.setattr(registry, "_DEFAULT_BACKEND", {"backend": None, "precision": None})
+        monkeypatch.delenv("CALIBCLIP_BACKEND", raising=False)
+    assert [r["path"] for r in results["onnx"]] == [r["path"] for r in results["torch"]]
+    for a, b in zip(results["onnx"], results["torch"]):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+    assert list((tmp_path / "cache" / "onnx").glob("*/v*/text-fp32.onnx"))
+    assert main(["search", ix, "--text", "x", "--precision", "int8"]) == 2  # int8 needs --backend onnx
+    assert "needs --backend onnx" in capsys.readouterr().err

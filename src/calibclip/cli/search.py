@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+from calibclip.cli.common import add_backend_argument, apply_backend
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -31,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                    help="model to use (default: the one recorded in the index; another model is refused)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    add_backend_argument(p, precision=True)
     return p
 
 
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from calibclip.index import Index
     from calibclip.index.ann import resolve_kind
 
+    apply_backend(args)
     if not args.text and not args.image:
         raise ValueError("give --text, --image or both")
     t0 = time.perf_counter()

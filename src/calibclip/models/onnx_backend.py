@@ -24,8 +24,9 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -351,7 +352,7 @@ class OnnxEncoder(Encoder):
                 self._sessions[graph] = sess
             return sess
 
-    def prepare(self, graphs: Sequence[str] = ("image", "text")) -> "OnnxEncoder":
+    def prepare(self, graphs: Sequence[str] = ("image", "text")) -> OnnxEncoder:
         """Export (if needed) and load ``graphs`` now instead of on first use; returns self."""
         for graph in graphs:
             self.session(graph)

@@ -100,7 +100,7 @@ def create_model(
     if backend == "onnx":
         from calibclip.models.onnx_backend import wrap
 
-        onnx_precision = _DEFAULT_BACKEND["precision"] or precision
+        onnx_precision = _DEFAULT_BACKEND["precision"] or os.environ.get("CALIBCLIP_ONNX_PRECISION") or precision
         model = create_model(name_or_path, device="cpu", precision="fp32", backend="torch", **kwargs)
         return wrap(model, precision=onnx_precision, device=resolve_device(device))
     if precision == "int8":

@@ -321,7 +321,7 @@ class OnnxEncoder(Encoder):
     @property
     def export_dir(self) -> Path:
         """``<cache>/<fingerprint>/v<EXPORT_FORMAT>``: this model's exported graphs."""
-        return self.cache_root / self.fingerprint() / f"v{EXPORT_FORMAT}"
+        return self.cache_root / self.fingerprint().replace("/", "-") / f"v{EXPORT_FORMAT}"  # ViT-B/16-...
 
     def graph_path(self, graph: str, precision: str | None = None) -> Path:
         """Path of one exported graph (exported/quantised on first call)."""

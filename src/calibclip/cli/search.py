@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="CalibCLIP re-ranking of the top-K (needs an index built with --calibrate)")
     p.add_argument("--ann", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
                    help="exact or approximate (FAISS) search; auto = exact up to 200,000 images, IVF above")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF cells scanned per query (default 64)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF cells scanned per query (default 32)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW candidate list size (default 128)")
     p.add_argument("--include-reference", action="store_true",
                    help="keep an indexed reference image in composed-search results (left out by default)")

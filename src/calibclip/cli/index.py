@@ -10,6 +10,8 @@ from calibclip.cli.common import PRECISIONS, add_backend_argument, apply_backend
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from calibclip.calibration.methods import calibration_methods
+
     p = sub.add_parser(
         "index", help="index a folder of images (incremental, resumable)",
         description="Walk IMAGES_DIR recursively (jpg jpeg png webp bmp gif tif tiff), encode new or changed images "
@@ -27,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--calibrate", action="store_true",
                    help="also store CalibCLIP-calibrated image embeddings (enables `search --calibrate`)")
+    p.add_argument("--calibration-method", metavar="METHOD", choices=calibration_methods(),
+                   help=f"with --calibrate: the calibration method ({', '.join(calibration_methods())}; default: the "
+                   "existing index's, else calibclip)")
     p.add_argument("--combiner", metavar="PATH", help="Combiner checkpoint (RUN_DIR/best.pt) to copy into the index "
                    "for composed image+text queries")
     add_backend_argument(p)
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     index = Index.build(
         args.images_dir, args.out, model=args.model, batch_size=args.batch_size, workers=args.workers,
         calibrate=True if args.calibrate else None, combiner=args.combiner, precision=args.precision,
-        device=args.device, progress=not args.quiet,
+        device=args.device, progress=not args.quiet, calibration_method=args.calibration_method,
     )
     report = index.report.to_dict()  # type: ignore[union-attr]
     index.close()

@@ -87,7 +87,7 @@ def model_identity(encoder: Encoder, spec: str | None) -> dict[str, Any]:
     """What the index records about the encoder (checked on every open/update)."""
     return {
         "model": encoder.name, "model_spec": spec, "fingerprint": encoder.fingerprint(),
-        "model_config": encoder.config(), "precision": getattr(encoder, "precision", "fp32"),
+        "model_config": encoder.config(), "precision": encoder.precision,
     }
 
 
@@ -102,16 +102,15 @@ def check_model(storage: Storage, encoder: Encoder) -> None:
         )
 
 
-def _feature_fn(encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None) -> tuple[
+def _feature_fn(encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None, method: str | None) -> tuple[
     Callable[[torch.Tensor], dict[str, torch.Tensor]], dict[str, Any] | None
 ]:
     if not calibrate:
         return (lambda px: {"raw": encoder.encode_image(px)}), None
-    from calibclip.calibration import CalibrationConfig, Calibrator
+    from calibclip.calibration.methods import create_calibrator, method_record
 
-    config = CalibrationConfig.from_dict(calibration or {}, base=CalibrationConfig.default_for(encoder.name))
-    cal = Calibrator(encoder, config)
-    return cal.image_features, {"config": config.to_dict(), "config_id": cal.config_id()}
+    cal = create_calibrator(encoder, method, settings=calibration)
+    return cal.image_features, method_record(cal, method)
 
 
 @torch.inference_mode()
@@ -126,11 +125,14 @@ def build_index(
     calibration: dict[str, Any] | None = None,
     combiner: str | os.PathLike | None = None,
     progress: bool = True,
+    calibration_method: str | None = None,
 ) -> BuildReport:
     """Create or incrementally update the index at ``out_dir`` from ``images_dir``.
 
     ``calibrate=None`` keeps what the index already has (no calibrated vectors for a new index);
-    switching it on/off re-encodes everything. ``calibration`` overrides `CalibrationConfig` fields.
+    switching it on/off re-encodes everything. ``calibration`` overrides `CalibrationConfig` fields;
+    ``calibration_method`` names a registered calibration method (default: the recorded one, else
+    ``calibclip``).
     """
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -153,9 +155,13 @@ def build_index(
             check_model(storage, encoder)
         had_cal = existing and "calibrated" in storage.vector_sets
         calibrate = had_cal if calibrate is None else bool(calibrate)
-        if calibrate and calibration is None and had_cal:
-            calibration = (storage.get("calibration") or {}).get("config")
-        fn, cal_meta = _feature_fn(encoder, calibrate, calibration)
+        if calibration_method and not calibrate:
+            raise ValueError(f"calibration_method={calibration_method!r} needs calibrate=True (calibrated vectors)")
+        if calibrate and had_cal:
+            recorded = storage.get("calibration") or {}
+            calibration = recorded.get("config") if calibration is None else calibration
+            calibration_method = calibration_method or recorded.get("method")
+        fn, cal_meta = _feature_fn(encoder, calibrate, calibration, calibration_method)
         sets = ["raw", "calibrated"] if calibrate else ["raw"]
         identity = {**model_identity(encoder, model_spec), "root": str(images_dir), "calibration": cal_meta}
         if not existing or sets != storage.vector_sets or (cal_meta and cal_meta != storage.get("calibration")):

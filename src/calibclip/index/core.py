@@ -53,7 +53,7 @@ class Query:
 
 def _model_spec(model: str | os.PathLike | Encoder) -> str | None:
     if isinstance(model, Encoder):
-        return getattr(model, "spec", None) or model.name
+        return model.spec or model.name
     key = str(model)
     return str(Path(key).resolve()) if os.path.exists(key) else key
 
@@ -98,6 +98,7 @@ class Index:
         device: str = "cpu",
         progress: bool = True,
         calibration: dict[str, Any] | None = None,
+        calibration_method: str | None = None,
     ) -> "Index":
         """Index (or incrementally update) ``images_dir`` into ``out_dir`` and open the result.
 
@@ -105,8 +106,9 @@ class Index:
         index records, else ``starter``); ``precision`` likewise (default fp32). ``workers``: decoding
         processes (default: cores - 1, at most 4). ``calibrate``: also store CalibCLIP-calibrated
         image embeddings (None: keep what an existing index has). ``combiner``: a Combiner
-        checkpoint copied into the index for composed queries. The run's `BuildReport` is kept as
-        ``index.report``.
+        checkpoint copied into the index for composed queries. ``calibration_method``: a registered
+        calibration method (default: the recorded one, else ``calibclip``). The run's `BuildReport`
+        is kept as ``index.report``.
         """
         recorded = read_meta(out_dir)
         model = model if model is not None else recorded.get("model_spec") or "starter"
@@ -117,6 +119,7 @@ class Index:
         report = build_index(
             images_dir, out_dir, encoder, model_spec=_model_spec(model), batch_size=batch_size, workers=workers,
             calibrate=calibrate, calibration=calibration, combiner=combiner, progress=progress,
+            calibration_method=calibration_method,
         )
         index = cls(out_dir, encoder=encoder, device=device)
         index.report = report
@@ -359,10 +362,9 @@ class Index:
                         f"index {self.directory} has no calibrated vectors; re-run `calibclip index IMAGES_DIR --out "
                         f"{self.directory} --calibrate` to add them"
                     )
-                from calibclip.calibration import CalibrationConfig, Calibrator
+                from calibclip.calibration.methods import create_calibrator
 
-                config = CalibrationConfig.from_dict((self._meta.get("calibration") or {}).get("config"))
-                self._calibrator = Calibrator(self.encoder, config)
+                self._calibrator = create_calibrator(self.encoder, recorded=self._meta.get("calibration") or {})
             return self._calibrator
 
     def combining(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -297,6 +297,7 @@ class OnnxEncoder(Encoder):
         self.pad_id = model.pad_id
         self.precision = "fp32"  # what an index records (the torch weights' precision; see `onnx_precision`)
         self.onnx_precision = precision
+        self.spec = getattr(model, "spec", None)  # how an index reloads the model (the registry sets it)
         self.backend = "onnx"
         dev = torch.device(device)
         available = ort.get_available_providers()

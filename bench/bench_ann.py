@@ -80,7 +80,8 @@ def main() -> None:
             lat.append(time.perf_counter() - t0)
             hits += len(set(pos[0]) & set(truth[i])) / k
         p50, p95 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 95) * 1e3
-        print(f"| IVF-Flat nlist {index.params['nlist']} | {nprobe} | {p50:.2f} | {p95:.2f} | {hits / args.queries:.3f} |",
+        recall = hits / args.queries
+        print(f"| IVF-Flat nlist {index.params['nlist']} | {nprobe} | {p50:.2f} | {p95:.2f} | {recall:.3f} |",
               flush=True)
 
 

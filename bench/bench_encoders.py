@@ -16,8 +16,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -55,7 +55,8 @@ def bench_model(name: str, batch_sizes: list[int], rounds: int, hf: bool) -> lis
         enc = OnnxEncoder(model, precision=precision)
         t0 = time.perf_counter()
         enc.prepare(("image", "text"))
-        print(f"{name}: onnx {precision} graphs ready in {time.perf_counter() - t0:.1f} s ({enc.export_dir})", flush=True)
+        took = time.perf_counter() - t0
+        print(f"{name}: onnx {precision} graphs ready in {took:.1f} s ({enc.export_dir})", flush=True)
         variants[f"onnx-{precision}"] = enc
     hf_model = _hf_model(model, torch.float32) if hf else None
     rows = []
@@ -66,14 +67,14 @@ def bench_model(name: str, batch_sizes: list[int], rounds: int, hf: bool) -> lis
         tb = model.tokenize(texts)
         for modality in ("image", "text"):
             if modality == "image":
-                fns = {k: (lambda m=m: m.encode_image(pixels)) for k, m in variants.items()}
+                fns = {k: (lambda m=m, x=pixels: m.encode_image(x)) for k, m in variants.items()}
                 if hf_model is not None:
-                    fns["transformers"] = lambda: hf_model.get_image_features(pixel_values=pixels)
+                    fns["transformers"] = lambda x=pixels: hf_model.get_image_features(pixel_values=x)
             else:
-                fns = {k: (lambda m=m: m.encode_text(tb)) for k, m in variants.items()}
+                fns = {k: (lambda m=m, t=tb: m.encode_text(t)) for k, m in variants.items()}
                 if hf_model is not None:
-                    ids, mask = tb.input_ids, tb.attention_mask
-                    fns["transformers"] = lambda: hf_model.get_text_features(input_ids=ids, attention_mask=mask)
+                    fns["transformers"] = lambda t=tb: hf_model.get_text_features(
+                        input_ids=t.input_ids, attention_mask=t.attention_mask)
             with torch.inference_mode():
                 ref = fns["torch"]()
                 cos = {k: cosine(fns[k]() if k != "torch" else ref, ref) for k in variants}

@@ -195,7 +195,8 @@ def _graph_module(model: Encoder, graph: str) -> nn.Module:
     if isinstance(model, Starter):
         return _StarterImage(model, tokens) if graph.startswith("image") else _StarterText(model, tokens)
     raise ValueError(
-        f"backend 'onnx' supports CLIP (ViT/ResNet) and starter encoders, got {type(model).__name__}; use backend='torch'"
+        f"backend 'onnx' supports CLIP (ViT/ResNet) and starter encoders, got {type(model).__name__}; "
+        "use backend='torch'"
     )
 
 
@@ -331,7 +332,8 @@ class OnnxEncoder(Encoder):
         if path.exists():
             return path
         if precision == "int8":
-            quantize_graph(self.graph_path(graph, "fp32"), path, INT8_KEEP_FP32.get(type(self.torch_model).__name__, ()))
+            keep = INT8_KEEP_FP32.get(type(self.torch_model).__name__, ())
+            quantize_graph(self.graph_path(graph, "fp32"), path, keep)
             log.info("quantised %s to int8: %s", graph, path)
         else:
             export_graph(self.torch_model, graph, path)
@@ -436,7 +438,9 @@ class OnnxEncoder(Encoder):
                 self._grid = (int(grid[0]), int(grid[1]))
                 meta.write_text(json.dumps({"grid": list(self._grid)}))
         if self._grid[0] * self._grid[1] != n:
-            raise RuntimeError(f"ONNX image_tokens gave {n} tokens but the grid is {self._grid}; clear {self.export_dir}")
+            raise RuntimeError(
+                f"ONNX image_tokens gave {n} tokens but the grid is {self._grid}; delete {self.export_dir} to re-export"
+            )
         return self._grid
 
     def config(self) -> dict[str, Any]:

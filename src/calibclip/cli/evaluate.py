@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from calibclip.cli.common import PRECISIONS, add_backend_argument, apply_backend
 
 
 def dataset_choices() -> tuple[str, ...]:
@@ -41,7 +42,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help=split_help())
     p.add_argument("--batch-size", type=int, help="images per encoding batch (default 64)")
     p.add_argument("--workers", type=int, help="image decoding processes (default 0 = in process)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="model precision (fp16 needs CUDA)")
+    p.add_argument("--precision", choices=PRECISIONS, help="model precision (fp16 needs CUDA, int8 --backend onnx)")
+    add_backend_argument(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default auto)")
     p.add_argument("--no-cache", action="store_true", help="recompute features instead of using the feature cache")
     p.add_argument("--calibrate", action="store_true",
@@ -49,6 +51,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-method", choices=calibration_method_choices(), metavar="METHOD",
                    help=f"with --calibrate: the calibration method ({', '.join(calibration_method_choices())}; "
                    "default calibclip)")
+    p.add_argument("--rerank", nargs="?", const="packaged", default=None, metavar="PATH",
+                   help="re-rank each query's top-K with the trained cross-modal re-ranker: the one shipped with the "
+                   "encoder (no value) or a re-ranker folder (PATH); combines with --calibrate")
+    p.add_argument("--rerank-top-k", type=int, metavar="K", help="with --rerank: candidates re-scored per query "
+                   "(default: the re-ranker's own top_k)")
     p.add_argument("--output-dir", help="write metrics.json, metrics.md and recall.png here")
 
 
@@ -56,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The YAML config with the command-line overrides applied."""
     from calibclip.evaluation.config import load_config
 
+    apply_backend(args)
     cfg = load_config(args.config)
     if args.batch_size is not None:
         cfg["evaluation"]["batch_size"] = args.batch_size
@@ -95,7 +103,8 @@ def print_human(result: dict[str, Any]) -> None:
     from calibclip.evaluation.report import markdown_table
 
     metrics = result["metrics"]
-    title = f"{result['dataset']} ({result['split']}) — {result['model']}" + (" + CalibCLIP" if result["calibrate"] else "")
+    title = f"{result['dataset']} ({result['split']}) — {result['model']}" + (" + CalibCLIP" if result["calibrate"] else "") \
+        + (" + re-ranker" if result.get("rerank") else "")
     print(title)
     print(markdown_table([metrics], list(metrics)), end="")
     t = result["timing"]
@@ -123,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_evaluation(
         dataset, data_root, cfg, model=args.checkpoint or args.model, split=args.split, calibrate=args.calibrate,
         combiner=args.combiner, combining=args.combining, calibration_method=args.calibration_method,
-        submission_dir=Path(args.output_dir) / "submission" if args.submission else None,
+        rerank=args.rerank, rerank_top_k=args.rerank_top_k, submission_dir=Path(args.output_dir) / "submission" if args.submission else None,
     )
     if args.output_dir:
         paths = write_report(result, args.output_dir)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from calibclip.cli.common import PRECISIONS, add_backend_argument, apply_backend
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from calibclip.calibration.methods import calibration_methods
@@ -22,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per encoded and committed batch (default 32)")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding worker processes (default: CPU cores - 1, at most 4; 0 = decode in-process)")
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="model precision (fp16 needs CUDA; default: the existing index's, else fp32)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="model precision (fp16 needs CUDA, int8 --backend onnx; default: the existing index's, else fp32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--calibrate", action="store_true",
                    help="also store CalibCLIP-calibrated image embeddings (enables `search --calibrate`)")
@@ -32,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "existing index's, else calibclip)")
     p.add_argument("--combiner", metavar="PATH", help="Combiner checkpoint (RUN_DIR/best.pt) to copy into the index "
                    "for composed image+text queries")
+    add_backend_argument(p)
     p.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from calibclip.cli.search import check_index_model
     from calibclip.index import Index
 
+    apply_backend(args)
     check_index_model(args.out, args.model)
     index = Index.build(
         args.images_dir, args.out, model=args.model, batch_size=args.batch_size, workers=args.workers,

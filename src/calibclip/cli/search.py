@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+from calibclip.cli.common import add_backend_argument, apply_backend
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -25,13 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="CalibCLIP re-ranking of the top-K (needs an index built with --calibrate)")
     p.add_argument("--ann", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
                    help="exact or approximate (FAISS) search; auto = exact up to 200,000 images, IVF above")
-    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells scanned per query (default 64)")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells scanned per query (default 32)")
     p.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list size (default 128)")
     p.add_argument("--include-reference", action="store_true",
                    help="keep an indexed reference image in composed-search results (left out by default)")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                    help="model to use (default: the one recorded in the index; another model is refused)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    add_backend_argument(p, precision=True)
     return p
 
 
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from calibclip.index import Index
     from calibclip.index.ann import resolve_kind
 
+    apply_backend(args)
     if args.text is None and not args.image:
         raise ValueError("give --text, --image or both")
     check_text(args.text)

@@ -10,6 +10,8 @@ import socket
 import tempfile
 from typing import Any
 
+from calibclip.cli.common import add_backend_argument, apply_backend
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -39,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default 10)")
     p.add_argument("--upload-ttl", type=float, default=3600.0, help="seconds an upload is kept (default 3600)")
     p.add_argument("--device", default="cpu", help="device for the model: cpu, cuda or auto (default cpu)")
+    add_backend_argument(p, precision=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
     p.add_argument(
         "--allowed-host",
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from calibclip.cli.search import check_index_model
     from calibclip.web.app import WebConfig, create_app
 
+    apply_backend(args)
     for d in args.index_dirs:
         if not os.path.isdir(d):
             raise FileNotFoundError(

@@ -21,7 +21,7 @@ CVE_KEYS = {"enabled", "num_heads", "num_layers", "dropout", "width", "top_k", "
 LOSS_KEYS = {"infonce", "sdm", "id"}
 STARTER_KEYS = {"image_blocks", "text_layers", "head_dropout", "cache_dir", "extract_batch_size"}
 TRAINABLE = ("heads", "top", "all")
-TARGETS = ("dual_encoder",)
+TARGETS = ("dual_encoder", "reranker")
 
 
 @dataclass
@@ -70,6 +70,7 @@ class TrainSettings:
     grad_checkpointing: bool = False
     augment_flip: bool = True
     checkpoint_every: int = 0
+    max_train_images: int = 0
     eval_test: bool = False
     eval_batch_size: int = 64
     max_grad_norm: float = 0.0
@@ -89,6 +90,8 @@ class TrainSettings:
             raise ValueError(f"training.precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.top_blocks < 0:
             raise ValueError(f"training.top_blocks must be >= 0, got {self.top_blocks}")
+        if self.max_train_images < 0:
+            raise ValueError(f"training.max_train_images must be >= 0 (0 = all), got {self.max_train_images}")
         if self.checkpoint_every < 0:
             raise ValueError(f"training.checkpoint_every must be >= 0 steps, got {self.checkpoint_every}")
         unknown = sorted(set(self.losses) - LOSS_KEYS)

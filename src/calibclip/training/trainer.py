@@ -189,7 +189,10 @@ class Trainer:
             raise ValueError("model selection uses a validation split only: training.val_split must not be 'test'")
         if val_split == self.s.train_split:
             raise ValueError(f"training.val_split and train_split are both {val_split!r}")
-        train = train_data(load_dataset(name, self.s.data_root, self.s.train_split))
+        train_split = load_dataset(name, self.s.data_root, self.s.train_split)
+        if self.s.max_train_images:
+            train_split = train_split.first_images(self.s.max_train_images)
+        train = train_data(train_split)
         val = load_dataset(name, self.s.data_root, val_split)
         test = load_dataset(name, self.s.data_root, "test") if self.s.eval_test else None
         return train, val, test
@@ -480,6 +483,12 @@ def default_target(
 
     source = checkpoint or s.model
     device = s.device
+    if s.target == "reranker":
+        from calibclip.training.reranker_target import RerankerTarget
+
+        encoder = create_model(source, device=device)
+        cache = Path(s.starter.cache_dir) if s.starter.cache_dir else out / "cache"
+        return RerankerTarget(encoder, s, data, cache)
     person = data.dataset.info.get("task") == "person"
     size = tuple(int(v) for v in s.clip_image_size) if s.clip_image_size and person else None
     try:

@@ -6,7 +6,7 @@ ANN structures are built lazily on the first approximate search and saved under
 built from; a newer index version (any add/remove) makes them stale and they are rebuilt.
 
 Defaults (chosen from bench/bench_index.py, see README "Indexing a folder and searching it"):
-- ``auto`` uses exact search up to `AUTO_THRESHOLD` live vectors, IVF above it.
+- ``auto`` uses exact search up to `AUTO_THRESHOLD` (stores/base.py) live vectors, IVF above it.
 - IVF: ``nlist = clip(4 * sqrt(N), 16, 65536)`` k-means cells trained on at most 64 vectors per
   cell; ``nprobe`` (cells scanned per query) defaults to `DEFAULT_NPROBE`.
 - HNSW: ``M = 32`` links per node, ``efConstruction = 80``; ``efSearch`` defaults to `DEFAULT_EF_SEARCH`.
@@ -23,22 +23,11 @@ from typing import Any
 
 import numpy as np
 
-ANN_KINDS = ("exact", "ivf", "hnsw")
-AUTO_THRESHOLD = 200_000
 DEFAULT_NPROBE = 64
 DEFAULT_EF_SEARCH = 128
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 TRAIN_PER_CELL = 64
-
-
-def resolve_kind(kind: str, n: int) -> str:
-    """``auto`` -> ``exact`` for ``n <= AUTO_THRESHOLD`` else ``ivf``; other kinds are checked."""
-    if kind == "auto":
-        return "exact" if n <= AUTO_THRESHOLD else "ivf"
-    if kind not in ANN_KINDS:
-        raise ValueError(f"unknown ANN kind {kind!r}: use auto, exact, ivf or hnsw")
-    return kind
 
 
 def ivf_nlist(n: int) -> int:

@@ -128,8 +128,8 @@ class Storage:
                 ) from exc
         elif not is_index_dir(self.directory):
             raise FileNotFoundError(
-                f"{self.directory} is not an index (no {META_FILE}); create one with `calibclip index IMAGES_DIR --out "
-                f"{self.directory}`"
+                f"{self.directory} is not an index (no {META_FILE}); build one there first (Index.build, "
+                "`calibclip index`)"
             )
         uri = (self.directory / META_FILE).resolve().as_uri() + ("" if writable else "?mode=ro")
         self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)

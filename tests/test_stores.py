@@ -34,7 +34,7 @@ class ToyStore(VectorStore):
     DATA: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, name: str, writable: bool):
-        self.spec, self.writable, self.d = name, writable, self.DATA[name]
+        self.spec, self.writable, self.d = f"toy:{name}", writable, self.DATA[name]
 
     @classmethod
     def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> "ToyStore":

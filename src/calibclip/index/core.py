@@ -420,7 +420,7 @@ class Index:
             from calibclip.composed import build_combining
 
             build_combining("combiner", src, encoder=self.encoder)  # refuse a checkpoint of another encoder now
-        writer = open_store(self._writer_spec(), writable=True, options=self._store_options())
+        writer = open_store(self.location, writable=True, options=self._store_options())
         try:
             install_combiner(writer, src)
             meta = writer.meta()
@@ -429,9 +429,6 @@ class Index:
         with self._lock:
             self._meta = meta
             self._combining = None
-
-    def _writer_spec(self) -> str:
-        return self.location if self.store.scheme == "local" else f"{self.store.scheme}:{self.location}"
 
     def _store_options(self) -> dict[str, Any] | None:
         return getattr(self.store, "options", None)

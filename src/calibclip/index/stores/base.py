@@ -48,7 +48,7 @@ class VectorStore(ABC):
     ann_kinds: ClassVar[dict[str, tuple[str, ...]]] = {"exact": ()}
     default_ann: ClassVar[str] = "exact"
 
-    spec: str  #: the store spec it was opened with (``local:DIR`` is shown as DIR)
+    spec: str  #: a spec `open_store` accepts for this store (a local store's is its folder)
     writable: bool
 
     # --- opening -----------------------------------------------------------------------------

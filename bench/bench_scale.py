@@ -47,8 +47,15 @@ def build(folder: Path, spec: str, engine: str, workers: int | None = None) -> t
     from calibclip.index import Index
 
     t0 = time.perf_counter()
-    ix = Index.build(folder, spec, model="starter", batch_size=16, engine=engine, progress=False,
-                     engine_options={"num_workers": workers or 1, "num_cpus": 2})
+    ix = Index.build(
+        folder,
+        spec,
+        model="starter",
+        batch_size=16,
+        engine=engine,
+        progress=False,
+        engine_options={"num_workers": workers or 1, "num_cpus": 2},
+    )
     return ix, time.perf_counter() - t0
 
 
@@ -74,8 +81,11 @@ def equality(args: argparse.Namespace) -> None:
         ix, secs = build(folder, spec, engine, workers)
         out[key] = ix
         speed[key] = len(ix) / secs  # type: ignore[arg-type]
-        print(f"built {key}: {len(ix)} images in {secs:.1f}s = {speed[key]:.2f} images/s "  # type: ignore[arg-type]
-              "(incl. model load / Ray start)", flush=True)
+        print(
+            f"built {key}: {len(ix)} images in {secs:.1f}s = {speed[key]:.2f} images/s "  # type: ignore[arg-type]
+            "(incl. model load / Ray start)",
+            flush=True,
+        )
     ref = out["local", "local"]
     enc = ref.encoder  # type: ignore[attr-defined]
     qv = np.stack([ref.encode_text(q)["raw"].numpy() for q in queries])  # type: ignore[attr-defined]
@@ -94,8 +104,12 @@ def equality(args: argparse.Namespace) -> None:
         print(f"| {key[0]} | {speed[key]:.2f} |")
     mil = out["local", "milvus"]
     print("\nMilvus ANN on the same index (recall@10 vs exact, 100 caption queries):")
-    for kind, params in (("hnsw", {"ef_search": 16}), ("hnsw", {"ef_search": 64}), ("ivf", {"nprobe": 4}),
-                         ("ivf", {"nprobe": 16})):
+    for kind, params in (
+        ("hnsw", {"ef_search": 16}),
+        ("hnsw", {"ef_search": 64}),
+        ("ivf", {"nprobe": 4}),
+        ("ivf", {"nprobe": 16}),
+    ):
         _, got = mil.search_vectors(qv, k=10, ann=kind, **params)  # type: ignore[attr-defined]
         rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)])
         print(f"  {kind} {params}: recall@10 {rec:.3f}")
@@ -121,8 +135,20 @@ def kill(args: argparse.Namespace) -> None:
     folder, _ = photo_folder(args.images, work)
     spec = str(work / f"kill{args.images}")
     shutil.rmtree(spec, ignore_errors=True)
-    cmd = [sys.executable, "-m", "calibclip.cli.main", "index", str(folder), "--out", spec, "--engine", "ray",
-           "--batch-size", "8", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "calibclip.cli.main",
+        "index",
+        str(folder),
+        "--out",
+        spec,
+        "--engine",
+        "ray",
+        "--batch-size",
+        "8",
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
@@ -136,20 +162,31 @@ def kill(args: argparse.Namespace) -> None:
     lingering = subprocess.run(["pgrep", "-f", "ray::"], capture_output=True, text=True).stdout.split()
     print(f"Ray worker processes left 5 s after the kill (any session on this machine): {len(lingering)}")
     t1 = time.perf_counter()
-    resumed = Index.build(folder, spec, model="starter", batch_size=8, engine="ray", progress=False,
-                          engine_options={"num_workers": 1, "num_cpus": 2})
+    resumed = Index.build(
+        folder,
+        spec,
+        model="starter",
+        batch_size=8,
+        engine="ray",
+        progress=False,
+        engine_options={"num_workers": 1, "num_cpus": 2},
+    )
     rep = resumed.report
     paths = [resumed.get_image(i).relpath for i in resumed.ids]
-    print(f"resume: added {rep.added} (expected {args.images - before - rep.skipped}), unchanged {rep.unchanged}, "
-          f"count {len(resumed)}, unique paths {len(set(paths))}, skipped {rep.skipped}, "
-          f"{time.perf_counter() - t1:.0f}s")
+    print(
+        f"resume: added {rep.added} (expected {args.images - before - rep.skipped}), unchanged {rep.unchanged}, "
+        f"count {len(resumed)}, unique paths {len(set(paths))}, skipped {rep.skipped}, "
+        f"{time.perf_counter() - t1:.0f}s"
+    )
     ref_spec = work / f"ll{args.images}"
     if ref_spec.exists():
         with Index.open(ref_spec) as ref:
             order = [ref.find(p) for p in paths]
             diff = float(np.abs(resumed.features("raw") - ref.features("raw", order)).max())
-            print(f"vectors vs the uninterrupted local-engine index: max |diff| {diff:.3g}; same path set: "
-                  f"{sorted(paths) == sorted(r.relpath for r in map(ref.get_image, ref.ids))}")
+            print(
+                f"vectors vs the uninterrupted local-engine index: max |diff| {diff:.3g}; same path set: "
+                f"{sorted(paths) == sorted(r.relpath for r in map(ref.get_image, ref.ids))}"
+            )
     resumed.close()
 
 
@@ -179,14 +216,17 @@ def latency(args: argparse.Namespace) -> None:
             for s in range(0, n, 5000):
                 m = min(n, s + 5000) - s
                 vec = centres[labels[s : s + m]] + 0.7 * rng.standard_normal((m, dim)).astype(np.float32)
-                st.commit_batch({"raw": vec}, [{"path": f"{i}.jpg", "size": 1, "mtime_ns": 1, "sha256": "-"}
-                                               for i in range(s, s + m)])
+                st.commit_batch(
+                    {"raw": vec},
+                    [{"path": f"{i}.jpg", "size": 1, "mtime_ns": 1, "sha256": "-"} for i in range(s, s + m)],
+                )
             st.close()
             print(f"[{backend}] stored in {time.perf_counter() - t0:.0f}s", flush=True)
             ix = Index.open(spec)
             _, exact = ix.search_vectors(queries, k=10, ann="exact")
-            grid = [("hnsw", {"ef_search": e}) for e in (16, 32, 64, 128)] + [("ivf", {"nprobe": p})
-                                                                                for p in (8, 16, 64)]
+            grid = [("hnsw", {"ef_search": e}) for e in (16, 32, 64, 128)] + [
+                ("ivf", {"nprobe": p}) for p in (8, 16, 64)
+            ]
             if backend == "local" and n > 200_000:
                 grid = [g for g in grid if g[0] == "ivf"]  # HNSW build of 1e6 does not fit this machine's time
             for kind, params in [("exact", {})] + grid:
@@ -200,8 +240,11 @@ def latency(args: argparse.Namespace) -> None:
                     lat.append((time.perf_counter() - t1) * 1000)
                     hits.append(ids[0])
                 rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hits, exact, strict=True)])
-                print(f"[{backend}] {kind:5} {str(params):18} recall@10 {rec:.3f}  p50 {np.percentile(lat, 50):7.2f} ms"
-                      f"  p95 {np.percentile(lat, 95):7.2f} ms  (first call incl. build {built:.1f}s)", flush=True)
+                print(
+                    f"[{backend}] {kind:5} {str(params):18} recall@10 {rec:.3f}  p50 {np.percentile(lat, 50):7.2f} ms"
+                    f"  p95 {np.percentile(lat, 95):7.2f} ms  (first call incl. build {built:.1f}s)",
+                    flush=True,
+                )
             ix.close()
 
 

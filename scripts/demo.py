@@ -40,15 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     from calibclip.data.scan import scan_images
     from calibclip.evaluation.config import load_config
     from calibclip.evaluation.evaluator import similarity_matrix
-    from calibclip.evaluation.runner import load_encoder, make_calibrator
+    from calibclip.calibration import create_calibrator
+    from calibclip.data.registry import get_dataset
+    from calibclip.evaluation.runner import load_encoder
 
     args = parse_args(argv)
     cfg = load_config(args.config)
     m = cfg["model"]
-    task = "person" if cfg.get("dataset") in ("cuhkpedes", "icfgpedes", "rstpreid") else "captions"
+    task = "person" if cfg.get("dataset") and get_dataset(cfg["dataset"]).task == "person" else "captions"
     encoder = load_encoder(args.model or m["name"], task, args.device or m["device"], m["precision"],
                            m.get("clip_image_size"))
-    calibrator = make_calibrator(encoder, cfg.get("calibration")) if args.calibrate else None
+    calibrator = create_calibrator(encoder, settings=cfg.get("calibration")) if args.calibrate else None
     scan = scan_images(args.image_dir)
     usable = []
     for f in scan.files:  # decode check up front so one bad file does not stop the demo

@@ -21,6 +21,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture
+def color_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Register `fakes.ColorEncoder` as model ``color-test`` and point the feature cache into tmp."""
+    from fakes import ColorEncoder, register_fake_model
+
+    monkeypatch.setenv("CALIBCLIP_CACHE", str(tmp_path / "cache"))
+    return register_fake_model(monkeypatch, "color-test", ColorEncoder)
+
+
 @pytest.fixture(scope="session")
 def flickr8k_root() -> Path:
     return shared_path("flickr8k")

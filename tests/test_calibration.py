@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_calibration_fakes import FakeEncoder, pixels_from_mass
+from fakes import TokenEncoder as FakeEncoder
+from fakes import pixels_from_mass
 
 from calibclip.calibration import CalibCLIP, CalibrationConfig, Calibrator, build_calibclip, fuse_scores
 from calibclip.calibration.cve import DECAY, RETAIN, SUPPRESS, TARGET, enhance, neighbour_mean

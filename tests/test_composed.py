@@ -18,7 +18,8 @@ from calibclip.data.composed import (
     fashioniq_caption, fashioniq_caption_variants, load_cirr, load_fashioniq,
 )
 from calibclip.data.records import DatasetError
-from test_composed_fakes import FakeEncoder, write_cirr_subset, write_fashioniq_subset
+from fakes import HashEncoder as FakeEncoder
+from test_composed_fakes import write_cirr_subset, write_fashioniq_subset
 
 torch.set_num_threads(1)
 

@@ -1,64 +1,17 @@
-"""A tiny deterministic `Encoder` for fast composed-retrieval tests (imported by the other
-test_composed*/test_css/test_train_combiner files), plus placeholder-dataset writers."""
+"""Placeholder composed-retrieval dataset writers (imported by the other test_composed*/test_css/
+test_train_combiner files; the encoder is `fakes.HashEncoder`), plus tests of the fake encoder."""
 
 from __future__ import annotations
 
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
-import torch
+from fakes import HashEncoder as FakeEncoder
 from PIL import Image
 
-from calibclip.data.transforms import ImageTransform
-from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
 
-VOCAB = 1024
-
-
-class FakeEncoder(Encoder):
-    """8x8 pixels -> fixed random projection; texts -> mean of hashed word embeddings."""
-
-    name = "fake"
-
-    def __init__(self, dim: int = 32, seed: int = 0):
-        super().__init__()
-        self.embed_dim = dim
-        self.preprocess = ImageTransform(size=(8, 8), mode="resize", mean=(0.5,) * 3, std=(0.5,) * 3)
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("image_proj", torch.randn(3 * 64, dim, generator=g) / 8.0)
-        self.register_buffer("word_emb", torch.randn(VOCAB, dim, generator=g))
-
-    def tokenize(self, texts: Sequence[str]) -> TextBatch:
-        ids = [[zlib.crc32(w.encode()) % (VOCAB - 1) + 1 for w in t.lower().split()] or [1] for t in texts]
-        length = max(len(x) for x in ids)
-        input_ids = torch.zeros(len(ids), length, dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row)
-        mask = (input_ids > 0).long()
-        return TextBatch(input_ids, mask, torch.zeros_like(mask, dtype=torch.bool), list(texts))
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.flatten(1).float() @ self.image_proj
-
-    def encode_text(self, text: TextBatch | torch.Tensor) -> torch.Tensor:
-        batch = text if isinstance(text, TextBatch) else TextBatch(text, (text > 0).long(), (text < 0), [])
-        emb = self.word_emb[batch.input_ids] * batch.attention_mask[..., None]
-        return emb.sum(1) / batch.attention_mask.sum(1, keepdim=True).clamp(min=1)
-
-    def image_tokens(self, pixels: torch.Tensor) -> ImageTokens:
-        pooled = self.encode_image(pixels)
-        return ImageTokens(pooled, pooled[:, None], torch.ones(len(pooled), 1), (1, 1))
-
-    def text_tokens(self, text: TextBatch) -> TextTokens:
-        emb = self.word_emb[text.input_ids] * text.attention_mask[..., None]
-        att = text.attention_mask.float() / text.attention_mask.sum(1, keepdim=True).clamp(min=1)
-        return TextTokens(self.encode_text(text), emb, att, text)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.embed_dim, "preprocess": self.preprocess.describe()}
 
 
 def placeholder_image(path: Path, name: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_evaluate_cli import make_flickr8k, save_person_image
+from fakes import make_flickr8k, save_person_image
 
 from calibclip.data.captions import load_flickr8k, load_karpathy
 from calibclip.data.records import DatasetError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_evaluate_cli import PEOPLE, make_person_dataset
+from fakes import PEOPLE, make_person_dataset
 
 from calibclip.data.person import load_cuhkpedes, load_icfgpedes, load_person, load_rstpreid
 from calibclip.data.records import DatasetError

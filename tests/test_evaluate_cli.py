@@ -1,139 +1,21 @@
-"""`calibclip evaluate` / `batch-evaluate` end to end on tiny generated datasets, the Evaluator
-APIs, and the shared test helpers (a deterministic colour encoder and dataset generators)."""
+"""`calibclip evaluate` / `batch-evaluate` end to end on tiny generated datasets (`fakes`) and the
+Evaluator APIs; the ``color_model`` fixture (conftest) registers `fakes.ColorEncoder`."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from PIL import Image
-from torch import nn
+from fakes import ColorEncoder, make_flickr8k, make_person_dataset
 
 from calibclip.cli.main import main
-from calibclip.data.transforms import ImageTransform
 from calibclip.models import registry
-from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
+from calibclip.models.base import Encoder
 
 torch.set_num_threads(1)
-
-COLORS = {
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "cyan": (0, 255, 255), "magenta": (255, 0, 255), "white": (255, 255, 255), "black": (0, 0, 0),
-}
-NAMES = list(COLORS)
-START, END, WORD = 11, 12, 10
-
-
-class ColorEncoder(Encoder):
-    """Tiny deterministic encoder: an image is (upper colour, lower colour), a caption is its
-    first and second colour words. Token views are exact (pooled = attention-weighted tokens)."""
-
-    name = "color-test"
-    embed_dim = 6
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(6, 6, bias=False)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.eye(6))
-        self.register_buffer("table", torch.tensor([COLORS[n] for n in NAMES], dtype=torch.float32) / 127.5 - 1)
-        self.preprocess = ImageTransform(size=(16, 8), mode="resize", mean=(0.5,) * 3, std=(0.5,) * 3)
-        self.calls = {"image": 0, "text": 0}
-
-    def tokenize(self, texts: Sequence[str]) -> TextBatch:
-        rows = [[START, *[NAMES.index(w) + 1 if w in COLORS else WORD for w in t.lower().split()], END] for t in texts]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        mask = (ids != 0).long()
-        return TextBatch(ids, mask, (ids == START) | (ids == END), list(texts))
-
-    def image_tokens(self, pixels: torch.Tensor) -> ImageTokens:
-        self.calls["image"] += len(pixels)
-        h = pixels.shape[2] // 2
-        top, bottom = pixels[:, :, :h].mean((2, 3)), pixels[:, :, h:].mean((2, 3))
-        zeros = torch.zeros_like(top)
-        tokens = self.proj(torch.stack([torch.cat([top, zeros], 1), torch.cat([zeros, bottom], 1)], 1)) * 2
-        attention = torch.full(tokens.shape[:2], 0.5, dtype=tokens.dtype, device=tokens.device)
-        return ImageTokens((attention[..., None] * tokens).sum(1), tokens, attention, (2, 1))
-
-    def text_tokens(self, text: TextBatch) -> TextTokens:
-        self.calls["text"] += len(text)
-        ids = text.input_ids
-        is_colour = (ids >= 1) & (ids <= len(NAMES))
-        slot = torch.cumsum(is_colour.long(), 1)
-        rgb = self.table[(ids - 1).clamp(0, len(NAMES) - 1)] * is_colour[..., None]
-        vec = torch.cat([rgb * (slot == 1)[..., None], rgb * (slot == 2)[..., None]], -1)
-        tokens = self.proj(vec)
-        weight = (is_colour & (slot <= 2)).float() + 0.01 * text.attention_mask.float()
-        attention = weight / weight.sum(1, keepdim=True)
-        pooled = (tokens * (is_colour & (slot <= 2))[..., None]).sum(1) + 1e-3 * attention.sum(1, keepdim=True)
-        return TextTokens(pooled, tokens, attention, text)
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_tokens(pixels).pooled
-
-    def encode_text(self, text: TextBatch | torch.Tensor) -> torch.Tensor:
-        return self.text_tokens(text).pooled  # type: ignore[arg-type]
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, "preprocess": self.preprocess.describe()}
-
-
-@pytest.fixture
-def color_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    """Register `ColorEncoder` as model ``color-test`` and point the feature cache into tmp."""
-    registry.list_models()  # load the providers first so the registry is complete
-    monkeypatch.setitem(registry._REGISTRY, "color-test", registry.ModelEntry("color-test", ColorEncoder, "test", "random"))
-    monkeypatch.setenv("CALIBCLIP_CACHE", str(tmp_path / "cache"))
-    return "color-test"
-
-
-def save_person_image(path: Path, top: str, bottom: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", (16, 32), COLORS[top])
-    img.paste(Image.new("RGB", (16, 16), COLORS[bottom]), (0, 16))
-    img.save(path)
-
-
-#: person id -> (upper, lower) colours; ids 5 and 6 look the same (hard negatives).
-PEOPLE = {1: ("red", "blue"), 2: ("green", "black"), 3: ("yellow", "white"), 4: ("cyan", "red"),
-          5: ("magenta", "green"), 6: ("magenta", "green"), 7: ("blue", "yellow")}
-
-
-def make_person_dataset(root: Path, fmt: str, images_per_id: int = 2, test_only: bool = False) -> Path:
-    """A tiny dataset in the official format of ``fmt`` (cuhkpedes | icfgpedes | rstpreid)."""
-    ann_name, path_key = {"cuhkpedes": ("reid_raw.json", "file_path"), "icfgpedes": ("ICFG-PEDES.json", "file_path"),
-                          "rstpreid": ("data_captions.json", "img_path")}[fmt]
-    entries = []
-    for pid, (top, bottom) in PEOPLE.items():
-        for k in range(images_per_id):
-            split = "test" if test_only or pid > 2 else "train"
-            rel = f"cam{k}/{pid:04d}_{k}.png" if fmt != "rstpreid" else f"{pid:04d}_c{k}.png"
-            save_person_image(root / "imgs" / rel, top, bottom)
-            caps = [f"a person with a {top} shirt and {bottom} trousers", f"{top} jacket over {bottom} pants"]
-            entries.append({"id": pid, "split": split, "captions": caps, path_key: rel})
-    (root / ann_name).write_text(json.dumps(entries))
-    return root
-
-
-def make_flickr8k(root: Path, n_images: int = 6) -> Path:
-    (root / "Flicker8k_Dataset").mkdir(parents=True)
-    (root / "Flickr8k_text").mkdir()
-    tokens, names = [], []
-    for i in range(n_images):
-        top, bottom = NAMES[i % 8], NAMES[(i * 3 + 1) % 8]
-        name = f"{1000 + i}_abc.jpg"
-        names.append(name)
-        save_person_image(root / "Flicker8k_Dataset" / name, top, bottom)
-        tokens += [f"{name}#0\tA {top} thing above a {bottom} thing .", f"{name}#1\t{top} and {bottom}"]
-    (root / "Flickr8k_text" / "Flickr8k.token.txt").write_text("\n".join(tokens) + "\n")
-    for split in ("train", "dev", "test"):
-        (root / "Flickr8k_text" / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
-    return root
 
 
 def last_json(out: str) -> dict:

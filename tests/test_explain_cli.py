@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 from PIL import Image
-from test_calibration_fakes import FakeEncoder
+from fakes import TokenEncoder as FakeEncoder
 
 from calibclip.cli.main import main
 from calibclip.models.registry import register_model

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_evaluate_cli import ColorEncoder, make_person_dataset
+from fakes import ColorEncoder, make_person_dataset
 
 from calibclip.data.cache import FeatureCache
 from calibclip.datasets import load_dataset

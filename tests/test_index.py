@@ -22,8 +22,8 @@ from calibclip.data.scan import scan_images
 from calibclip.index import Index, Storage
 from calibclip.index.search import normalize
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_index_helpers import FakeEncoder, make_photo_folder  # noqa: E402
+from fakes import PhotoEncoder as FakeEncoder
+from test_index_helpers import make_photo_folder
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).parent
@@ -220,10 +220,9 @@ def test_uncommitted_tail_is_ignored_and_truncated(photos, tmp_path):
 
 
 KILL_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {tests!r})
+import torch
 torch.set_num_threads(1)
-from test_index_helpers import FakeEncoder
+from fakes import PhotoEncoder as FakeEncoder
 from calibclip.index import Index
 Index.build({src!r}, {out!r}, model=FakeEncoder(delay=0.15), batch_size=2, workers=1, progress=False)
 """
@@ -232,9 +231,10 @@ Index.build({src!r}, {out!r}, model=FakeEncoder(delay=0.15), batch_size=2, worke
 def test_kill9_during_indexing_then_resume(photos, tmp_path, capsys):
     root, good, bad = photos
     out = tmp_path / "ix"
-    script = KILL_SCRIPT.format(tests=str(TESTS), src=str(root), out=str(out))
+    script = KILL_SCRIPT.format(src=str(root), out=str(out))
     log = open(tmp_path / "stderr.txt", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "CALIBCLIP_NO_PROGRESS": "1"},
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "CALIBCLIP_NO_PROGRESS": "1",
+                                                                  "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
                             stderr=log)
     deadline = time.time() + 60
     rows = 0

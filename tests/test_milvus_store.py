@@ -4,8 +4,6 @@ local store; resume rule; ANN recall; clear errors. One Lite file per module (it
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,8 @@ pytest.importorskip("milvus_lite")
 from calibclip.cli.main import main  # noqa: E402
 from calibclip.index import Index, open_store  # noqa: E402
 from calibclip.models import registry  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_index_helpers import FakeEncoder, make_photo_folder  # noqa: E402
+from fakes import PhotoEncoder as FakeEncoder  # noqa: E402
+from test_index_helpers import make_photo_folder  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -62,8 +59,9 @@ def test_exact_and_calibrated_search_equal_local(pair):
             b = [(r.id, r.relpath) for r in milvus.search(text=text, k=6, calibrate=cal)]
             assert a == b
     ref = local.find(good[1])
-    assert [r.id for r in milvus.search(image=ref, text="red", k=4)] == [r.id for r in local.search(image=ref,
-                                                                                                  text="red", k=4)]
+    assert [r.id for r in milvus.search(image=ref, text="red", k=4)] == [
+        r.id for r in local.search(image=ref, text="red", k=4)
+    ]
 
 
 @pytest.mark.parametrize("kind,params", [("hnsw", {"ef_search": 64}), ("ivf", {"nprobe": 16})])
@@ -75,8 +73,10 @@ def test_milvus_ann_recall(tmp_path, kind, params):
     st = open_store(spec, writable=True)
     st.initialise(24, ["raw"], {"model": "synthetic", "fingerprint": "synthetic", "root": str(tmp_path)})
     for s in range(0, 3000, 1000):
-        st.commit_batch({"raw": vecs[s : s + 1000]},
-                        [{"path": f"{i}.jpg", "size": 1, "mtime_ns": 1, "sha256": "-"} for i in range(s, s + 1000)])
+        st.commit_batch(
+            {"raw": vecs[s : s + 1000]},
+            [{"path": f"{i}.jpg", "size": 1, "mtime_ns": 1, "sha256": "-"} for i in range(s, s + 1000)],
+        )
     st.close()
     ix = Index.open(spec)
     queries = vecs[:50] + 0.3 * rng.standard_normal((50, 24)).astype(np.float32)
@@ -84,8 +84,10 @@ def test_milvus_ann_recall(tmp_path, kind, params):
     _, approx = ix.search_vectors(queries, k=10, ann=kind, **params)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
     assert recall >= 0.95, recall
-    assert ix.store.client.describe_index(ix.store.c_images, "raw")["index_type"] == {"hnsw": "HNSW",
-                                                                                        "ivf": "IVF_FLAT"}[kind]
+    assert (
+        ix.store.client.describe_index(ix.store.c_images, "raw")["index_type"]
+        == {"hnsw": "HNSW", "ivf": "IVF_FLAT"}[kind]
+    )
     with pytest.raises(ValueError, match="do not apply"):
         ix.search_vectors(queries, k=10, ann=kind, **({"nprobe": 3} if kind == "hnsw" else {"ef_search": 3}))
     ix.close()

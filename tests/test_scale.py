@@ -17,9 +17,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("pymilvus")
 
 from calibclip.index import Index  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_index_helpers import FakeEncoder  # noqa: E402
+from fakes import PhotoEncoder as FakeEncoder  # noqa: E402
 
 torch.set_num_threads(1)
 QUERIES = ["a red square", "blue sky", "green field at dawn", "a dark room", "yellow", "white snow", "cat"]
@@ -44,8 +42,14 @@ def generated_folder(root: Path, n: int = 20) -> tuple[list[str], list[str]]:
 def ray_cluster():
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 runtime_env={"env_vars": {"PYTHONPATH": ":".join(p for p in sys.path if p)}})
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            runtime_env={"env_vars": {"PYTHONPATH": ":".join(p for p in sys.path if p)}},
+        )
     yield
     if started:
         ray.shutdown()
@@ -60,8 +64,17 @@ def four_ways(tmp_path_factory, ray_cluster):
     for engine in ("local", "ray"):
         for store in ("local", "milvus"):
             spec = str(base / f"{engine}-ix") if store == "local" else f"milvus:{base / f'{engine}.db'}"
-            out[engine, store] = Index.build(root, spec, model=FakeEncoder(), batch_size=4, workers=0, calibrate=True,
-                                             engine=engine, engine_options={"num_workers": 1}, progress=False)
+            out[engine, store] = Index.build(
+                root,
+                spec,
+                model=FakeEncoder(),
+                batch_size=4,
+                workers=0,
+                calibrate=True,
+                engine=engine,
+                engine_options={"num_workers": 1},
+                progress=False,
+            )
     yield root, good, bad, out
     for ix in out.values():
         ix.close()
@@ -80,14 +93,16 @@ def test_four_ways_give_the_same_index(four_ways):
         for q in QUERIES:
             assert [r.id for r in ix.search(text=q, k=10)] == [r.id for r in ref.search(text=q, k=10)], (key, q)
             assert [r.id for r in ix.search(text=q, k=10, calibrate=True)] == [
-                r.id for r in ref.search(text=q, k=10, calibrate=True)], (key, q)
+                r.id for r in ref.search(text=q, k=10, calibrate=True)
+            ], (key, q)
         assert ix.report.added == len(good) and ix.report.skipped == len(bad), key
 
 
 def test_ray_engine_resume_rule(four_ways, tmp_path):
     root, good, _, out = four_ways
-    again = Index.build(root, out["ray", "local"].location, model=FakeEncoder(), batch_size=4, engine="ray",
-                        progress=False)
+    again = Index.build(
+        root, out["ray", "local"].location, model=FakeEncoder(), batch_size=4, engine="ray", progress=False
+    )
     assert (again.report.added, again.report.updated) == (0, 0)
     assert again.ids.tolist() == out["ray", "local"].ids.tolist()
     again.close()
@@ -147,16 +162,31 @@ def test_ray_cluster_gone_mid_run_keeps_committed_work(tmp_path):
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    start = subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--include-dashboard=false",
-                            "--disable-usage-stats", "--port", "6391"], env=env, capture_output=True, text=True)
+    start = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--port",
+            "6391",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert start.returncode == 0, start.stderr
     session = Path(os.path.realpath("/tmp/ray/session_latest")).name  # the cluster just started
     root = tmp_path / "img"
     good, _ = generated_folder(root, n=40)
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-              "from test_index_helpers import FakeEncoder\nfrom calibclip.index import Index\n"
-              f"Index.build({str(root)!r}, {str(tmp_path / 'ix')!r}, model=FakeEncoder(delay=1.0), batch_size=2, "
-              "engine='ray', engine_options={'address': '127.0.0.1:6391'}, progress=False)\n")
+    script = (
+        "from fakes import PhotoEncoder as FakeEncoder\nfrom calibclip.index import Index\n"
+        f"Index.build({str(root)!r}, {str(tmp_path / 'ix')!r}, model=FakeEncoder(delay=1.0), batch_size=2, "
+        "engine='ray', engine_options={'address': '127.0.0.1:6391'}, progress=False)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240

@@ -4,7 +4,6 @@ slow check on Flickr8k with the default model."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ import torch
 from calibclip.cli.main import main
 from calibclip.models import registry
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_index_helpers import FakeEncoder, make_photo_folder  # noqa: E402
+from fakes import PhotoEncoder as FakeEncoder
+from test_index_helpers import make_photo_folder
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_evaluate_cli import color_model, make_person_dataset, save_person_image  # noqa: F401 (fixture)
+from fakes import make_person_dataset, save_person_image
 
 from calibclip.evaluation.config import load_config
 

@@ -127,6 +127,18 @@ def test_tokenize_special_tokens_and_truncation(model):
     assert tb.input_ids[1, -1] == 102 and tb.special_mask[1, -1]
 
 
+def test_batch_from_ids_matches_tokenize(model):
+    """The declared `Encoder.batch_from_ids` hook: bare WordPiece ids give the tokenizer's masks, and
+    `CalibCLIP` accepts them (it used to mark CLIP's start/end ids as special for every encoder)."""
+    from calibclip.calibration import CalibCLIP
+
+    tb = model.tokenize(CAPTIONS)
+    batch = model.batch_from_ids(tb.input_ids)
+    assert torch.equal(batch.attention_mask, tb.attention_mask) and torch.equal(batch.special_mask, tb.special_mask)
+    wrapped = CalibCLIP(model)
+    assert torch.equal(wrapped.text_features(tb.input_ids)["calibrated"], wrapped.text_features(tb)["calibrated"])
+
+
 def test_minilm_matches_transformers(model):
     transformers = pytest.importorskip("transformers")
     ref = transformers.BertModel.from_pretrained(

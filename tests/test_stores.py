@@ -5,9 +5,8 @@ results as the local store; spec parsing and the backend table."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -17,9 +16,8 @@ from calibclip.cli.main import main
 from calibclip.index import Index, SkippedFile, VectorStore, backend_table, parse_spec, register_store
 from calibclip.index import stores as store_table
 from calibclip.models import registry
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_index_helpers import FakeEncoder, make_photo_folder  # noqa: E402
+from fakes import PhotoEncoder as FakeEncoder  # noqa: E402
+from test_index_helpers import make_photo_folder  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -37,7 +35,7 @@ class ToyStore(VectorStore):
         self.spec, self.writable, self.d = f"toy:{name}", writable, self.DATA[name]
 
     @classmethod
-    def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> "ToyStore":
+    def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> ToyStore:
         if location not in cls.DATA:
             if not writable:
                 raise FileNotFoundError(f"no toy store {location!r}")
@@ -151,8 +149,9 @@ def test_toy_store_registered_from_the_test_works_through_the_cli(tmp_path, caps
         got = cli_json(capsys, ["search", "toy:gallery", "--text", text, "--json", "--top-k", "5"])
         want = cli_json(capsys, ["search", str(tmp_path / "ix"), "--text", text, "--json", "--top-k", "5"])
         assert [(r["id"], r["relpath"]) for r in got["results"]] == [(r["id"], r["relpath"]) for r in want["results"]]
-        np.testing.assert_allclose([r["score"] for r in got["results"]], [r["score"] for r in want["results"]],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            [r["score"] for r in got["results"]], [r["score"] for r in want["results"]], atol=1e-5
+        )
     assert toy.DATA["gallery"]["searches"] >= 2  # the toy backend answered, not a fallback
     # the backend's own ANN kind and its per-call parameter reach it (validated by the backend)
     flat = cli_json(capsys, ["search", "toy:gallery", "--text", "a cat", "--json", "--ann", "flat"])

@@ -15,7 +15,8 @@ from calibclip.composed import evaluate_composed, load_combiner
 from calibclip.composed.css import make_css
 from calibclip.composed.train import TrainConfig, train_combiner
 from calibclip.data.cache import FeatureCache
-from test_composed_fakes import FakeEncoder, write_cirr_subset, write_fashioniq_subset
+from fakes import HashEncoder as FakeEncoder
+from test_composed_fakes import write_cirr_subset, write_fashioniq_subset
 
 torch.set_num_threads(1)
 

@@ -27,4 +27,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'calibclip' has no attribute {name!r}")
+    from calibclip.models.compat import unsupported  # reference names without a counterpart get a pointer
+
+    raise unsupported("calibclip", name)

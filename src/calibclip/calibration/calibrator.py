@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +106,20 @@ class Calibrator:
             q = F.normalize(torch.as_tensor(queries[name]).float(), dim=-1)
             g = F.normalize(torch.as_tensor(gallery[name]).float(), dim=-1)
             return q @ g.T
+
+        return self.fuse(sim("raw"), sim("calibrated"))
+
+    def rerank(
+        self, queries: Mapping[str, torch.Tensor], gallery: Mapping[str, torch.Tensor], candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Fused scores ``[Q, K]`` of each query's candidate gallery rows ``candidates`` ``[Q, K]``
+        (the `CalibrationMethod` protocol; equals `scores` restricted to the candidates when K <= top_k)."""
+        idx = torch.as_tensor(candidates).long()
+
+        def sim(name: str) -> torch.Tensor:
+            q = F.normalize(torch.as_tensor(queries[name]).float(), dim=-1)
+            g = F.normalize(torch.as_tensor(gallery[name]).float(), dim=-1)[idx]
+            return torch.einsum("qd,qkd->qk", q, g)
 
         return self.fuse(sim("raw"), sim("calibrated"))
 

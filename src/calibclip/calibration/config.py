@@ -18,12 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 @dataclass
 class CalibrationConfig:
-    """Hyperparameters of CalibCLIP. See README "CalibCLIP calibration" for the exact formulas.
+    """Hyperparameters of CalibCLIP. See docs/calibration.md for the exact formulas.
 
     Re-ranking
       top_k:            K, the candidates (by raw similarity) that get the fused score.
@@ -151,6 +149,8 @@ class CalibrationConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"calibration config {path} does not exist")
+        import yaml
+
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of calibration settings, got {type(data).__name__}")
@@ -183,7 +183,30 @@ class CalibrationConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` (the ``--set`` options) as a mapping of setting overrides.
+
+    Args:
+        items: ``KEY=VALUE`` strings.
+
+    Returns:
+        ``{KEY: VALUE}`` (values as strings; `CalibrationConfig.from_dict` coerces them).
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty key.
+    """
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _packaged_defaults() -> dict[str, dict[str, Any]]:
+    import yaml
+
     text = resources.files("calibclip").joinpath("configs/calibration.yaml").read_text()
     data = yaml.safe_load(text) or {}
     return {str(k): dict(v or {}) for k, v in data.get("encoders", {}).items()}

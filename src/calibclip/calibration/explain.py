@@ -70,7 +70,9 @@ class ImageExplanation:
         return {name: int((self.treatment == name).sum()) for name in TREATMENTS}
 
     def to_dict(self) -> dict[str, Any]:
-        r = lambda x: np.round(x.astype(np.float64), 6).tolist()
+        def r(x: np.ndarray) -> list:
+            return np.round(x.astype(np.float64), 6).tolist()
+
         return {
             "grid": list(self.grid), "attention": r(self.attention), "share": r(self.share),
             "neighbour_mean": r(self.neighbour_mean), "contrast": r(self.contrast),
@@ -80,23 +82,8 @@ class ImageExplanation:
 
 
 def token_strings(encoder: Encoder, ids: Sequence[int]) -> list[str]:
-    """Readable strings of token ids: the encoder's ``token_strings(ids)`` when it has one, else its
-    ``tokenizer`` (``id_to_token`` / ``convert_ids_to_tokens``), else the CLIP BPE for CLIP ids,
-    else ``#id``."""
-    ids = [int(i) for i in ids]
-    hook = getattr(encoder, "token_strings", None)
-    if callable(hook):
-        return [str(s) for s in hook(ids)]
-    tok = getattr(encoder, "tokenizer", None)
-    if tok is not None and hasattr(tok, "id_to_token"):
-        return [str(tok.id_to_token(i)) for i in ids]
-    if tok is not None and hasattr(tok, "convert_ids_to_tokens"):
-        return [str(s) for s in tok.convert_ids_to_tokens(ids)]
-    if ids and ids[0] == SOT_TOKEN and EOT_TOKEN in ids:
-        from calibclip.models.tokenizer import token_strings as clip_strings
-
-        return clip_strings(ids)
-    return [f"#{i}" for i in ids]
+    """Readable strings of token ids: the encoder's `Encoder.token_strings`."""
+    return [str(t) for t in encoder.token_strings([int(i) for i in ids])]
 
 
 def join_tokens(tokens: Sequence[str]) -> str:
@@ -134,7 +121,9 @@ def explain_texts(cal: Calibrator, texts: list[str]) -> list[TextExplanation]:
 def explain_images(cal: Calibrator, pixels: torch.Tensor) -> list[ImageExplanation]:
     view, res = cal.image_calibration(pixels)
     h, w = res.grid
-    grid = lambda t, i: t[i].detach().float().cpu().numpy().reshape(h, w)
+    def grid(t: torch.Tensor, i: int) -> np.ndarray:
+        return t[i].detach().float().cpu().numpy().reshape(h, w)
+
     labels = np.asarray(TREATMENTS)
     return [
         ImageExplanation(
@@ -192,7 +181,7 @@ def render(
     if text is not None:
         ax = fig.add_subplot(top[1, :])
         ax.axis("off")
-        renderer = fig.canvas.get_renderer()
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg canvas
         x, y = 0.0, 0.75
         words = [(t, d, m) for t, s, d, m in zip(text.tokens, text.special, text.dominant, text.masked) if not s]
         for i, (tok, dom, masked) in enumerate(words):

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from calibclip.calibration.calibrator import Calibrator
 from calibclip.calibration.config import CalibrationConfig
+from calibclip.calibration.methods import create_calibrator
 from calibclip.models.base import Encoder, TextBatch
-from calibclip.models.tokenizer import EOT_TOKEN, SOT_TOKEN
 
 
 class CalibCLIP(nn.Module):
@@ -25,10 +25,20 @@ class CalibCLIP(nn.Module):
     text->image scores ``[Q, G]``.
     """
 
-    def __init__(self, model: Encoder, config: CalibrationConfig | None = None):
+    def __init__(self, model: Encoder, config: CalibrationConfig | None = None, method: str | None = None):
+        """Wrap ``model``.
+
+        Args:
+            model: the encoder to calibrate.
+            config: calibration settings (default: the encoder's packaged defaults).
+            method: a registered calibration method (default ``calibclip``).
+
+        Raises:
+            ValueError: unknown method.
+        """
         super().__init__()
         self.model = model
-        self.calibrator = Calibrator(model, config)
+        self.calibrator = create_calibrator(model, method, config=config)
 
     @property
     def config(self) -> CalibrationConfig:
@@ -49,11 +59,7 @@ class CalibCLIP(nn.Module):
         if isinstance(text, TextBatch):
             return text
         if isinstance(text, torch.Tensor):  # OpenAI-style ids from calibclip.tokenize (0-padded)
-            if hasattr(self.model, "batch_from_ids"):
-                return self.model.batch_from_ids(text)
-            ids = text.long()
-            special = (ids == SOT_TOKEN) | (ids == EOT_TOKEN)
-            return TextBatch(ids, (ids != self.model.pad_id).long(), special)
+            return self.model.batch_from_ids(text)
         return self.tokenize(text)
 
     def image_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -97,10 +103,44 @@ def _architecture(model: Encoder) -> dict[str, Any]:
         return None
 
     return {
-        "embed_dim": int(getattr(model, "embed_dim", first("embed_dim"))),
+        "embed_dim": int(model.embed_dim),
         "vision_layers": first("vision_layers", "vision.layers"),
         "text_layers": first("text_layers", "transformer_layers", "text.layers"),
     }
+
+
+def _reference_keywords(
+    pretrained: str | os.PathLike, settings: dict[str, Any]
+) -> tuple[str | os.PathLike, dict[str, Any], int | None]:
+    """Pop the CalibCLIP reference repository's keywords of `build_calibclip` from ``settings``.
+
+    ``model_name`` / ``name`` are ``pretrained``; ``image_size`` (model input, e.g. ``(384, 128)``) goes
+    to `create_model`; ``stride_size`` must equal the patch size (checked by the caller);
+    ``cve_config`` / ``dcc_config`` must be empty (they configure the reference's trainable layers).
+
+    Args:
+        pretrained: The ``pretrained`` argument as given.
+        settings: The remaining keyword arguments (modified in place).
+
+    Returns:
+        ``(pretrained, create_model keyword arguments, stride_size or None)``.
+
+    Raises:
+        ValueError: the model given twice, or a non-empty ``cve_config`` / ``dcc_config``.
+    """
+    names = [settings.pop(k) for k in ("model_name", "name") if k in settings]
+    if len(names) > 1 or (names and str(pretrained) != "starter"):
+        raise ValueError("give the model once: pretrained=, model_name= or name=")
+    model_kwargs = {"image_size": tuple(settings.pop("image_size"))} if "image_size" in settings else {}
+    for key in ("cve_config", "dcc_config"):
+        if settings.pop(key, None):
+            raise ValueError(
+                f"{key} configures the reference implementation's trainable layers, which calibclip does not have "
+                "(its calibration is training-free); pass CalibrationConfig fields instead, e.g. top_k=, lam=, "
+                "decay_factor= (see docs/calibration.md)"
+            )
+    stride = settings.pop("stride_size", None)
+    return (names[0] if names else pretrained), model_kwargs, (int(stride) if stride is not None else None)
 
 
 def build_calibclip(
@@ -111,19 +151,42 @@ def build_calibclip(
     device: str | torch.device | None = "cpu",
     precision: str = "fp32",
     config: CalibrationConfig | str | os.PathLike | None = None,
+    method: str | None = None,
     **settings: Any,
 ) -> CalibCLIP:
-    """Load ``pretrained`` (checkpoint path or registered name) with `calibclip.create_model` and
-    wrap it in `CalibCLIP`.
+    """Load ``pretrained`` with `calibclip.create_model` and wrap it in `CalibCLIP`.
 
-    ``embed_dim`` / ``vision_layers`` / ``text_layers`` are checked against the checkpoint (pass
-    None to skip a check); a mismatch is a ValueError that names both values. ``config``: a
-    `CalibrationConfig` or a YAML path (default: per-encoder defaults); ``settings`` override single
-    fields, e.g. ``build_calibclip(path, top_k=20, lam=0.6)``.
+    Example: ``build_calibclip(path, top_k=20, lam=0.6)``.
+
+    Args:
+        pretrained: checkpoint path or registered model name.
+        embed_dim: expected embedding size (None: not checked).
+        vision_layers: expected vision depth (ResNet: the four stage depths; None: not checked).
+        text_layers: expected text depth (None: not checked).
+        device: "cpu", "cuda", "auto" or a torch device.
+        precision: fp32 | bf16 | fp16 (CUDA).
+        config: a `CalibrationConfig` or a YAML path (default: the encoder's packaged defaults).
+        method: a registered calibration method (default ``calibclip``).
+        **settings: single `CalibrationConfig` fields over ``config``.
+
+    Returns:
+        The `CalibCLIP` wrapper.
+
+    Raises:
+        ValueError: the checkpoint's architecture differs from the expected values (both named),
+            an unknown setting or method.
+        FileNotFoundError: no such checkpoint or config file.
     """
     from calibclip.models.registry import create_model
 
-    model = create_model(pretrained, device=device, precision=precision)
+    pretrained, model_kwargs, stride = _reference_keywords(pretrained, settings)
+    model = create_model(pretrained, device=device, precision=precision, **model_kwargs)
+    patch = model.config().get("vision_patch_size")
+    if stride is not None and stride != patch:
+        raise ValueError(
+            f"build_calibclip(stride_size={stride}): overlapping patch strides are not implemented; "
+            f"use stride_size={patch} (the patch size of {model.name}) or leave it out"
+        )
     found = _architecture(model)
     expected = {"embed_dim": embed_dim, "vision_layers": vision_layers, "text_layers": text_layers}
     wrong = []
@@ -145,7 +208,7 @@ def build_calibclip(
     elif isinstance(config, CalibrationConfig):
         cfg = config
     else:
-        cfg = CalibrationConfig.from_yaml(config)
+        cfg = CalibrationConfig.from_yaml(Path(config))
     if settings:
         cfg = cfg.replace(**settings)
-    return CalibCLIP(model, cfg)
+    return CalibCLIP(model, cfg, method=method)

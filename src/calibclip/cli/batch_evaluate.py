@@ -7,15 +7,17 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from calibclip.cli.evaluate import DATASET_CHOICES, add_common_arguments
+    from calibclip.cli.evaluate import add_common_arguments, dataset_choices
+
+    choices = dataset_choices()
 
     p = sub.add_parser(
         "batch-evaluate", help="evaluate one model on several datasets into one table",
         description="Evaluate one model on several datasets (the i-th --data-roots entry is the folder of the "
         "i-th --datasets entry); writes results.{md,csv,json} and recall.png to --output-dir.",
     )
-    p.add_argument("--datasets", nargs="+", required=True, choices=DATASET_CHOICES, metavar="DATASET",
-                   help=f"datasets ({', '.join(DATASET_CHOICES)})")
+    p.add_argument("--datasets", nargs="+", required=True, choices=choices, metavar="DATASET",
+                   help=f"datasets ({', '.join(choices)})")
     p.add_argument("--data-roots", nargs="+", required=True, metavar="DIR", help="one folder per dataset")
     add_common_arguments(p)
     return p
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             m = cfg["model"]
             encoders[task] = load_encoder(model, task, m["device"], m["precision"], m.get("clip_image_size"))
         result = run_evaluation(dataset, root, cfg, model=model, split=args.split, encoder=encoders[task],  # type: ignore[arg-type]
-                                calibrate=args.calibrate)
+                                calibrate=args.calibrate, calibration_method=args.calibration_method)
         results.append(result)
         print(f"{result['dataset']} ({result['split']}): " + ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()))
     paths = write_batch_report(results, args.output_dir)

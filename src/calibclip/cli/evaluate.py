@@ -7,7 +7,28 @@ import argparse
 import json
 from typing import Any
 
-DATASET_CHOICES = ("cuhkpedes", "icfgpedes", "rstpreid", "rstp", "flickr8k", "karpathy", "fashioniq", "cirr", "css")
+
+
+def dataset_choices() -> tuple[str, ...]:
+    """Every accepted ``--dataset`` value, read from the dataset table (names and aliases)."""
+    from calibclip.data.registry import dataset_names
+
+    return dataset_names(aliases=True)
+
+
+def calibration_method_choices() -> list[str]:
+    """Every ``--calibration-method`` value, read from the calibration-method table."""
+    from calibclip.calibration.methods import calibration_methods
+
+    return calibration_methods()
+
+
+def split_help() -> str:
+    """``--split`` help: each dataset's default split, from the dataset table."""
+    from calibclip.data.registry import list_datasets
+
+    splits = "; ".join(f"{s.name}: {'/'.join(s.splits)} (default {s.default_split})" for s in list_datasets())
+    return f"dataset split ({splits})"
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +37,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--model", help="registered model name or checkpoint path (default: config's, else starter)")
     model.add_argument("--checkpoint", help="checkpoint file or folder (same as --model PATH)")
     p.add_argument("--config", help="evaluation YAML (model, evaluation, calibration sections), e.g. configs/cuhkpedes.yaml")
-    p.add_argument("--split", help="dataset split (default: test; fashioniq/cirr: val; flickr8k has train/dev/test)")
+    p.add_argument("--split", help=split_help())
     p.add_argument("--batch-size", type=int, help="images per encoding batch (default 64)")
     p.add_argument("--workers", type=int, help="image decoding processes (default 0 = in process)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="model precision (fp16 needs CUDA)")
@@ -24,6 +45,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute features instead of using the feature cache")
     p.add_argument("--calibrate", action="store_true",
                    help="CalibCLIP calibration with the config's calibration: section (encoder defaults otherwise)")
+    p.add_argument("--calibration-method", choices=calibration_method_choices(), metavar="METHOD",
+                   help=f"with --calibrate: the calibration method ({', '.join(calibration_method_choices())}; "
+                   "default calibclip)")
     p.add_argument("--output-dir", help="write metrics.json, metrics.md and recall.png here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -52,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Text->image (person retrieval: R@1/5/10, mAP, mINP; captions: t2i/i2t R@1/5/10) or "
         "composed retrieval (FashionIQ, CIRR, CSS) metrics in percent.",
     )
-    p.add_argument("--dataset", choices=DATASET_CHOICES, help="benchmark (default: the config's dataset:)")
+    p.add_argument("--dataset", choices=dataset_choices(), help="benchmark (default: the config's dataset:)")
     p.add_argument("--data-root", help="dataset folder (default: the config's data_root:)")
     add_common_arguments(p)
     p.add_argument("--json", action="store_true",
@@ -92,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--submission writes the CIRR test-server files into --output-dir: give one")
     result = run_evaluation(
         dataset, data_root, cfg, model=args.checkpoint or args.model, split=args.split, calibrate=args.calibrate,
-        combiner=args.combiner, combining=args.combining,
+        combiner=args.combiner, combining=args.combining, calibration_method=args.calibration_method,
         submission_dir=Path(args.output_dir) / "submission" if args.submission else None,
     )
     if args.output_dir:

@@ -27,21 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from calibclip.calibration import CalibrationConfig, Calibrator
+    from calibclip.calibration import CalibrationConfig, create_calibrator
+    from calibclip.calibration.config import parse_overrides
     from calibclip.calibration.explain import render
     from calibclip.data.images import load_image
     from calibclip.models.registry import create_model
@@ -54,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         cfg = CalibrationConfig.from_yaml(args.config, base=cfg)
     cfg = cfg.replace(**parse_overrides(args.overrides))
-    cal = Calibrator(model, cfg)
+    cal = create_calibrator(model, config=cfg)
     image = load_image(image_path)
     pixels = model.preprocess(image)[None]
     shown = model.preprocess.to_image(image) if hasattr(model.preprocess, "to_image") else image

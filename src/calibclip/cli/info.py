@@ -28,8 +28,20 @@ def run(args: argparse.Namespace) -> int:
             info["skipped_files"] = skipped
         print(json.dumps(info, default=str))
         return 0
-    for key in ("store", "backend", "count", "skipped", "model", "fingerprint", "dim", "precision", "vector_sets",
-                "images_dir", "combiner", "disk_bytes"):
+    for key in (
+        "store",
+        "backend",
+        "count",
+        "skipped",
+        "model",
+        "fingerprint",
+        "dim",
+        "precision",
+        "vector_sets",
+        "images_dir",
+        "combiner",
+        "disk_bytes",
+    ):
         print(f"{key:12} {info[key]}")
     if args.skipped:
         for s in skipped:

@@ -14,6 +14,14 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``calibclip`` parser with every subcommand of `COMMANDS`.
+
+    Returns:
+        The parser; each subcommand's ``func`` default is its module's ``run``.
+
+    Raises:
+        RuntimeError: a subcommand module is missing (a broken rename) or fails to import.
+    """
     parser = argparse.ArgumentParser(
         prog="calibclip",
         description="CLIP-based image retrieval: indexing, search, CalibCLIP calibration, composed retrieval.",
@@ -22,10 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"calibclip.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"calibclip.cli.{name}":
-                continue
-            raise
+        except ImportError as exc:
+            raise RuntimeError(
+                f"calibclip subcommand module calibclip.cli.{name} cannot be imported ({exc}); it is listed in "
+                "calibclip.cli.main.COMMANDS: restore the module or remove it from COMMANDS"
+            ) from exc
         p = module.add_parser(sub)
         p.set_defaults(func=module.run)
     return parser

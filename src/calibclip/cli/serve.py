@@ -14,21 +14,34 @@ from calibclip.cli.index import store_spec_help
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "serve", help="serve the web demo and JSON API over indexes",
+        "serve",
+        help="serve the web demo and JSON API over indexes",
         description="Serve the web demo (text, calibrated and composed search) and its JSON API "
         "(OpenAPI document at /openapi.json) over one or more indexes built with `calibclip index`.",
     )
-    p.add_argument("index_dirs", nargs="+", metavar="INDEX",
-                   help="index folder(s) or store spec(s) (" + store_spec_help() + "); the first is the default")
+    p.add_argument(
+        "index_dirs",
+        nargs="+",
+        metavar="INDEX",
+        help="index folder(s) or store spec(s) (" + store_spec_help() + "); the first is the default",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes (default 1); each loads the model and indexes (memory x N)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes (default 1); each loads the model and indexes (memory x N)",
+    )
     p.add_argument("--model", default=None, help="model name or checkpoint (default: the one the index records)")
-    p.add_argument("--captions", default=None, metavar="FILE",
-                   help="annotations JSON (CIRR/CSS or FashionIQ style) giving suggested modifications and "
-                   "ground-truth targets for the first index (default: captions/cap.*.json found in or "
-                   "beside the indexed folder, the CIRR / CSS / FashionIQ layout)")
+    p.add_argument(
+        "--captions",
+        default=None,
+        metavar="FILE",
+        help="annotations JSON (CIRR/CSS or FashionIQ style) giving suggested modifications and "
+        "ground-truth targets for the first index (default: captions/cap.*.json found in or "
+        "beside the indexed folder, the CIRR / CSS / FashionIQ layout)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default 10)")
     p.add_argument("--upload-ttl", type=float, default=3600.0, help="seconds an upload is kept (default 3600)")
     p.add_argument("--device", default="cpu", help="device for the model: cpu, cuda or auto (default cpu)")
@@ -67,8 +80,14 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
     )
-    common = dict(host=args.host, port=args.port, log_level=args.log_level, server_header=False,
-                  proxy_headers=False, timeout_graceful_shutdown=5)
+    common = dict(
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+    )
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler in place
     # before it started: make that handler an exit that runs the clean-up below.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)

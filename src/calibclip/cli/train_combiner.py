@@ -7,10 +7,12 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from calibclip.data.registry import dataset_names
+
     p = sub.add_parser("train-combiner", help="train a composed-retrieval Combiner (FashionIQ, CIRR, CSS)",
                        description="Train the CLIP4Cir Combiner on frozen, cached encoder features. Re-running with "
                                    "the same --out resumes from RUN_DIR/last.pt.")
-    p.add_argument("--dataset", required=True, choices=("fashioniq", "cirr", "css"))
+    p.add_argument("--dataset", required=True, choices=dataset_names("composed"))
     p.add_argument("--data-root", required=True, help="dataset folder (layouts: README, section Composed image retrieval)")
     p.add_argument("--model", default="starter", help="registered model name or checkpoint path (default: starter)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, plot)")

@@ -16,15 +16,11 @@ import torch.nn.functional as F
 
 from calibclip.composed.baselines import CombiningFn, build_combining
 from calibclip.data.cache import FeatureCache
-from calibclip.data.composed import (
-    ComposedDataset, fashioniq_caption, fashioniq_caption_variants, load_css, load_cirr, load_fashioniq,
-)
+from calibclip.data.composed import ComposedDataset, fashioniq_caption, fashioniq_caption_variants
+from calibclip.data.registry import DatasetSpec, dataset_names, get_dataset
 from calibclip.evaluation.composed_metrics import cirr_metrics, cirr_submission, fashioniq_metrics
 from calibclip.models.base import Encoder
 
-DATASETS = ("fashioniq", "cirr", "css")
-#: The metric each dataset's model selection (and headline) uses.
-HEADLINE = {"fashioniq": "avg", "cirr": "avg", "css": "R@1"}
 #: Queries combined and scored per block.
 QUERY_BLOCK = 2048
 
@@ -39,15 +35,29 @@ class ComposedFeatures:
     variants: torch.Tensor | None = None
 
 
+def composed_spec(dataset: str) -> DatasetSpec:
+    """The dataset table's entry of a composed-retrieval dataset.
+
+    Raises:
+        ValueError: unknown, or not a composed-retrieval dataset (the message lists those).
+    """
+    try:
+        spec = get_dataset(dataset)
+    except ValueError:
+        spec = None
+    if spec is None or spec.task != "composed":
+        raise ValueError(f"unknown composed dataset {dataset!r}: use one of {', '.join(dataset_names('composed'))}")
+    return spec
+
+
+def headline_metric(dataset: str) -> str:
+    """The metric a composed dataset's model selection (and headline) uses (default ``R@1``)."""
+    return composed_spec(dataset).headline or "R@1"
+
+
 def load_composed(dataset: str, data_root: str | Path, split: str) -> list[ComposedDataset]:
     """The `ComposedDataset` records of a dataset split (FashionIQ: one per category)."""
-    if dataset == "fashioniq":
-        return list(load_fashioniq(data_root, split).values())
-    if dataset == "cirr":
-        return [load_cirr(data_root, "test1" if split == "test" else split)]
-    if dataset == "css":
-        return [load_css(data_root, split)]
-    raise ValueError(f"unknown composed dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    return list(composed_spec(dataset).load(data_root, split))
 
 
 def query_texts(ds: ComposedDataset) -> list[str]:
@@ -125,8 +135,7 @@ def evaluate_composed(
     ``R@1 R@5 R@10 R@50``. CIRR ``test1`` has no public targets: it needs ``submission_dir``,
     where the two test-server JSON files are written, and returns ``{}``.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown composed dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    dataset = composed_spec(dataset).name
     if dataset == "fashioniq" and split == "test":
         raise ValueError("FashionIQ test has no target images (and no public evaluation server), so it cannot be "
                          "scored; evaluate the val split")

@@ -26,7 +26,7 @@ import torch
 from calibclip.composed.baselines import build_combining
 from calibclip.composed.combiner import Combiner, combiner_record
 from calibclip.composed.evaluate import (
-    DATASETS, HEADLINE, ComposedFeatures, extract_features, load_composed, metrics_from_features,
+    ComposedFeatures, composed_spec, extract_features, headline_metric, load_composed, metrics_from_features,
 )
 from calibclip.data.cache import FeatureCache
 from calibclip.models.base import Encoder
@@ -99,14 +99,13 @@ def train_combiner(
 ) -> dict[str, Any]:
     """Train (or resume training) a Combiner; returns a summary with the best validation metrics,
     the baselines and timings. Re-running with the same ``out_dir`` resumes from ``last.pt``."""
-    if config.dataset not in DATASETS:
-        raise ValueError(f"unknown composed dataset {config.dataset!r}: use one of {', '.join(DATASETS)}")
+    composed_spec(config.dataset)  # ValueError listing the composed datasets
     if config.epochs < 1 or config.batch_size < 2 or config.lr <= 0:
         raise ValueError("need epochs >= 1, batch size >= 2 and a positive learning rate")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or FeatureCache()
-    headline = HEADLINE[config.dataset]
+    headline = headline_metric(config.dataset)
     fingerprint = encoder.fingerprint()
 
     t0 = time.perf_counter()

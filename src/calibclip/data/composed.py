@@ -257,3 +257,18 @@ def load_cirr(root: str | Path, split: str = "val", name: str = "cirr", check_im
 def load_css(root: str | Path, split: str = "test", check_images: bool = True) -> ComposedDataset:
     """The generated CSS-style benchmark (`calibclip make-css`), read with the CIRR loader."""
     return load_cirr(root, split, name="css", check_images=check_images)
+
+
+def load_fashioniq_categories(root: str | Path, split: str = "val") -> list[ComposedDataset]:
+    """FashionIQ as the dataset table loads it: one `ComposedDataset` per category."""
+    return list(load_fashioniq(root, split).values())
+
+
+def load_cirr_split(root: str | Path, split: str = "val") -> list[ComposedDataset]:
+    """CIRR as the dataset table loads it (``test`` means ``test1``)."""
+    return [load_cirr(root, "test1" if split == "test" else split)]
+
+
+def load_css_split(root: str | Path, split: str = "test") -> list[ComposedDataset]:
+    """CSS as the dataset table loads it."""
+    return [load_css(root, split)]

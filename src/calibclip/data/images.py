@@ -12,12 +12,12 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+ImageInput = str | os.PathLike | bytes | Image.Image
 
 #: Largest accepted image, in pixels (width * height). 64 MP covers any camera photo.
 MAX_PIXELS = 64_000_000

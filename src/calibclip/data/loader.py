@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from calibclip.data.images import ImageError
 
-Transform = Callable[[object], torch.Tensor]
+Transform = Callable[[Any], torch.Tensor]
 
 
 @dataclass

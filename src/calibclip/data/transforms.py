@@ -140,5 +140,5 @@ def build_transform(
     if name == "reid":
         hw = (384, 128) if isinstance(size, int) and size == 224 else (size if isinstance(size, tuple) else (size, size))
         return ImageTransform(size=hw, mode="resize", mean=mean, std=std)
-    hw = (size, size) if isinstance(size, int) else tuple(size)
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return ImageTransform(size=hw, mode=name, mean=mean, std=std, target_ratio=target_ratio)  # type: ignore[arg-type]

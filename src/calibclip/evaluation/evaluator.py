@@ -4,6 +4,7 @@ cosine similarities, optional CalibCLIP re-ranking, and the metrics of the datas
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from calibclip.data.cache import FeatureCache
 from calibclip.data.records import RetrievalDataset
-from calibclip.evaluation.metrics import caption_metrics, retrieval_metrics
+from calibclip.evaluation.metrics import caption_metrics, ground_truth_metrics, retrieval_metrics
 from calibclip.models.base import Encoder
 
 #: Query rows fused at once when re-ranking with a calibrator (bounds memory).
@@ -31,6 +32,7 @@ def dataset_features(
     cache = cache if cache is not None else FeatureCache(enabled=False, shard_size=SHARD_SIZE)
     tags: dict[str, Any] = {"dataset": dataset.name, "split": dataset.split,
                             "preprocess": encoder.preprocess.describe()}
+    names: tuple[str, ...]
     if calibrator is not None:
         img_fn, txt_fn, names = calibrator.image_features, calibrator.text_features, ("raw", "calibrated")
         tags["variant"] = calibrator.config_id()
@@ -47,6 +49,25 @@ def cosine_similarity(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | 
     """``[Q, G]`` cosine similarities (float32) of two feature matrices."""
     q = F.normalize(torch.as_tensor(queries).float(), dim=-1)
     g = F.normalize(torch.as_tensor(gallery).float(), dim=-1)
+    return q @ g.T
+
+
+def compute_similarity(
+    query_features: torch.Tensor, gallery_features: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
+    """``[Q, G]`` similarity of two feature matrices (the reference repository's name).
+
+    Args:
+        query_features: ``[Q, D]`` features.
+        gallery_features: ``[G, D]`` features.
+        normalize: L2-normalise both first (cosine similarity); False gives raw dot products.
+
+    Returns:
+        The ``[Q, G]`` matrix, in the inputs' dtype.
+    """
+    q, g = torch.as_tensor(query_features), torch.as_tensor(gallery_features)
+    if normalize:
+        q, g = F.normalize(q, dim=-1), F.normalize(g, dim=-1)
     return q @ g.T
 
 
@@ -99,37 +120,94 @@ class Evaluator:
     ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` (percent, text->image, IRRA definitions).
 
     ``model``: an `Encoder` or a `calibclip.CalibCLIP` (then its calibrated re-ranking is
-    evaluated). ``loader``: an `calibclip.datasets.EvalLoader` (``build_dataloader``) or a
-    `RetrievalDataset`. For caption datasets the ids are the images, so mAP there is the mean
+    evaluated). ``loader``: an `calibclip.datasets.EvalLoader` (``build_dataloader``), a
+    `RetrievalDataset`, or a torch ``DataLoader`` over a `calibclip.datasets` reference-style dataset
+    (``build_dataset``). For caption datasets the ids are the images, so mAP there is the mean
     reciprocal rank of the caption's image.
+
+    Without a model it is the reference repository's metrics-only evaluator:
+    ``Evaluator(topk=[1, 5, 10]).evaluate(similarity_matrix, ground_truth)`` (fractions; see
+    `calibclip.evaluation.metrics.ground_truth_metrics`).
+
+    Args:
+        model: The encoder to evaluate (`Encoder` or `CalibCLIP`); None for the metrics-only form. A
+            list of ints in this position is read as ``topk`` (the reference's positional form).
+        device: Where the model runs: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        cache: Feature cache for the dataset features (default: none, features are recomputed).
+        calibrator: A `calibclip.calibration.Calibrator` whose fused re-ranking is evaluated.
+        progress: Show progress bars while encoding.
+        topk: The K of each ``R@K`` of the metrics-only form (default ``[1, 5, 10]``).
+        compute_map: Metrics-only form: also return ``mAP``.
+        compute_minp: Metrics-only form: also return ``mINP``.
+
+    Raises:
+        TypeError: ``model`` is neither an `Encoder`, a `CalibCLIP`, None nor a list of ints.
     """
 
     def __init__(
-        self, model: Any, device: str | torch.device = "cpu", cache: FeatureCache | None = None,
-        calibrator: Any | None = None, progress: bool = True,
+        self, model: Any = None, device: str | torch.device = "cpu", cache: FeatureCache | None = None,
+        calibrator: Any | None = None, progress: bool = True, *, topk: Sequence[int] | None = None,
+        compute_map: bool = True, compute_minp: bool = True,
     ):
         from calibclip.utils import resolve_device
 
+        if isinstance(model, (list, tuple)) and all(isinstance(k, int) for k in model):
+            topk, model = list(model), None  # reference form: Evaluator([1, 5, 10])
+        self.topk = list(topk) if topk is not None else [1, 5, 10]
+        self.compute_map = compute_map
+        self.compute_minp = compute_minp
         if hasattr(model, "calibrator") and hasattr(model, "model"):  # CalibCLIP wrapper
             calibrator = calibrator or model.calibrator
             model = model.model
-        if not isinstance(model, Encoder):
+        if model is not None and not isinstance(model, Encoder):
             raise TypeError(f"Evaluator needs a calibclip Encoder or CalibCLIP, got {type(model).__name__}")
-        self.model = model.to(resolve_device(device)).eval()
+        self.model = model.to(resolve_device(device)).eval() if model is not None else None
         self.cache = cache
         self.calibrator = calibrator
         self.progress = progress
 
-    def evaluate(self, loader: Any) -> dict[str, float]:
+    def evaluate(
+        self, loader: Any, ground_truth: dict[int, Sequence[int]] | None = None, query_type: str = "text"
+    ) -> dict[str, float]:
+        """Evaluate text->image retrieval.
+
+        Args:
+            loader: What `build_dataloader` returns, a `RetrievalDataset`, or a torch ``DataLoader``
+                over a `calibclip.datasets.build_dataset` dataset. With ``ground_truth``: a ``[Q, G]``
+                similarity matrix (NumPy or torch) instead.
+            ground_truth: ``{query row: [positive gallery columns]}``; selects the metrics-only form.
+            query_type: ``"text"`` or ``"image"``; recorded by the reference API, it does not change
+                the metrics.
+
+        Returns:
+            With a model: ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` in percent. With
+            ``ground_truth``: ``{"R@K" for K in topk, "mAP", "mINP"}`` as fractions in [0, 1].
+
+        Raises:
+            TypeError: ``loader`` is not one of the accepted types.
+            ValueError: a metrics-only evaluator got no ``ground_truth``, a bad ``query_type``, or
+                ``ground_truth`` that does not fit the matrix.
+        """
+        if query_type not in ("text", "image"):
+            raise ValueError(f"query_type must be 'text' or 'image', got {query_type!r}")
+        if ground_truth is not None:
+            sim = loader.detach().cpu() if isinstance(loader, torch.Tensor) else np.asarray(loader)
+            return ground_truth_metrics(sim, ground_truth, self.topk, self.compute_map, self.compute_minp)
+        if self.model is None:
+            raise ValueError(
+                "this Evaluator has no model: call evaluate(similarity_matrix, ground_truth), or build it as "
+                "Evaluator(model) to evaluate a dataset"
+            )
         dataset = getattr(loader, "dataset", loader)
+        transform = getattr(loader, "transform", None) or getattr(dataset, "eval_transform", None)
+        dataset = getattr(dataset, "retrieval_dataset", dataset)  # reference-style dataset (build_dataset)
         if not isinstance(dataset, RetrievalDataset):
             raise TypeError(
                 "Evaluator.evaluate expects calibclip.datasets.build_dataloader(...) or a RetrievalDataset, "
                 f"got {type(loader).__name__}"
             )
         batch_size = int(getattr(loader, "batch_size", 64) or 64)
-        workers = int(getattr(loader, "workers", 0) or 0)
-        transform = getattr(loader, "transform", None)
+        workers = int(getattr(loader, "workers", getattr(loader, "num_workers", 0)) or 0)
         original = self.model.preprocess
         if transform is not None:
             self.model.preprocess = transform

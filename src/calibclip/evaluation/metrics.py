@@ -252,3 +252,71 @@ def caption_metrics(
         sim_t = sim_t.index_select(0, images)
     i2t = recall_at_k(sim_t, images, cap_img, ks)
     return {**{f"t2i_{k}": v for k, v in t2i.items()}, **{f"i2t_{k}": v for k, v in i2t.items()}}
+
+
+def ground_truth_metrics(
+    similarity: np.ndarray | torch.Tensor, ground_truth: dict[int, Sequence[int]], ks: Sequence[int] = (1, 5, 10),
+    compute_map: bool = True, compute_minp: bool = True,
+) -> dict[str, float]:
+    """Retrieval metrics with explicit positives per query (the reference repository's
+    ``Evaluator.evaluate(similarity_matrix, ground_truth)``), as **fractions** in [0, 1].
+
+    Args:
+        similarity: ``[Q, G]`` scores, higher = more similar (NumPy or torch).
+        ground_truth: ``{query row: [positive gallery columns, ...]}``; only these queries count.
+        ks: the K of each ``R@K``.
+        compute_map: also return ``mAP`` (mean over queries of AP, IRRA's definition).
+        compute_minp: also return ``mINP`` (mean of ``P / rank of the last positive``).
+
+    Returns:
+        ``{"R@K": fraction of the queries with a positive in the top K, ..., "mAP", "mINP"}``. Ranks
+        follow this module's rule (stable descending order, ties broken by gallery index).
+
+    Raises:
+        ValueError: an empty ``ground_truth``, a query without positives, or a row / column index
+            outside the matrix.
+    """
+    sim = _as_similarity(similarity).double()
+    n_q, n_g = sim.shape
+    if not ground_truth:
+        raise ValueError("ground_truth is empty: give {query_index: [positive gallery indices]}")
+    rows: list[int] = []
+    cols: list[int] = []
+    for q, positives in ground_truth.items():
+        pos = sorted({int(p) for p in positives})
+        if not 0 <= int(q) < n_q:
+            raise ValueError(f"ground_truth query {q} is outside the similarity matrix's {n_q} rows")
+        if not pos:
+            raise ValueError(f"ground_truth query {q} has no positive gallery index (its metrics are undefined)")
+        if pos[0] < 0 or pos[-1] >= n_g:
+            raise ValueError(f"ground_truth query {q} names gallery index {pos[0] if pos[0] < 0 else pos[-1]}, "
+                             f"outside the matrix's {n_g} columns")
+        rows += [int(q)] * len(pos)
+        cols += pos
+    q_idx = torch.as_tensor(rows, device=sim.device)
+    g_idx = torch.as_tensor(cols, device=sim.device)
+    ranks = torch.empty(len(rows), dtype=torch.int64, device=sim.device)
+    gallery = torch.arange(n_g, device=sim.device)
+    step = max(1, CHUNK_ELEMENTS // max(n_g, 1))
+    for s in range(0, len(rows), step):
+        r, c = q_idx[s : s + step], g_idx[s : s + step]
+        row = sim[r]  # [pairs, G]
+        own = row.gather(1, c[:, None])
+        ahead = (row > own) | ((row == own) & (gallery[None, :] < c[:, None]))
+        ranks[s : s + step] = 1 + ahead.sum(1)
+    # group the pairs per query, positives in rank order
+    order = torch.argsort(q_idx * (n_g + 1) + ranks)
+    q_sorted, r_sorted = q_idx[order], ranks[order].double()
+    queries, counts = torch.unique_consecutive(q_sorted, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    m = torch.arange(len(rows), device=sim.device) - torch.repeat_interleave(starts, counts) + 1
+    first = r_sorted[starts]
+    out = {f"R@{k}": float((first <= k).double().mean()) for k in ks}
+    if compute_map:
+        ap = torch.zeros(len(queries), dtype=torch.float64, device=sim.device)
+        ap.index_add_(0, torch.repeat_interleave(torch.arange(len(queries), device=sim.device), counts), m / r_sorted)
+        out["mAP"] = float((ap / counts).mean())
+    if compute_minp:
+        last = r_sorted[starts + counts - 1]
+        out["mINP"] = float((counts / last).mean())
+    return out

@@ -8,16 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from calibclip.data.cache import FeatureCache
-from calibclip.datasets import canonical_dataset, dataset_task, load_dataset
+from calibclip.data.registry import dataset_names, get_dataset
 from calibclip.evaluation.evaluator import SHARD_SIZE, evaluate_retrieval
 from calibclip.models.base import Encoder
 
-#: Split used when none is given (FashionIQ/CIRR test targets are not public).
-DEFAULT_SPLIT = {"fashioniq": "val", "cirr": "val"}
+
+
+def _listing(names: tuple[str, ...]) -> str:
+    """``a, b and c``."""
+    return " and ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else "none"
 
 
 def default_split(dataset: str) -> str:
-    return DEFAULT_SPLIT.get(canonical_dataset(dataset), "test")
+    """The split evaluated when none is given (the dataset table's ``default_split``)."""
+    return get_dataset(dataset).default_split
 
 
 def load_encoder(
@@ -37,33 +41,29 @@ def load_encoder(
     return encoder
 
 
-def make_calibrator(encoder: Encoder, settings: dict[str, Any] | None) -> Any:
-    """A `Calibrator` with the encoder's defaults overridden by a config's ``calibration:`` section."""
-    from calibclip.calibration import CalibrationConfig, Calibrator
-
-    base = CalibrationConfig.default_for(encoder.name)
-    return Calibrator(encoder, CalibrationConfig.from_dict(settings or {}, base=base))
-
-
 def run_evaluation(
     dataset: str, data_root: str | Path, config: dict[str, Any], model: str | None = None, split: str | None = None,
     encoder: Encoder | None = None, calibrate: bool = False, combiner: str | None = None,
     combining: str | None = None, submission_dir: str | Path | None = None, progress: bool = True,
+    calibration_method: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate and return ``{"dataset", "split", "model", "metrics", "calibrate", "timing"}``.
 
     ``config``: from `calibclip.evaluation.config.load_config` (model, evaluation, calibration).
     ``encoder``: reuse an already built encoder (batch evaluation); otherwise built from ``model``.
+    ``calibration_method``: a registered calibration method (default ``calibclip``) used with ``calibrate``.
     """
-    name = canonical_dataset(dataset)
-    task = dataset_task(name)
+    spec = get_dataset(dataset)
+    name, task = spec.name, spec.task
     model_cfg, eval_cfg = config["model"], config["evaluation"]
     model = str(model or model_cfg.get("name") or "starter")
-    split = split or eval_cfg.get("split") or default_split(name)
+    split = split or eval_cfg.get("split") or spec.default_split
+    if calibration_method and not calibrate:
+        raise ValueError("a calibration method applies with calibration on (--calibrate)")
     if task == "composed" and calibrate:
         raise ValueError("--calibrate applies to text->image retrieval; composed retrieval uses --combining")
     if task != "composed" and (combiner or combining):
-        raise ValueError(f"--combiner/--combining apply to fashioniq, cirr and css, not {name}")
+        raise ValueError(f"--combiner/--combining apply to {_listing(dataset_names('composed'))}, not {name}")
     t0 = time.perf_counter()
     if encoder is None:
         encoder = load_encoder(model, task, model_cfg.get("device", "auto"), model_cfg.get("precision", "fp32"),
@@ -82,8 +82,12 @@ def run_evaluation(
             submission_dir=Path(submission_dir) if submission_dir else None, progress=progress,
         )
     else:
-        data = load_dataset(name, data_root, split)
-        calibrator = make_calibrator(encoder, config.get("calibration")) if calibrate else None
+        data = spec.load(data_root, split)
+        calibrator = None
+        if calibrate:
+            from calibclip.calibration.methods import create_calibrator
+
+            calibrator = create_calibrator(encoder, calibration_method, settings=config.get("calibration"))
         metrics = evaluate_retrieval(encoder, data, batch_size=batch_size, workers=workers, cache=cache,
                                      calibrator=calibrator, progress=progress, timings=timing)
     timing["total_s"] = time.perf_counter() - t1

@@ -17,7 +17,23 @@ from calibclip.index.stores import (
 )
 
 __all__ = [
-    "AUTO_THRESHOLD", "AnnIndex", "BuildReport", "ExactSearcher", "ImageRecord", "Index", "IndexStateError", "Query",
-    "SearchResult", "SkippedFile", "Storage", "VectorStore", "backend_table", "build_index", "is_index_dir",
-    "open_store", "parse_spec", "register_store", "store_schemes",
+    "AUTO_THRESHOLD",
+    "AnnIndex",
+    "BuildReport",
+    "ExactSearcher",
+    "ImageRecord",
+    "Index",
+    "IndexStateError",
+    "Query",
+    "SearchResult",
+    "SkippedFile",
+    "Storage",
+    "VectorStore",
+    "backend_table",
+    "build_index",
+    "is_index_dir",
+    "open_store",
+    "parse_spec",
+    "register_store",
+    "store_schemes",
 ]

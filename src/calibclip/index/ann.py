@@ -49,7 +49,7 @@ class AnnIndex:
         self.params = params
 
     @classmethod
-    def build(cls, kind: str, vectors: np.ndarray, seed: int = 0) -> "AnnIndex":
+    def build(cls, kind: str, vectors: np.ndarray, seed: int = 0) -> AnnIndex:
         """Build ``kind`` (ivf | hnsw) over normalised ``vectors`` ``[N, D]``."""
         faiss = _faiss()
         x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -107,7 +107,7 @@ class AnnIndex:
         os.replace(tmp, path.with_suffix(".json"))
 
     @classmethod
-    def load(cls, path: Path, expect: dict[str, Any]) -> "AnnIndex | None":
+    def load(cls, path: Path, expect: dict[str, Any]) -> AnnIndex | None:
         """The saved index at ``path`` if its sidecar matches ``expect`` (else None: stale/missing)."""
         side_path = path.with_suffix(".json")
         if not path.exists() or not side_path.exists():

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,8 +86,11 @@ def install_combiner(store: VectorStore, path: str | os.PathLike) -> str:
 def model_identity(encoder: Encoder, spec: str | None) -> dict[str, Any]:
     """What the index records about the encoder (checked on every open/update)."""
     return {
-        "model": encoder.name, "model_spec": spec, "fingerprint": encoder.fingerprint(),
-        "model_config": encoder.config(), "precision": getattr(encoder, "precision", "fp32"),
+        "model": encoder.name,
+        "model_spec": spec,
+        "fingerprint": encoder.fingerprint(),
+        "model_config": encoder.config(),
+        "precision": encoder.precision,
     }
 
 
@@ -101,20 +105,21 @@ def check_model(store: VectorStore, encoder: Encoder) -> None:
         )
     dim = store.get("dim")
     if dim is not None and int(dim) != int(encoder.embed_dim):
-        raise ValueError(f"index {store.spec} holds {dim}-d vectors but model {encoder.name!r} gives "
-                         f"{encoder.embed_dim}-d ones; use the index's model or another location")
+        raise ValueError(
+            f"index {store.spec} holds {dim}-d vectors but model {encoder.name!r} gives "
+            f"{encoder.embed_dim}-d ones; use the index's model or another location"
+        )
 
 
-def _feature_fn(encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None) -> tuple[
-    Callable[[torch.Tensor], dict[str, torch.Tensor]], dict[str, Any] | None
-]:
+def _feature_fn(
+    encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None, method: str | None
+) -> tuple[Callable[[torch.Tensor], dict[str, torch.Tensor]], dict[str, Any] | None]:
     if not calibrate:
         return (lambda px: {"raw": encoder.encode_image(px)}), None
-    from calibclip.calibration import CalibrationConfig, Calibrator
+    from calibclip.calibration.methods import create_calibrator, method_record
 
-    config = CalibrationConfig.from_dict(calibration or {}, base=CalibrationConfig.default_for(encoder.name))
-    cal = Calibrator(encoder, config)
-    return cal.image_features, {"config": config.to_dict(), "config_id": cal.config_id()}
+    cal = create_calibrator(encoder, method, settings=calibration)
+    return cal.image_features, method_record(cal, method)
 
 
 @torch.inference_mode()
@@ -129,6 +134,7 @@ def build_index(
     calibration: dict[str, Any] | None = None,
     combiner: str | os.PathLike | None = None,
     progress: bool = True,
+    calibration_method: str | None = None,
     store_options: Mapping[str, Any] | None = None,
     engine: str = "local",
     engine_options: Mapping[str, Any] | None = None,
@@ -144,9 +150,10 @@ def build_index(
         workers: decoding processes of the local engine (0 = in-process).
         calibrate: also store calibrated vectors; None keeps what the index has (none for a new
             one); switching it on/off re-encodes everything.
-        calibration: overrides of `CalibrationConfig` fields.
+        calibration: overrides of the calibration method's settings (`CalibrationConfig` fields).
         combiner: a Combiner checkpoint copied into the index.
         progress: show a progress bar.
+        calibration_method: a registered calibration method (default: the recorded one, else ``calibclip``).
         store_options: backend options (Milvus: ``token``).
         engine: ``local`` (a process pool here) or ``ray`` (Ray Data; see `calibclip.index.ray_engine`).
         engine_options: Ray engine options (``address``, ``num_workers``, ``gpus_per_worker``, ``num_cpus``).
@@ -170,7 +177,7 @@ def build_index(
             raise FileNotFoundError(f"combiner checkpoint {combiner} does not exist (expected RUN_DIR/best.pt)")
         from calibclip.composed import build_combining
 
-        build_combining("combiner", combiner, encoder=encoder)  # a checkpoint of another encoder is refused now
+        build_combining("combiner", Path(combiner), encoder=encoder)  # a checkpoint of another encoder is refused now
     store = open_store(out_dir, writable=True, options=store_options)
     try:
         existing = store.get("format") is not None
@@ -178,9 +185,13 @@ def build_index(
             check_model(store, encoder)
         had_cal = existing and "calibrated" in store.vector_sets
         calibrate = had_cal if calibrate is None else bool(calibrate)
-        if calibrate and calibration is None and had_cal:
-            calibration = (store.get("calibration") or {}).get("config")
-        fn, cal_meta = _feature_fn(encoder, calibrate, calibration)
+        if calibration_method and not calibrate:
+            raise ValueError(f"calibration_method={calibration_method!r} needs calibrate=True (calibrated vectors)")
+        if calibrate and had_cal:
+            recorded = store.get("calibration") or {}
+            calibration = recorded.get("config") if calibration is None else calibration
+            calibration_method = calibration_method or recorded.get("method")
+        fn, cal_meta = _feature_fn(encoder, calibrate, calibration, calibration_method)
         sets = ["raw", "calibrated"] if calibrate else ["raw"]
         identity = {**model_identity(encoder, model_spec), "root": str(images_dir), "calibration": cal_meta}
         if not existing or sets != store.vector_sets or (cal_meta and cal_meta != store.get("calibration")):
@@ -210,8 +221,9 @@ def build_index(
                 unchanged += 1
                 continue
             todo.append(f)
-        problems = [(rel, None, None, reason, msg) for rel, (reason, msg) in scan.problems.items()
-                    if rel not in skipped_state]
+        problems = [
+            (rel, None, None, reason, msg) for rel, (reason, msg) in scan.problems.items() if rel not in skipped_state
+        ]
         store.commit_batch({}, [], skipped=problems, removed=removed)
         if touched:
             store.touch_images(touched)
@@ -222,8 +234,9 @@ def build_index(
         if engine == "ray":
             from calibclip.index.ray_engine import ray_batches
 
-            batches = ray_batches(todo, encoder, model_spec, calibrate, calibration, batch_size,
-                                  dict(engine_options or {}))
+            batches = ray_batches(
+                todo, encoder, calibrate, calibration, calibration_method, batch_size, dict(engine_options or {})
+            )
         else:
             batches = local_batches(todo, encoder, fn, sets, batch_size, workers)
         for records, skipped, vectors in batches:
@@ -239,10 +252,15 @@ def build_index(
         if combiner is not None:
             install_combiner(store, combiner)
         return BuildReport(
-            scanned=len(scan.files) + len(scan.problems), added=added, updated=updated,
+            scanned=len(scan.files) + len(scan.problems),
+            added=added,
+            updated=updated,
             removed=sum(p in state for p in removed),
-            unchanged=unchanged, skipped_new=skipped_new + len(problems), count=store.count(),
-            skipped=store.skipped_count(), seconds=round(time.perf_counter() - t0, 3),
+            unchanged=unchanged,
+            skipped_new=skipped_new + len(problems),
+            count=store.count(),
+            skipped=store.skipped_count(),
+            seconds=round(time.perf_counter() - t0, 3),
         )
     finally:
         store.close()
@@ -258,19 +276,30 @@ Batch = tuple[list[dict[str, Any]], list[SkippedRow], dict[str, np.ndarray]]
 def file_record(f: ScannedFile) -> dict[str, Any]:
     """The stored record of a decoded file (hash and header size read here)."""
     w, h = oriented_size(f.path)
-    return {"path": f.relpath, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": sha256_file(f.path),
-            "width": w, "height": h}
+    return {
+        "path": f.relpath,
+        "size": f.size,
+        "mtime_ns": f.mtime_ns,
+        "sha256": sha256_file(f.path),
+        "width": w,
+        "height": h,
+    }
 
 
 def local_batches(
-    todo: Sequence[ScannedFile], encoder: Encoder, fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-    sets: Sequence[str], batch_size: int, workers: int,
+    todo: Sequence[ScannedFile],
+    encoder: Encoder,
+    fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    sets: Sequence[str],
+    batch_size: int,
+    workers: int,
 ) -> Iterator[Batch]:
     """The local engine: decode in ``workers`` processes (in order), encode here, batch by batch."""
     for batch in iter_image_batches([f.path for f in todo], encoder.preprocess, batch_size, workers):
         records = [file_record(todo[i]) for i in batch.indices]
-        skipped = [(todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg)
-                   for i, (reason, msg) in batch.errors.items()]
+        skipped: list[SkippedRow] = [
+            (todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg) for i, (reason, msg) in batch.errors.items()
+        ]
         vectors: dict[str, np.ndarray] = {}
         if batch.pixels is not None:
             out = fn(batch.pixels.to(encoder.device, encoder.dtype))

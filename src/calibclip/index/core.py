@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ class Query:
 
 def _model_spec(model: str | os.PathLike | Encoder) -> str | None:
     if isinstance(model, Encoder):
-        return getattr(model, "spec", None) or model.name
+        return model.spec or model.name
     key = str(model)
     return str(Path(key).resolve()) if os.path.exists(key) else key
 
@@ -73,7 +74,10 @@ class Index:
     """
 
     def __init__(
-        self, store: VectorStore | str | os.PathLike, encoder: Encoder | None = None, device: str = "cpu",
+        self,
+        store: VectorStore | str | os.PathLike,
+        encoder: Encoder | None = None,
+        device: str = "cpu",
         store_options: dict[str, Any] | None = None,
     ):
         self.store = store if isinstance(store, VectorStore) else open_store(store, options=store_options)
@@ -109,10 +113,11 @@ class Index:
         device: str = "cpu",
         progress: bool = True,
         calibration: dict[str, Any] | None = None,
+        calibration_method: str | None = None,
         store_options: dict[str, Any] | None = None,
         engine: str = "local",
         engine_options: dict[str, Any] | None = None,
-    ) -> "Index":
+    ) -> Index:
         """Index (or incrementally update) ``images_dir`` into the store ``out_dir`` and open the result.
 
         Args:
@@ -129,6 +134,7 @@ class Index:
             device: model device.
             progress: show a progress bar.
             calibration: overrides of `CalibrationConfig` fields.
+            calibration_method: a registered calibration method (default: the recorded one, else ``calibclip``).
             store_options: backend options (Milvus: ``token``).
             engine: ``local`` or ``ray`` (Ray Data; ``engine_options``: ``address``, ``num_workers``,
                 ``gpus_per_worker``, ``num_cpus``).
@@ -144,9 +150,20 @@ class Index:
         if workers is None:
             workers = default_workers()
         report = build_index(
-            images_dir, out_dir, encoder, model_spec=_model_spec(model), batch_size=batch_size, workers=workers,
-            calibrate=calibrate, calibration=calibration, combiner=combiner, progress=progress,
-            store_options=store_options, engine=engine, engine_options=engine_options,
+            images_dir,
+            out_dir,
+            encoder,
+            model_spec=_model_spec(model),
+            batch_size=batch_size,
+            workers=workers,
+            calibrate=calibrate,
+            calibration=calibration,
+            combiner=combiner,
+            progress=progress,
+            calibration_method=calibration_method,
+            store_options=store_options,
+            engine=engine,
+            engine_options=engine_options,
         )
         index = cls(out_dir, encoder=encoder, device=device, store_options=store_options)
         index.report = report
@@ -154,9 +171,12 @@ class Index:
 
     @classmethod
     def open(
-        cls, directory: str | os.PathLike, model: str | os.PathLike | Encoder | None = None, device: str = "cpu",
+        cls,
+        directory: str | os.PathLike,
+        model: str | os.PathLike | Encoder | None = None,
+        device: str = "cpu",
         store_options: dict[str, Any] | None = None,
-    ) -> "Index":
+    ) -> Index:
         """Open an index.
 
         Args:
@@ -186,7 +206,7 @@ class Index:
     def close(self) -> None:
         self.store.close()
 
-    def __enter__(self) -> "Index":
+    def __enter__(self) -> Index:
         return self
 
     def __exit__(self, *_: Any) -> None:
@@ -251,13 +271,24 @@ class Index:
         """Summary: store, count, skipped, model, fingerprint, dim, vector sets, combiner, sizes."""
         meta = self._meta
         return {
-            "store": self.location, "backend": self.store.scheme,
-            "count": len(self), "skipped": self.store.skipped_count(), "model": meta.get("model"),
-            "model_spec": meta.get("model_spec"), "fingerprint": meta.get("fingerprint"), "dim": meta.get("dim"),
-            "precision": meta.get("precision"), "vector_sets": meta.get("vector_sets"), "rows": meta.get("rows"),
-            "images_dir": meta.get("root"), "calibration": meta.get("calibration"),
-            "combiner": str(self.combiner) if self.combiner else None, "version": meta.get("version"),
-            "created": meta.get("created"), "updated": meta.get("updated"), "disk_bytes": self.store.disk_bytes(),
+            "store": self.location,
+            "backend": self.store.scheme,
+            "count": len(self),
+            "skipped": self.store.skipped_count(),
+            "model": meta.get("model"),
+            "model_spec": meta.get("model_spec"),
+            "fingerprint": meta.get("fingerprint"),
+            "dim": meta.get("dim"),
+            "precision": meta.get("precision"),
+            "vector_sets": meta.get("vector_sets"),
+            "rows": meta.get("rows"),
+            "images_dir": meta.get("root"),
+            "calibration": meta.get("calibration"),
+            "combiner": str(self.combiner) if self.combiner else None,
+            "version": meta.get("version"),
+            "created": meta.get("created"),
+            "updated": meta.get("updated"),
+            "disk_bytes": self.store.disk_bytes(),
             "preprocess": (meta.get("model_config") or {}).get("preprocess"),
         }
 
@@ -347,8 +378,14 @@ class Index:
 
     # --- search machinery ------------------------------------------------------------------------
     def search_vectors(
-        self, queries: np.ndarray | torch.Tensor, k: int = 10, ann: str = "auto", nprobe: int | None = None,
-        ef_search: int | None = None, name: str = "raw", params: dict[str, Any] | None = None,
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int = 10,
+        ann: str = "auto",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        name: str = "raw",
+        params: dict[str, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` cosine search of query vectors ``[Q, D]`` (any norm).
 
@@ -369,7 +406,12 @@ class Index:
         return self._search_ids(normalize(queries), k, ann, given, name)
 
     def _search_ids(
-        self, q: torch.Tensor, k: int, ann: str, params: dict[str, Any], name: str = "raw",
+        self,
+        q: torch.Tensor,
+        k: int,
+        ann: str,
+        params: dict[str, Any],
+        name: str = "raw",
     ) -> tuple[np.ndarray, np.ndarray]:
         kind = self.store.resolve_kind(ann, len(self))
         checked = self.store.check_params(kind, params)
@@ -393,10 +435,9 @@ class Index:
                         f"index {self.location} has no calibrated vectors; rebuild it with calibrate=True "
                         "(Index.build) to add them"
                     )
-                from calibclip.calibration import CalibrationConfig, Calibrator
+                from calibclip.calibration.methods import create_calibrator
 
-                config = CalibrationConfig.from_dict((self._meta.get("calibration") or {}).get("config"))
-                self._calibrator = Calibrator(self.encoder, config)
+                self._calibrator = create_calibrator(self.encoder, recorded=self._meta.get("calibration") or {})
             return self._calibrator
 
     def combining(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -465,7 +506,7 @@ class Index:
         from calibclip.data.images import load_image
 
         enc = self.encoder
-        pixels = enc.preprocess(load_image(image))[None].to(enc.device, enc.dtype)
+        pixels = enc.preprocess(load_image(image))[None].to(enc.device, enc.dtype)  # type: ignore[arg-type]
         if calibrate:
             return {k: v[0].float().cpu() for k, v in self.calibrator().image_features(pixels).items()}, None
         return {"raw": enc.encode_image(pixels)[0].float().cpu()}, None
@@ -520,7 +561,7 @@ class Index:
         scores, ids = scores[keep], ids[keep]
         if cal is not None and len(ids):
             gallery = normalize(self.store.vectors("calibrated", ids))
-            sim_cal = (gallery @ normalize(q.calibrated)[0]).numpy()
+            sim_cal = (gallery @ normalize(q.calibrated)[0]).numpy()  # type: ignore[arg-type]
             fused = np.asarray(cal.fuse(scores[None].astype(np.float64), sim_cal[None].astype(np.float64)))[0]
             order = np.argsort(-fused, kind="stable")
             reranked = np.arange(len(ids)) < min(int(cal.config.top_k), len(ids))  # scores are sorted by raw

@@ -17,7 +17,8 @@ import os
 import socket
 import sys
 import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,15 +69,23 @@ def decode_batch(batch: dict[str, np.ndarray], transform: Any) -> dict[str, np.n
         height.append(-1)
     shape = next((x.shape for x in pixels if x is not None), (3, 1, 1))
     stacked = np.stack([x if x is not None else np.zeros(shape, np.float32) for x in pixels])
-    return {"i": np.asarray(batch["i"], dtype=np.int64), "pixels": stacked, "reason": np.asarray(reason, dtype=object),
-            "message": np.asarray(message, dtype=object), "sha256": np.asarray(sha, dtype=object),
-            "width": np.asarray(width, dtype=np.int64), "height": np.asarray(height, dtype=np.int64)}
+    return {
+        "i": np.asarray(batch["i"], dtype=np.int64),
+        "pixels": stacked,
+        "reason": np.asarray(reason, dtype=object),
+        "message": np.asarray(message, dtype=object),
+        "sha256": np.asarray(sha, dtype=object),
+        "width": np.asarray(width, dtype=np.int64),
+        "height": np.asarray(height, dtype=np.int64),
+    }
 
 
 class EncoderActor:
     """Ray actor: holds one encoder (and calibrator) and encodes decoded batches."""
 
-    def __init__(self, encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None, threads: int):
+    def __init__(
+        self, encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None, method: str | None, threads: int
+    ):
         import ray
         import torch
 
@@ -86,7 +95,7 @@ class EncoderActor:
         if torch.cuda.is_available() and ray.get_gpu_ids():
             encoder = encoder.to("cuda")
         self.encoder = encoder.eval()
-        self.fn, _ = _feature_fn(encoder, calibrate, calibration)
+        self.fn, _ = _feature_fn(encoder, calibrate, calibration, method)
         self.sets = ["raw", "calibrated"] if calibrate else ["raw"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,8 +122,14 @@ class Watchdog(threading.Thread):
     Ray's own driver terminates the process about a minute after its cluster disappears, with a
     message about the GCS; this says first, in one line, what happened and that the work is kept."""
 
-    def __init__(self, ping: Callable[[], bool], on_lost: Callable[[], None], lock: threading.Lock,
-                 interval: float = 2.0, tries: int = 3):
+    def __init__(
+        self,
+        ping: Callable[[], bool],
+        on_lost: Callable[[], None],
+        lock: threading.Lock,
+        interval: float = 2.0,
+        tries: int = 3,
+    ):
         super().__init__(daemon=True, name="calibclip-ray-watchdog")
         self.ping, self.on_lost, self.lock, self.interval, self.tries = ping, on_lost, lock, interval, tries
         self.stopped = threading.Event()
@@ -159,19 +174,30 @@ def _start(ray: Any, options: Mapping[str, Any]) -> bool:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         else:
-            ray.init(address="local", num_cpus=int(options.get("num_cpus") or 2), include_dashboard=False,
-                     log_to_driver=False,
-                     logging_level="ERROR", runtime_env=env)
+            ray.init(
+                address="local",
+                num_cpus=int(options.get("num_cpus") or 2),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="ERROR",
+                runtime_env=env,
+            )
     except Exception as exc:  # ConnectionError, RuntimeError, ... from ray.init
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise RuntimeError(f"cannot start or join {where} ({str(exc).strip().splitlines()[0] if str(exc) else exc!r})"
-                           ) from exc
+        raise RuntimeError(
+            f"cannot start or join {where} ({str(exc).strip().splitlines()[0] if str(exc) else exc!r})"
+        ) from exc
     return True
 
 
 def ray_batches(
-    todo: Sequence[ScannedFile], encoder: Encoder, model_spec: str | None, calibrate: bool,
-    calibration: dict[str, Any] | None, batch_size: int, options: Mapping[str, Any],
+    todo: Sequence[ScannedFile],
+    encoder: Encoder,
+    calibrate: bool,
+    calibration: dict[str, Any] | None,
+    calibration_method: str | None,
+    batch_size: int,
+    options: Mapping[str, Any],
 ) -> Iterator[tuple[list[dict[str, Any]], list[tuple], dict[str, np.ndarray]]]:
     """Encode ``todo`` with Ray; yields ``(records, skipped, vectors)`` in input order, like
     `calibclip.index.build.local_batches`.
@@ -212,14 +238,25 @@ def ray_batches(
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         sets = ["raw", "calibrated"] if calibrate else ["raw"]
-        ds = ray.data.from_items([{"i": i, "path": str(f.path)} for i, f in enumerate(todo)],
-                                 override_num_blocks=max(1, min(len(todo) // max(batch_size, 1), 1000)))
-        ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
-                            fn_kwargs={"transform": encoder.preprocess}, num_cpus=0.5)
+        ds = ray.data.from_items(
+            [{"i": i, "path": str(f.path)} for i, f in enumerate(todo)],
+            override_num_blocks=max(1, min(len(todo) // max(batch_size, 1), 1000)),
+        )
         ds = ds.map_batches(
-            EncoderActor, batch_size=batch_size, batch_format="numpy",
-            fn_constructor_args=(encoder, calibrate, calibration, max(1, int(actor_cpus))),
-            compute=ray.data.ActorPoolStrategy(size=num_workers), num_gpus=float(gpus), num_cpus=actor_cpus,
+            decode_batch,
+            batch_size=batch_size,
+            batch_format="numpy",
+            fn_kwargs={"transform": encoder.preprocess},
+            num_cpus=0.5,
+        )
+        ds = ds.map_batches(
+            EncoderActor,
+            batch_size=batch_size,
+            batch_format="numpy",
+            fn_constructor_args=(encoder, calibrate, calibration, calibration_method, max(1, int(actor_cpus))),
+            compute=ray.data.ActorPoolStrategy(size=num_workers),
+            num_gpus=float(gpus),
+            num_cpus=actor_cpus,
         )
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
             records, skipped, keep = [], [], []
@@ -229,9 +266,16 @@ def ray_batches(
                     skipped.append((f.relpath, f.size, f.mtime_ns, str(batch["reason"][j]), str(batch["message"][j])))
                     continue
                 w, h = int(batch["width"][j]), int(batch["height"][j])
-                records.append({"path": f.relpath, "size": f.size, "mtime_ns": f.mtime_ns,
-                                "sha256": str(batch["sha256"][j]), "width": None if w < 0 else w,
-                                "height": None if h < 0 else h})
+                records.append(
+                    {
+                        "path": f.relpath,
+                        "size": f.size,
+                        "mtime_ns": f.mtime_ns,
+                        "sha256": str(batch["sha256"][j]),
+                        "width": None if w < 0 else w,
+                        "height": None if h < 0 else h,
+                    }
+                )
                 keep.append(j)
             vectors = {name: np.asarray(batch[name][keep], dtype=np.float32) for name in sets} if keep else {}
             with lock:  # the watchdog never ends the process while the caller commits this batch
@@ -256,5 +300,7 @@ def _is_ray_error(ray: Any, exc: BaseException) -> bool:
 
 
 def _lost(done: int, total: int, where: str, detail: str = "its GCS stopped answering") -> str:
-    return (f"the Ray cluster {where} failed mid-run after {done} of {total} files ({detail}); "
-            "everything committed so far is kept: run the same command again to resume")
+    return (
+        f"the Ray cluster {where} failed mid-run after {done} of {total} files ({detail}); "
+        "everything committed so far is kept: run the same command again to resume"
+    )

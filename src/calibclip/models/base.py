@@ -20,11 +20,14 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from calibclip.data.transforms import ImageTransform
 
 
 @dataclass
@@ -114,12 +117,24 @@ class TextTokens:
 
 
 class Encoder(nn.Module, ABC):
-    """Abstract dual encoder. Subclasses set ``name``, ``embed_dim`` and ``preprocess``."""
+    """Abstract dual encoder. Subclasses set ``name``, ``embed_dim`` and ``preprocess``.
+
+    Attributes:
+        name: model name (also the key of its packaged calibration defaults).
+        embed_dim: size of the joint embedding.
+        preprocess: PIL image / path -> ``[3, H, W]`` tensor (the model's own transform).
+        pad_id: id of the padding token (re-padding after DCC drops words).
+        precision: fp32 | bf16 | fp16, set by `create_model`.
+        spec: what rebuilds the model with `create_model` (registered name or absolute checkpoint
+            path), set by `create_model`; None for an encoder built directly.
+    """
 
     name: str = "encoder"
     embed_dim: int
-    preprocess: Callable[[Any], torch.Tensor]
+    preprocess: ImageTransform  # callable: PIL image / path -> [3, H, W] tensor; ``describe()`` for cache keys
     pad_id: int = 0
+    precision: str = "fp32"
+    spec: str | None = None
 
     # --- abstract -----------------------------------------------------------------------
     @abstractmethod
@@ -145,6 +160,53 @@ class Encoder(nn.Module, ABC):
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """JSON-serialisable description of the architecture and preprocessing."""
+
+    # --- optional, with defaults ----------------------------------------------------------
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Readable strings of token ids (calibration explanations).
+
+        The default uses a ``tokenizer`` attribute with ``id_to_token`` / ``convert_ids_to_tokens``
+        when the encoder has one, the CLIP BPE for ids that start with CLIP's start token and contain
+        its end token, else ``#id``. Encoders with their own vocabulary override it.
+
+        Args:
+            ids: token ids of one text.
+
+        Returns:
+            One string per id.
+        """
+        from calibclip.models.tokenizer import EOT_TOKEN, SOT_TOKEN
+
+        ids = [int(i) for i in ids]
+        tok = getattr(self, "tokenizer", None)
+        if tok is not None and hasattr(tok, "id_to_token"):
+            return [str(tok.id_to_token(i)) for i in ids]
+        if tok is not None and hasattr(tok, "convert_ids_to_tokens"):
+            return [str(t) for t in tok.convert_ids_to_tokens(ids)]
+        if ids and ids[0] == SOT_TOKEN and EOT_TOKEN in ids:
+            from calibclip.models.tokenizer import token_strings
+
+            return token_strings(ids)
+        return [f"#{i}" for i in ids]
+
+    def batch_from_ids(self, ids: torch.Tensor, texts: Sequence[str] = ()) -> TextBatch:
+        """A `TextBatch` from a bare id tensor ``[B, L]`` (the OpenAI API's ``tokenize`` output).
+
+        The default treats ids other than `pad_id` as real tokens and CLIP's start/end tokens as
+        special; encoders with another vocabulary override it.
+
+        Args:
+            ids: token ids ``[B, L]``, padded with `pad_id`.
+            texts: the texts, if known.
+
+        Returns:
+            The `TextBatch`.
+        """
+        from calibclip.models.tokenizer import EOT_TOKEN, SOT_TOKEN
+
+        ids = torch.as_tensor(ids).long()
+        special = (ids == SOT_TOKEN) | (ids == EOT_TOKEN)
+        return TextBatch(ids, (ids != self.pad_id).long(), special, list(texts))
 
     # --- shared -------------------------------------------------------------------------
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +64,9 @@ class CLIPConfig:
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size)
         if isinstance(self.vision_layers, (list, tuple)):
-            self.vision_layers = tuple(int(n) for n in self.vision_layers)  # type: ignore[assignment]
-            if len(self.vision_layers) != 4 or self.vision_patch_size is not None:
+            layers = tuple(int(n) for n in self.vision_layers)
+            self.vision_layers = layers  # type: ignore[assignment]
+            if len(layers) != 4 or self.vision_patch_size is not None:
                 raise ValueError("a ResNet tower needs vision_layers as 4 counts and vision_patch_size=None")
         elif self.vision_patch_size is None:
             raise ValueError("a ViT tower needs vision_patch_size (or give 4 vision_layers for a ResNet)")
@@ -87,7 +88,7 @@ class CLIPConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["image_size"] = list(self.image_size)
-        d["vision_layers"] = list(self.vision_layers) if not self.is_vit else self.vision_layers
+        d["vision_layers"] = self.vision_layers if isinstance(self.vision_layers, int) else list(self.vision_layers)
         d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
         d["tower"] = "vit" if self.is_vit else "resnet"
         return d
@@ -373,22 +374,26 @@ class CLIP(Encoder):
     differentiable path (also used for TorchScript tracing).
     """
 
+    checkpoint_format: str | None = None  # set by `load_checkpoint` (the detected file format)
+
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
         self.name = cfg.name
         self.embed_dim = cfg.embed_dim
         self.context_length = cfg.context_length
+        vision_heads = int(cast(int, cfg.vision_heads))  # heads are set by CLIPConfig.__post_init__
         if cfg.is_vit:
             self.visual: nn.Module = VisionTransformer(
-                cfg.image_size, int(cfg.vision_patch_size), cfg.vision_width, int(cfg.vision_layers),  # type: ignore[arg-type]
-                int(cfg.vision_heads), cfg.embed_dim, cfg.act,  # type: ignore[arg-type]
+                cfg.image_size, int(cast(int, cfg.vision_patch_size)), cfg.vision_width,
+                int(cast(int, cfg.vision_layers)), vision_heads, cfg.embed_dim, cfg.act,
             )
         else:
             self.visual = ModifiedResNet(
-                cfg.vision_layers, cfg.embed_dim, int(cfg.vision_heads), cfg.image_size, cfg.vision_width,  # type: ignore[arg-type]
+                cast(tuple[int, int, int, int], cfg.vision_layers), cfg.embed_dim, vision_heads, cfg.image_size,
+                cfg.vision_width,
             )
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, int(cfg.text_heads), cfg.act)  # type: ignore[arg-type]
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, int(cast(int, cfg.text_heads)), cfg.act)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.ln_final = LayerNorm(cfg.text_width)
@@ -410,16 +415,18 @@ class CLIP(Encoder):
                 nn.init.normal_(lin.weight, std=std)
             for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
                 for block in stage:
-                    nn.init.zeros_(block.bn3.weight)
+                    nn.init.zeros_(cast(Bottleneck, block).bn3.weight)
         width, layers = self.transformer.width, self.transformer.layers
         proj_std = (width**-0.5) * ((2 * layers) ** -0.5)
         attn_std = width**-0.5
         fc_std = (2 * width) ** -0.5
-        for block in self.transformer.resblocks:
+        for module in self.transformer.resblocks:
+            block = cast(ResidualAttentionBlock, module)
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            mlp = cast(Any, block.mlp)  # nn.Sequential with named c_fc / gelu / c_proj
+            nn.init.normal_(mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
     # --- text ---------------------------------------------------------------------------
@@ -444,6 +451,10 @@ class CLIP(Encoder):
         attention_mask = (pos <= eot[:, None]).long()
         special = (pos == 0) | (pos == eot[:, None])
         return TextBatch(ids[:, :length].contiguous(), attention_mask, special, list(texts))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Readable BPE strings of token ids (``<start_of_text>`` ... ``<end_of_text>``)."""
+        return clip_tokenizer.token_strings(ids)
 
     def _text_ids(self, text: TextBatch | torch.Tensor) -> torch.Tensor:
         ids = text.input_ids if isinstance(text, TextBatch) else torch.as_tensor(text)
@@ -491,7 +502,7 @@ class CLIP(Encoder):
                 batch.input_ids[:, :length], batch.attention_mask[:, :length], batch.special_mask[:, :length],
                 batch.texts,
             )
-        attn = attn * batch.attention_mask.to(attn.device, attn.dtype)  # type: ignore[union-attr]  (fp32)
+        attn = attn * batch.attention_mask.to(attn.device, attn.dtype)  # type: ignore[union-attr,operator]
         return TextTokens(pooled, tokens, attn, batch.to(pooled.device))  # type: ignore[arg-type]
 
     # --- images -------------------------------------------------------------------------
@@ -524,7 +535,8 @@ class CLIP(Encoder):
         own = self.state_dict()
         for key in ("visual.positional_embedding", "visual.attnpool.positional_embedding"):
             if key in state and key in own and state[key].shape != own[key].shape:
-                grid = self.visual.grid if key == "visual.positional_embedding" else self.visual.attnpool.grid  # type: ignore[union-attr]
+                visual = cast(Any, self.visual)
+                grid = visual.grid if key == "visual.positional_embedding" else visual.attnpool.grid
                 state[key] = resize_pos_embed(state[key], grid, source=source)
         missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
         unexpected = sorted(set(state) - set(own))

@@ -1,8 +1,10 @@
-"""OpenAI CLIP architectures as data, registered with the model registry.
+"""OpenAI CLIP architectures as data (the open_clip ``model_configs`` idea); their weights are
+declared apart, in `calibclip.models.pretrained`.
 
-Each name builds a `CLIP`; ``pretrained=True`` (default) downloads the official weights (SHA-256
-checked, cached), ``pretrained=False`` gives OpenAI's random initialisation without any download.
-Aliases with ``-`` instead of ``/`` (``ViT-B-16``) are registered too.
+The model table (`calibclip.models.registry`) registers every name here: `build_clip` builds a
+`CLIP`; ``pretrained=True`` (default) downloads the official weights (SHA-256 checked, cached),
+``pretrained=False`` gives OpenAI's random initialisation without any download. Aliases with
+``-`` instead of ``/`` (``ViT-B-16``) are registered too (`clip_aliases`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import os
 from typing import Any
 
 from calibclip.models.clip import CLIP, CLIPConfig
-from calibclip.models.registry import register_model
 
 #: name -> architecture (OpenAI's released models).
 CLIP_CONFIGS: dict[str, dict[str, Any]] = {
@@ -45,41 +46,49 @@ def clip_config(name: str, image_size: int | tuple[int, int] | None = None, **ov
     return CLIPConfig(**cfg)
 
 
-def _factory(name: str):
-    def build(
-        pretrained: bool = True,
-        image_size: int | tuple[int, int] | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        quick_gelu: bool | None = None,
-        progress: bool = True,
-    ) -> CLIP:
-        """OpenAI CLIP ``name``: official weights (``pretrained=True``) or random init."""
-        if not pretrained:
-            act = "gelu" if quick_gelu is False else "quick_gelu"
-            return CLIP(clip_config(name, image_size=image_size, act=act)).eval()
-        from calibclip.models.checkpoints import load_checkpoint
-        from calibclip.models.download import download_pretrained
+def build_clip(
+    name: str,
+    pretrained: bool = True,
+    image_size: int | tuple[int, int] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    quick_gelu: bool | None = None,
+    progress: bool = True,
+) -> CLIP:
+    """OpenAI CLIP ``name``: official weights (``pretrained=True``) or random init.
 
-        path = download_pretrained(name, cache_dir=cache_dir, progress=progress)
-        return load_checkpoint(path, image_size=image_size, quick_gelu=quick_gelu, name=name)
+    Args:
+        name: an architecture of `CLIP_CONFIGS` (``ViT-B/16``, ``RN50`` ...).
+        pretrained: load the official weights (downloaded once, SHA-256 checked); False: random init.
+        image_size: another input size (position embeddings interpolated).
+        cache_dir: download folder (default ``$CALIBCLIP_CACHE``).
+        quick_gelu: force the activation (default: OpenAI's QuickGELU).
+        progress: show a download progress bar.
 
-    build.__name__ = f"create_{name}"
-    return build
+    Returns:
+        The `CLIP` encoder.
+
+    Raises:
+        RuntimeError: the weights cannot be downloaded (offline) or fail their checksum.
+    """
+    if not pretrained:
+        act = "gelu" if quick_gelu is False else "quick_gelu"
+        return CLIP(clip_config(name, image_size=image_size, act=act)).eval()
+    from calibclip.models.checkpoints import load_checkpoint
+    from calibclip.models.download import download_pretrained
+
+    path = download_pretrained(name, cache_dir=cache_dir, progress=progress)
+    return load_checkpoint(path, image_size=image_size, quick_gelu=quick_gelu, name=name)
 
 
-def _aliases(name: str) -> tuple[str, ...]:
+def clip_aliases(name: str) -> tuple[str, ...]:
     """``ViT-B/16`` -> ``ViT-B-16``; ``ViT-L/14@336px`` -> ``ViT-L-14-336px`` (its file name) and
     ``ViT-L-14-336`` (open_clip's name)."""
     dashed = name.replace("/", "-").replace("@", "-")
     return tuple(sorted({dashed, dashed.replace("336px", "336")} - {name}))
 
 
-for _name, _cfg in CLIP_CONFIGS.items():
-    _kind = f"ViT, patch {_cfg['vision_patch_size']}" if "vision_patch_size" in _cfg else "ModifiedResNet"
-    register_model(
-        _name,
-        _factory(_name),
-        description=f"OpenAI CLIP {_name} ({_kind}, {_cfg['image_size']}px, {_cfg['embed_dim']}-d)",
-        pretrained="download",
-        aliases=_aliases(_name),
-    )
+def clip_description(name: str) -> str:
+    """One line describing a `CLIP_CONFIGS` architecture (for ``calibclip models``)."""
+    cfg = CLIP_CONFIGS[name]
+    kind = f"ViT, patch {cfg['vision_patch_size']}" if "vision_patch_size" in cfg else "ModifiedResNet"
+    return f"OpenAI CLIP {name} ({kind}, {cfg['image_size']}px, {cfg['embed_dim']}-d)"

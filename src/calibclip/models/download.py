@@ -15,22 +15,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from calibclip.models.pretrained import PRETRAINED
 from calibclip.utils import progress_bar
 
-_BASE = "https://openaipublic.azureedge.net/clip/models"
-
-#: Official OpenAI checkpoints (TorchScript archives); the path segment before the file name is its SHA-256.
-OPENAI_URLS: dict[str, str] = {
-    "RN50": f"{_BASE}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
-    "RN101": f"{_BASE}/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
-    "RN50x4": f"{_BASE}/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
-    "RN50x16": f"{_BASE}/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
-    "RN50x64": f"{_BASE}/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
-    "ViT-B/32": f"{_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": f"{_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-}
+#: Official OpenAI checkpoints (TorchScript archives), from the weights table `calibclip.models.pretrained`;
+#: the path segment before the file name is the file's SHA-256.
+OPENAI_URLS: dict[str, str] = {name: w.url for name, w in PRETRAINED.items() if w.url and w.source == "OpenAI"}
 
 _CHUNK = 1 << 20
 

@@ -29,7 +29,7 @@ import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,6 @@ from torch import nn
 
 from calibclip.data.transforms import TFLITE_MEAN, TFLITE_STD, ImageTransform
 from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
-from calibclip.models.registry import register_model
 
 #: Backbone name -> (efficientnet-lite-pytorch model name, native input size).
 BACKBONES: dict[str, tuple[str, int]] = {
@@ -56,8 +55,10 @@ HEADS_FORMAT = "1"
 
 
 def default_weights_path() -> Path:
-    """The committed head weights inside the installed package."""
-    return Path(str(resources.files("calibclip") / "weights" / "starter.safetensors"))
+    """The committed head weights inside the installed package (declared in `calibclip.models.pretrained`)."""
+    from calibclip.models.pretrained import PRETRAINED
+
+    return PRETRAINED["starter"].builtin_path()
 
 
 # ----------------------------------------------------------------------------------------
@@ -77,6 +78,8 @@ def _backbone_weights_file(name: str) -> Path:
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode batch norm into the preceding convolution (in place)."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("cannot fold a batch norm without running statistics (track_running_stats=False)")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
@@ -160,7 +163,7 @@ class StarterImageTower(nn.Module):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            fmap = net.extract_features(x).contiguous()
+            fmap = cast(Any, net).extract_features(x).contiguous()
             h, w = fmap.shape[-2:]
             if (h, w) != (GRID, GRID):
                 ah = area_matrix(h, GRID).to(fmap)
@@ -190,6 +193,11 @@ def minilm_dir() -> Path:
 
 
 class _BertLayer(nn.Module):
+    # attribute namespaces mirroring the checkpoint's key names (typed loosely for mypy)
+    attention: Any
+    intermediate: Any
+    output: Any
+
     def __init__(self, dim: int, heads: int, hidden: int, eps: float):
         super().__init__()
         self.heads = heads
@@ -227,6 +235,9 @@ class MiniLM(nn.Module):
 
     ``forward(ids, mask) -> (hidden [B, L, 384], last-layer attention [B, 12, L, L])``.
     Matches ``transformers.BertModel`` (checked by the tests)."""
+
+    embeddings: Any
+    encoder: Any
 
     def __init__(self, path: Path | None = None):
         super().__init__()
@@ -301,6 +312,9 @@ def minilm_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class StandardizedLinear(nn.Module):
     """``y = W ((x - mean) / std) + b`` (dropout on the standardised input while training)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
@@ -320,7 +334,7 @@ def head_state(image_head: StandardizedLinear, text_head: StandardizedLinear, lo
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
-def save_heads(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def save_heads(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: Mapping[str, object]) -> None:
     """Write head weights + metadata (backbones, flip_average, ...) atomically."""
     from safetensors.torch import save_file
 
@@ -389,12 +403,14 @@ class Starter(Encoder):
         tok = _minilm_tokenizer()
         return [tok.id_to_token(int(i)) or f"#{int(i)}" for i in ids]
 
+    def batch_from_ids(self, ids: torch.Tensor, texts: Sequence[str] = ()) -> TextBatch:
+        """MiniLM WordPiece ids ``[B, L]`` (0-padded; [CLS] 101 and [SEP] 102 special) -> `TextBatch`."""
+        ids = torch.as_tensor(ids).long()
+        return TextBatch(ids, (ids != 0).long(), (ids == 101) | (ids == 102), list(texts))
+
     def _text_features(self, text: TextBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch]:
         if isinstance(text, torch.Tensor):
-            ids = text.long()
-            mask = (ids != 0).long()
-            special = (ids == 101) | (ids == 102)
-            text = TextBatch(ids, mask, special)
+            text = self.batch_from_ids(text)
         ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
         hidden, probs = self.text_tower(ids, mask)
         pooled = minilm_pool(hidden, mask)
@@ -458,10 +474,3 @@ def create_starter(weights: str | os.PathLike | None = None, threads: int | None
     """Factory registered as ``starter``."""
     return Starter(weights=weights, threads=threads)
 
-
-register_model(
-    "starter",
-    create_starter,
-    "frozen EfficientNet-Lite0+Lite2 (ImageNet) + frozen MiniLM-L6 with linear heads trained on Flickr8k; offline",
-    pretrained="built-in",
-)

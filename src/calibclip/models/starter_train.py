@@ -127,6 +127,7 @@ def extract_image_features(
         pixels = torch.stack([transform(load_image(p)) for p in chunk])
         views = {"": pixels, "_flip": pixels.flip(-1)} if flip else {"": pixels}
         out = {}
+        assert tower is not None  # built before the first chunk runs
         with torch.inference_mode():
             for suffix, x in views.items():
                 pooled = tower(x).mean((2, 3))

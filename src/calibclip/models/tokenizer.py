@@ -19,11 +19,22 @@ def _tokenizer():
     return instant_clip_tokenizer.Tokenizer()
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = True) -> torch.LongTensor:
-    """OpenAI-compatible: texts -> ``LongTensor[N, context_length]`` zero-padded.
+def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: bool = True) -> torch.Tensor:
+    """Tokenise texts into OpenAI-CLIP token ids (identical to OpenAI's ``SimpleTokenizer``).
 
-    Too-long texts are truncated keeping ``<end_of_text>`` in the last slot (``truncate=False``
-    raises instead). Empty strings give ``[<sot>, <eot>]``.
+    Args:
+        texts: One text or a sequence of texts (non-strings are converted with ``str``).
+        context_length: Number of token slots per text (77 for every OpenAI CLIP model).
+        truncate: Too-long texts are cut to ``context_length`` keeping ``<end_of_text>`` in the
+            last slot; with ``False`` they raise instead.
+
+    Returns:
+        An int64 tensor ``[N, context_length]``: ``<start_of_text>``, the BPE ids, ``<end_of_text>``,
+        then zero padding. An empty string gives ``[<sot>, <eot>, 0, ...]``; an empty list gives
+        ``[0, context_length]``.
+
+    Raises:
+        ValueError: ``truncate=False`` and a text needs more than ``context_length`` tokens.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -40,13 +51,27 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77, truncate: boo
 
 
 def decode(ids: Sequence[int]) -> str:
-    """Token ids -> text (special and padding tokens dropped)."""
+    """Decode token ids back to text.
+
+    Args:
+        ids: Token ids, e.g. a row of `tokenize`'s output.
+
+    Returns:
+        The text; ``<start_of_text>``, ``<end_of_text>`` and padding (0) are dropped.
+    """
     ids = [int(i) for i in ids if int(i) not in (0, SOT_TOKEN, EOT_TOKEN)]
     return _tokenizer().decode(ids)
 
 
 def token_strings(ids: Sequence[int]) -> list[str]:
-    """Each id as its own (decoded) string, for explanations."""
+    """Decode each token id on its own, for per-token explanations.
+
+    Args:
+        ids: Token ids.
+
+    Returns:
+        One string per id: ``"<sot>"``, ``"<eot>"``, ``""`` for padding, else the token's text.
+    """
     out = []
     for i in ids:
         i = int(i)

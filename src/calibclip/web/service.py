@@ -54,7 +54,7 @@ class ServedIndex:
         from calibclip.index import Index
 
         index = Index.open(directory, model=model, device=device)
-        index.encoder  # load (and fingerprint-check) the model now, not on the first request
+        _ = index.encoder  # load (and fingerprint-check) the model now, not on the first request
         annotations = read_annotations(captions) if captions else _recorded_annotations(index)
         suggestions = Suggestions(annotations, _all_paths(index)) if annotations else None
         return cls(name, index, suggestions)
@@ -136,9 +136,9 @@ class ServedIndex:
         if self.can_calibrate:
             return self.index.calibrator()
         if self._calibrator is None:
-            from calibclip.calibration import CalibrationConfig, Calibrator
+            from calibclip.calibration.methods import create_calibrator
 
-            self._calibrator = Calibrator(self.index.encoder, CalibrationConfig())
+            self._calibrator = create_calibrator(self.index.encoder)  # the encoder's packaged defaults
         return self._calibrator
 
     def explain_text(self, text: str) -> list[dict[str, Any]]:

@@ -16,14 +16,23 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from calibclip.index.stores.base import AUTO_THRESHOLD, VectorStore
 
 __all__ = [
-    "AUTO_THRESHOLD", "VectorStore", "ann_choices", "backend_table", "get_store_class", "open_store", "parse_spec",
-    "read_store_meta", "register_store", "store_schemes",
+    "AUTO_THRESHOLD",
+    "VectorStore",
+    "ann_choices",
+    "backend_table",
+    "get_store_class",
+    "open_store",
+    "parse_spec",
+    "read_store_meta",
+    "register_store",
+    "store_schemes",
 ]
 
 #: scheme -> backend class, or "module:Class" imported on first use (optional dependencies).
@@ -89,8 +98,9 @@ def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
     )
 
 
-def open_store(spec: str | os.PathLike, writable: bool = False, options: Mapping[str, Any] | None = None
-               ) -> VectorStore:
+def open_store(
+    spec: str | os.PathLike, writable: bool = False, options: Mapping[str, Any] | None = None
+) -> VectorStore:
     """Open the store named by ``spec`` (see the module docstring).
 
     Args:
@@ -134,6 +144,14 @@ def backend_table() -> list[dict[str, Any]]:
         check = getattr(cls, "dependency_error", None)
         if check is not None and (error := check()) is not None:
             available = False
-        out.append({"scheme": scheme, "description": cls.description, "available": available, "error": error,
-                    "ann": {k: list(v) for k, v in cls.ann_kinds.items()}, "default_ann": cls.default_ann})
+        out.append(
+            {
+                "scheme": scheme,
+                "description": cls.description,
+                "available": available,
+                "error": error,
+                "ann": {k: list(v) for k, v in cls.ann_kinds.items()},
+                "default_ann": cls.default_ann,
+            }
+        )
     return out

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class VectorStore(ABC):
     # --- opening -----------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> "VectorStore":
+    def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> VectorStore:
         """Open the store at ``location`` (the spec without its scheme).
 
         Args:
@@ -71,6 +72,7 @@ class VectorStore(ABC):
     def check_new(cls, location: str, options: Mapping[str, Any] | None = None) -> None:
         """Raise ValueError when ``location`` holds something that is not a store of this kind
         (so that creating one there would clobber it). Default: accept."""
+        return None
 
     @classmethod
     def read_meta(cls, location: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -119,8 +121,11 @@ class VectorStore(ABC):
     # --- writing -----------------------------------------------------------------------------
     @abstractmethod
     def commit_batch(
-        self, vectors: Mapping[str, np.ndarray], records: Sequence[Mapping[str, Any]],
-        skipped: Sequence[SkippedRow] = (), removed: Sequence[str] = (),
+        self,
+        vectors: Mapping[str, np.ndarray],
+        records: Sequence[Mapping[str, Any]],
+        skipped: Sequence[SkippedRow] = (),
+        removed: Sequence[str] = (),
     ) -> list[int]:
         """Add ``records`` (dicts: path, size, mtime_ns, sha256, width, height) with vectors
         ``vectors[name][i]`` (float32 ``[n, dim]`` for every vector set), record ``skipped`` files and
@@ -140,6 +145,7 @@ class VectorStore(ABC):
 
     def maintain(self) -> None:
         """Housekeeping after a build (the local store compacts dead rows). Default: nothing."""
+        return None
 
     # --- reading -----------------------------------------------------------------------------
     @abstractmethod
@@ -209,7 +215,12 @@ class VectorStore(ABC):
 
     @abstractmethod
     def search(
-        self, name: str, queries: np.ndarray, k: int, kind: str, params: Mapping[str, Any] | None = None,
+        self,
+        name: str,
+        queries: np.ndarray,
+        k: int,
+        kind: str,
+        params: Mapping[str, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` cosine search of normalised float32 ``queries`` ``[Q, D]`` over vector set ``name``.
 
@@ -222,6 +233,7 @@ class VectorStore(ABC):
 
     def prepare_ann(self, kind: str, name: str = "raw") -> None:
         """Build (or load a saved) ANN structure ``kind`` over ``name`` now instead of on first search."""
+        return None
 
     # --- files and housekeeping ------------------------------------------------------------------
     def file_path(self, name: str) -> Path | None:
@@ -234,6 +246,7 @@ class VectorStore(ABC):
 
     def delete_file(self, name: str) -> None:
         """Remove the stored file ``name`` if present."""
+        return None
 
     def disk_bytes(self) -> int | None:
         """Bytes the store occupies (None when the backend cannot tell)."""
@@ -243,7 +256,7 @@ class VectorStore(ABC):
     def close(self) -> None:
         """Release connections, files and locks."""
 
-    def __enter__(self) -> "VectorStore":
+    def __enter__(self) -> VectorStore:
         return self
 
     def __exit__(self, *_: Any) -> None:

@@ -12,8 +12,9 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ class LocalStore(VectorStore):
             self._id_order = np.argsort(ids, kind="stable")
 
     @classmethod
-    def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> "LocalStore":
+    def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> LocalStore:
         if writable:
             cls.check_new(location)
         return cls(Storage(location, writable=writable))
@@ -84,8 +85,11 @@ class LocalStore(VectorStore):
 
     # --- writing -----------------------------------------------------------------------------
     def commit_batch(
-        self, vectors: Mapping[str, np.ndarray], records: Sequence[Mapping[str, Any]],
-        skipped: Sequence[SkippedRow] = (), removed: Sequence[str] = (),
+        self,
+        vectors: Mapping[str, np.ndarray],
+        records: Sequence[Mapping[str, Any]],
+        skipped: Sequence[SkippedRow] = (),
+        removed: Sequence[str] = (),
     ) -> list[int]:
         self.storage.commit_batch(dict(vectors), records, skipped, removed)  # type: ignore[arg-type]
         return [self.storage.lookup_path(r["path"]) for r in records]  # type: ignore[misc]
@@ -170,8 +174,12 @@ class LocalStore(VectorStore):
             if key not in self._ann:
                 path = self.directory / "ann" / f"{key}.faiss"
                 n = self.count()
-                expect = {"version": self.get("version"), "generation": self.get("generation"), "count": n,
-                          "kind": kind}
+                expect = {
+                    "version": self.get("version"),
+                    "generation": self.get("generation"),
+                    "count": n,
+                    "kind": kind,
+                }
                 ann = AnnIndex.load(path, expect)
                 if ann is None:
                     searcher = self.searcher(name)
@@ -182,8 +190,9 @@ class LocalStore(VectorStore):
                     try:
                         ann.save(path, expect)
                     except OSError as exc:
-                        warnings.warn(f"could not save the {kind} index under {path.parent} ({exc}); kept in memory",
-                                      stacklevel=2)
+                        warnings.warn(
+                            f"could not save the {kind} index under {path.parent} ({exc}); kept in memory", stacklevel=2
+                        )
                 self._ann[key] = ann
             return self._ann[key]
 
@@ -192,7 +201,12 @@ class LocalStore(VectorStore):
             self.ann_index(kind, name)
 
     def search(
-        self, name: str, queries: np.ndarray, k: int, kind: str, params: Mapping[str, Any] | None = None,
+        self,
+        name: str,
+        queries: np.ndarray,
+        k: int,
+        kind: str,
+        params: Mapping[str, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         ids = self._rows_ids()[1]
         k = min(int(k), len(ids))

@@ -36,8 +36,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,8 +107,9 @@ class MilvusStore(VectorStore):
     default_ann = "hnsw"
     dependency_error = staticmethod(dependency_error)
 
-    def __init__(self, client: Any, location: str, uri: str, prefix: str, writable: bool,
-                 options: Mapping[str, Any] | None):
+    def __init__(
+        self, client: Any, location: str, uri: str, prefix: str, writable: bool, options: Mapping[str, Any] | None
+    ):
         self.client = client
         self.spec = f"milvus:{location}"
         self.uri, self.prefix = uri, prefix
@@ -123,7 +125,7 @@ class MilvusStore(VectorStore):
 
     # --- opening -----------------------------------------------------------------------------
     @classmethod
-    def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> "MilvusStore":
+    def open(cls, location: str, writable: bool = False, options: Mapping[str, Any] | None = None) -> MilvusStore:
         uri, prefix = split_location(location)
         lite = uri.endswith(".db")
         if lite:
@@ -149,20 +151,24 @@ class MilvusStore(VectorStore):
                         "a calibclip index (use another #NAME)"
                     )
                 if not writable:
-                    raise FileNotFoundError(f"milvus:{location}: no calibclip index (collection {store.c_meta}); "
-                                            "build one there first")
+                    raise FileNotFoundError(
+                        f"milvus:{location}: no calibclip index (collection {store.c_meta}); build one there first"
+                    )
                 store._create_meta()
             else:
                 store._load(store.c_meta)
             fmt = store.get("format")
             if fmt is not None and fmt != FORMAT_VERSION:
-                raise IndexStateError(f"milvus:{location} has format {fmt!r}, this calibclip reads {FORMAT_VERSION}; "
-                                      "rebuild it")
+                raise IndexStateError(
+                    f"milvus:{location} has format {fmt!r}, this calibclip reads {FORMAT_VERSION}; rebuild it"
+                )
             if fmt is not None:
                 for c in (store.c_images, store.c_skipped):
                     if c not in names:
-                        raise IndexStateError(f"milvus:{location}: collection {c} is missing; the index is damaged, "
-                                              "rebuild it at another #NAME")
+                        raise IndexStateError(
+                            f"milvus:{location}: collection {c} is missing; the index is damaged, "
+                            "rebuild it at another #NAME"
+                        )
                     store._load(c)
                 store._check_schema()
             if writable and fmt is not None:
@@ -194,18 +200,21 @@ class MilvusStore(VectorStore):
         index = self.client.prepare_index_params()
         for v in vectors:
             index.add_index(v, index_type="FLAT", metric_type="COSINE")
-        self.client.create_collection(name, schema=self._schema(fields), index_params=index,
-                                      consistency_level="Strong")
+        self.client.create_collection(name, schema=self._schema(fields), index_params=index, consistency_level="Strong")
         self._load(name)
 
     def _create_meta(self) -> None:
         from pymilvus import DataType
 
-        self._create(self.c_meta, [
-            ("key", DataType.VARCHAR, {"is_primary": True, "max_length": 512}),
-            ("value", DataType.VARCHAR, {"max_length": VALUE_MAX}),
-            ("v", DataType.FLOAT_VECTOR, {"dim": 2}),  # Milvus collections need a vector field
-        ], ["v"])
+        self._create(
+            self.c_meta,
+            [
+                ("key", DataType.VARCHAR, {"is_primary": True, "max_length": 512}),
+                ("value", DataType.VARCHAR, {"max_length": VALUE_MAX}),
+                ("v", DataType.FLOAT_VECTOR, {"dim": 2}),  # Milvus collections need a vector field
+            ],
+            ["v"],
+        )
 
     def _check_schema(self) -> None:
         fields = {f["name"]: f for f in self.client.describe_collection(self.c_images)["fields"]}
@@ -225,8 +234,9 @@ class MilvusStore(VectorStore):
             top = int(self.get("next_id", 1))
             for start in range(0, top, QUERY_BATCH):
                 cond = f"id >= {start} and id < {start + QUERY_BATCH}"
-                yield from self.client.query(collection, filter=f"({filter}) and {cond}" if filter else cond,
-                                             output_fields=fields)
+                yield from self.client.query(
+                    collection, filter=f"({filter}) and {cond}" if filter else cond, output_fields=fields
+                )
             return
         rows = self.client.query(collection, filter=filter, output_fields=fields, limit=QUERY_WINDOW)
         if len(rows) < QUERY_WINDOW:
@@ -262,8 +272,9 @@ class MilvusStore(VectorStore):
         for k, v in values.items():
             text = json.dumps(v, sort_keys=True)
             if len(text.encode()) > VALUE_MAX:
-                raise ValueError(f"metadata {k!r} is {len(text.encode())} bytes; a Milvus store keeps at most "
-                                 f"{VALUE_MAX}")
+                raise ValueError(
+                    f"metadata {k!r} is {len(text.encode())} bytes; a Milvus store keeps at most {VALUE_MAX}"
+                )
             rows.append({"key": "m:" + k, "value": text, "v": [0.0, 0.0]})
         return rows
 
@@ -279,30 +290,46 @@ class MilvusStore(VectorStore):
         for c in (self.c_images, self.c_skipped):
             if self.client.has_collection(c):
                 self.client.drop_collection(c)
-        self._create(self.c_images, [
-            ("id", DataType.INT64, {"is_primary": True}),
-            ("path", DataType.VARCHAR, {"max_length": PATH_MAX}),
-            ("size", DataType.INT64, {}),
-            ("mtime_ns", DataType.INT64, {}),
-            ("sha256", DataType.VARCHAR, {"max_length": 64}),
-            ("width", DataType.INT64, {}),
-            ("height", DataType.INT64, {}),
-            *[(name, DataType.FLOAT_VECTOR, {"dim": int(dim)}) for name in vector_sets],
-        ], list(vector_sets))
-        self._create(self.c_skipped, [
-            ("path", DataType.VARCHAR, {"is_primary": True, "max_length": PATH_MAX}),
-            ("size", DataType.INT64, {}),
-            ("mtime_ns", DataType.INT64, {}),
-            ("reason", DataType.VARCHAR, {"max_length": 64}),
-            ("message", DataType.VARCHAR, {"max_length": MESSAGE_MAX}),
-            ("v", DataType.FLOAT_VECTOR, {"dim": 2}),
-        ], ["v"])
+        self._create(
+            self.c_images,
+            [
+                ("id", DataType.INT64, {"is_primary": True}),
+                ("path", DataType.VARCHAR, {"max_length": PATH_MAX}),
+                ("size", DataType.INT64, {}),
+                ("mtime_ns", DataType.INT64, {}),
+                ("sha256", DataType.VARCHAR, {"max_length": 64}),
+                ("width", DataType.INT64, {}),
+                ("height", DataType.INT64, {}),
+                *[(name, DataType.FLOAT_VECTOR, {"dim": int(dim)}) for name in vector_sets],
+            ],
+            list(vector_sets),
+        )
+        self._create(
+            self.c_skipped,
+            [
+                ("path", DataType.VARCHAR, {"is_primary": True, "max_length": PATH_MAX}),
+                ("size", DataType.INT64, {}),
+                ("mtime_ns", DataType.INT64, {}),
+                ("reason", DataType.VARCHAR, {"max_length": 64}),
+                ("message", DataType.VARCHAR, {"max_length": MESSAGE_MAX}),
+                ("v", DataType.FLOAT_VECTOR, {"dim": 2}),
+            ],
+            ["v"],
+        )
         old = {k: self.get(k) for k in ("version", "created", "next_id")}
-        self.set_meta({
-            "format": FORMAT_VERSION, "dim": int(dim), "vector_sets": list(vector_sets),
-            "version": int(old["version"] or 0) + 1, "created": old["created"] or time.time(),
-            "updated": time.time(), "next_id": int(old["next_id"] or 1), "ann": {}, **meta,
-        })
+        self.set_meta(
+            {
+                "format": FORMAT_VERSION,
+                "dim": int(dim),
+                "vector_sets": list(vector_sets),
+                "version": int(old["version"] or 0) + 1,
+                "created": old["created"] or time.time(),
+                "updated": time.time(),
+                "next_id": int(old["next_id"] or 1),
+                "ann": {},
+                **meta,
+            }
+        )
         self._paths = {}
 
     def _require_writable(self) -> None:
@@ -312,8 +339,9 @@ class MilvusStore(VectorStore):
     def _recover(self) -> None:
         """``next_id`` = max(stored id) + 1 when a killed run inserted rows without advancing it."""
         next_id = int(self.get("next_id", 1))
-        while rows := self.client.query(self.c_images, filter=f"id >= {next_id}", output_fields=["id"],
-                                        limit=QUERY_WINDOW):
+        while rows := self.client.query(
+            self.c_images, filter=f"id >= {next_id}", output_fields=["id"], limit=QUERY_WINDOW
+        ):
             next_id = max(int(r["id"]) for r in rows) + 1
         if next_id != int(self.get("next_id", 1)):
             self.set_meta({"next_id": next_id})
@@ -334,8 +362,11 @@ class MilvusStore(VectorStore):
         return self._paths
 
     def commit_batch(
-        self, vectors: Mapping[str, np.ndarray], records: Sequence[Mapping[str, Any]],
-        skipped: Sequence[SkippedRow] = (), removed: Sequence[str] = (),
+        self,
+        vectors: Mapping[str, np.ndarray],
+        records: Sequence[Mapping[str, Any]],
+        skipped: Sequence[SkippedRow] = (),
+        removed: Sequence[str] = (),
     ) -> list[int]:
         self._require_writable()
         n = len(records)
@@ -367,18 +398,36 @@ class MilvusStore(VectorStore):
             start = int(self.get("next_id", 1))
             ids = list(range(start, start + n))
             if n:
-                rows = [{
-                    "id": i, "path": r["path"], "size": int(r["size"]), "mtime_ns": int(r["mtime_ns"]),
-                    "sha256": r["sha256"], "width": _int(r.get("width")), "height": _int(r.get("height")),
-                    **{name: half[name][j] for name in sets},
-                } for j, (i, r) in enumerate(zip(ids, records, strict=True))]
+                rows = [
+                    {
+                        "id": i,
+                        "path": r["path"],
+                        "size": int(r["size"]),
+                        "mtime_ns": int(r["mtime_ns"]),
+                        "sha256": r["sha256"],
+                        "width": _int(r.get("width")),
+                        "height": _int(r.get("height")),
+                        **{name: half[name][j] for name in sets},
+                    }
+                    for j, (i, r) in enumerate(zip(ids, records, strict=True))
+                ]
                 self.client.insert(self.c_images, rows)
                 paths.update({r["path"]: i for i, r in zip(ids, records, strict=True)})
             if skipped:
-                self.client.upsert(self.c_skipped, [{
-                    "path": p, "size": _int(size), "mtime_ns": _int(mtime), "reason": reason,
-                    "message": message[:MESSAGE_MAX], "v": [0.0, 0.0],
-                } for p, size, mtime, reason, message in skipped])
+                self.client.upsert(
+                    self.c_skipped,
+                    [
+                        {
+                            "path": p,
+                            "size": _int(size),
+                            "mtime_ns": _int(mtime),
+                            "reason": reason,
+                            "message": message[:MESSAGE_MAX],
+                            "v": [0.0, 0.0],
+                        }
+                        for p, size, mtime, reason, message in skipped
+                    ],
+                )
             changes: dict[str, Any] = {"next_id": start + n, "updated": time.time()}
             if n or replaced:
                 changes["version"] = int(self.get("version", 0)) + 1
@@ -448,10 +497,14 @@ class MilvusStore(VectorStore):
 
     def records(self, ids: Sequence[int]) -> dict[int, RecordRow]:
         live = None if self._ids is None else set(self._ids.tolist())
-        rows = self._get([i for i in ids if live is None or int(i) in live],
-                         ["id", "path", "size", "mtime_ns", "sha256", "width", "height"])
-        return {i: (i, r["path"], int(r["size"]), int(r["mtime_ns"]), r["sha256"], _none(r["width"]),
-                    _none(r["height"])) for i, r in rows.items()}
+        rows = self._get(
+            [i for i in ids if live is None or int(i) in live],
+            ["id", "path", "size", "mtime_ns", "sha256", "width", "height"],
+        )
+        return {
+            i: (i, r["path"], int(r["size"]), int(r["mtime_ns"]), r["sha256"], _none(r["width"]), _none(r["height"]))
+            for i, r in rows.items()
+        }
 
     def lookup_path(self, relpath: str) -> int | None:
         if self.writable:
@@ -459,8 +512,11 @@ class MilvusStore(VectorStore):
         with self._lock:
             if self._paths is None:
                 live = set(self.ids().tolist())
-                self._paths = {r["path"]: int(r["id"]) for r in self._query_all(self.c_images, ["id", "path"])
-                               if int(r["id"]) in live}
+                self._paths = {
+                    r["path"]: int(r["id"])
+                    for r in self._query_all(self.c_images, ["id", "path"])
+                    if int(r["id"]) in live
+                }
         return self._paths.get(relpath)
 
     def vectors(self, name: str, ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
@@ -482,8 +538,7 @@ class MilvusStore(VectorStore):
         pos = np.searchsorted(self._raw_ids, want)
         pos = np.clip(pos, 0, len(self._raw_ids) - 1)
         if not np.array_equal(self._raw_ids[pos], want):
-            raise KeyError(f"image id(s) {want[self._raw_ids[pos] != want][:5].tolist()} not in index "
-                           f"{self.spec}")
+            raise KeyError(f"image id(s) {want[self._raw_ids[pos] != want][:5].tolist()} not in index {self.spec}")
         return raw[pos]
 
     # --- search ------------------------------------------------------------------------------
@@ -529,7 +584,12 @@ class MilvusStore(VectorStore):
             self._load(self.c_images)
 
     def search(
-        self, name: str, queries: np.ndarray, k: int, kind: str, params: Mapping[str, Any] | None = None,
+        self,
+        name: str,
+        queries: np.ndarray,
+        k: int,
+        kind: str,
+        params: Mapping[str, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         ids = self.ids()
         k = min(int(k), len(ids))
@@ -544,8 +604,15 @@ class MilvusStore(VectorStore):
         else:
             sp = {"nprobe": int(p.get("nprobe") or DEFAULT_NPROBE)}
         live = f"id <= {int(ids.max())}" if self._ids is not None and len(ids) else ""
-        hits = self.client.search(self.c_images, data=list(q), anns_field=name, limit=k, filter=live,
-                                  search_params={"metric_type": "COSINE", "params": sp}, output_fields=[])
+        hits = self.client.search(
+            self.c_images,
+            data=list(q),
+            anns_field=name,
+            limit=k,
+            filter=live,
+            search_params={"metric_type": "COSINE", "params": sp},
+            output_fields=[],
+        )
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         out = np.full((len(q), k), -1, dtype=np.int64)
         for r, row in enumerate(hits):
@@ -614,9 +681,13 @@ def _none(value: Any) -> int | None:
 def _connect_message(location: str, lite: bool, exc: Exception) -> str:
     detail = str(exc).strip() or type(exc).__name__
     if lite:
-        return (f"cannot open Milvus Lite file milvus:{location} ({detail}); is another process using it? "
-                "(a Milvus Lite file is opened by one process at a time)")
+        return (
+            f"cannot open Milvus Lite file milvus:{location} ({detail}); is another process using it? "
+            "(a Milvus Lite file is opened by one process at a time)"
+        )
     if any(w in detail.lower() for w in ("auth", "token", "credential", "permission", "denied", "unauthenticated")):
-        return f"Milvus at {location} refused the token ({detail}); pass the right one (token option, " \
-               "$CALIBCLIP_MILVUS_TOKEN)"
+        return (
+            f"Milvus at {location} refused the token ({detail}); pass the right one (token option, "
+            "$CALIBCLIP_MILVUS_TOKEN)"
+        )
     return f"cannot reach Milvus at {location} ({detail}); check the address and that the server is running"

@@ -1,9 +1,12 @@
 """Choose and measure CalibCLIP settings on the Flickr8k **dev** split (the only split this
 module reads): a small grid over CVE / DCC / re-ranking settings on cached token views, then the
 chosen configuration measured end to end through the public `Calibrator` API, plus the added
-latency per query.
+latency per query. A research tool, outside the library (it reads the library's public API only).
 
-    python -m calibclip.calibration.tune --data-root ../shared/data/flickr8k --model starter --out tune.json
+    python tools/tune_calibration.py --data-root ../shared/data/flickr8k --model starter --out tune.json
+
+Token views are cached with the feature cache under the encoder's `Encoder.fingerprint`, so a
+second run (or an interrupted one) skips the image pass.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibclip.calibration.calibrator import Calibrator
-from calibclip.calibration.config import CalibrationConfig
+from calibclip.calibration.config import CalibrationConfig, parse_overrides
 from calibclip.calibration.cve import enhance
 from calibclip.calibration.dcc import combine, select_words
+from calibclip.calibration.methods import create_calibrator
 from calibclip.calibration.rerank import fuse_scores
 from calibclip.data.cache import FeatureCache
 from calibclip.data.captions import load_flickr8k
@@ -62,54 +65,8 @@ def _recall(scores: torch.Tensor, caption_image: np.ndarray) -> dict[str, float]
     return {k: round(v, 2) for k, v in r.items()}
 
 
-class _StarterCells:
-    """Feature-cache adapter for the `starter`'s head-independent 7x7 cell maps (the expensive,
-    frozen part), so that re-trained heads need no second pass over the images."""
-
-    def __init__(self, encoder: Any):
-        import hashlib
-
-        self.tower = encoder.image_tower
-        self.flip_average = encoder.flip_average
-        self.preprocess = encoder.preprocess
-        self.device, self.dtype = encoder.device, encoder.dtype
-        h = hashlib.sha256(repr((self.tower.names, self.flip_average)).encode())
-        for key, tensor in sorted(self.tower.state_dict().items()):
-            h.update(key.encode())
-            h.update(tensor.detach().float().cpu().numpy().tobytes())
-        self._fp = f"starter-cells-{h.hexdigest()[:16]}"
-
-    def fingerprint(self) -> str:
-        return self._fp
-
-    def config(self) -> dict[str, Any]:
-        return {"backbones": list(self.tower.names), "flip_average": self.flip_average,
-                "preprocess": self.preprocess.describe()}
-
-    def cells(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"cells": self.tower.cells(pixels, self.flip_average).flatten(2).transpose(1, 2)}
-
-
-def _starter_views(encoder: Any, cells: torch.Tensor, grid: tuple[int, int]) -> ImageTokens:
-    """`Starter.image_tokens` from cached cells ``[B, N, C]`` (same formula; `measure` checks it)."""
-    mass = cells.sum(-1)
-    total = mass.sum(-1, keepdim=True)
-    n = cells.shape[1]
-    attention = torch.where(total > 0, mass / total.clamp(min=1e-12), torch.full_like(mass, 1.0 / n))
-    factor = torch.where(mass > 0, total / (n * mass.clamp(min=1e-12)), torch.ones_like(mass))
-    tokens = torch.cat([encoder.image_head(c * f[..., None]) for c, f in zip(cells.split(100), factor.split(100))])
-    pooled = encoder.image_head(cells.mean(1))
-    return ImageTokens(pooled=pooled, tokens=tokens, attention=attention, grid=grid)
-
-
 def image_views(encoder: Encoder, paths: list[Path], cache: FeatureCache) -> ImageTokens:
-    """Token views of every image (cached with the feature cache; for `starter` its cell maps)."""
-    if encoder.name == "starter" and hasattr(encoder, "image_tower"):
-        adapter = _StarterCells(encoder)
-        arrays = cache.image_features(adapter, [str(p) for p in paths], fn=adapter.cells,  # type: ignore[arg-type]
-                                      names=("cells",), dataset="flickr8k", split=SPLIT, variant="starter-cells-v1")
-        with torch.inference_mode():
-            return _starter_views(encoder, torch.from_numpy(arrays["cells"]), (7, 7))
+    """`Encoder.image_tokens` of every image, cached under the encoder's fingerprint."""
 
     def fn(px: torch.Tensor) -> dict[str, torch.Tensor]:
         v = encoder.image_tokens(px)
@@ -217,7 +174,7 @@ def measure(dev: DevData, cfg: CalibrationConfig, n_check: int = 64, n_latency: 
     from the cached views and checked against the public `Calibrator` API on the first images and
     ``n_check`` captions; plus the added latency per query (batch of one, gallery precomputed)."""
     enc, ds = dev.encoder, dev.ds
-    cal = Calibrator(enc, cfg)
+    cal: Any = create_calibrator(enc, config=cfg)
     gallery = {"raw": dev.views.pooled.float(), "calibrated": dev.image_calibrated(cfg)}
     t_cal, frac = dev.text_calibrated(cfg)
     queries = {"raw": dev.t_raw.float(), "calibrated": t_cal}
@@ -235,16 +192,17 @@ def measure(dev: DevData, cfg: CalibrationConfig, n_check: int = 64, n_latency: 
     out["cve_only"] = _recall(cal.scores(raw_q, gallery), ds.caption_image)
     out["dcc_only"] = _recall(cal.scores(queries, raw_g), ds.caption_image)
     g_raw, g_cal = _normalize(gallery["raw"]), _normalize(gallery["calibrated"])
+    k = min(10, len(g_raw))
     texts = ds.captions[:: max(1, len(ds.captions) // n_latency)][:n_latency]
 
     def plain_query(t: str) -> None:
         q = _normalize(enc.encode_text(enc.tokenize([t])))
-        torch.topk(q @ g_raw.T, 10)
+        torch.topk(q @ g_raw.T, k)
 
     def calibrated_query(t: str) -> None:
         f = cal.text_features([t])
         sim_raw, sim_cal = _normalize(f["raw"]) @ g_raw.T, _normalize(f["calibrated"]) @ g_cal.T
-        torch.topk(cal.fuse(sim_raw, sim_cal), 10)
+        torch.topk(cal.fuse(sim_raw, sim_cal), k)
 
     def clock(fn: Any, t: str) -> float:
         start = time.perf_counter()
@@ -264,9 +222,10 @@ def measure(dev: DevData, cfg: CalibrationConfig, n_check: int = 64, n_latency: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the grid and/or the end-to-end measurement; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", required=True, help="Flickr8k root (official layout); only the dev split is read")
-    p.add_argument("--model", default="starter")
+    p.add_argument("--model", default="starter", help="registered model name or checkpoint path")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--skip-grid", action="store_true", help="only measure the configuration (--set / defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -277,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from calibclip.cli.explain import parse_overrides
-
     encoder = create_model(args.model, **({"weights": args.weights} if args.weights else {}))
     cache = FeatureCache(shard_size=100)  # small shards: an interrupted run resumes
     if args.views_only:

@@ -228,27 +228,34 @@ def latency(args: argparse.Namespace) -> None:
             targets["milvus"] = f"milvus:{work / f'lat{n}.db'}"
         for backend, spec in targets.items():
             t0 = time.perf_counter()
-            if backend == "local":
-                shutil.rmtree(spec, ignore_errors=True)
-                st = Storage(spec, writable=True)
+            if args.reuse and stored(spec) == n:
+                print(f"[{backend}] reusing the {n:,} vectors stored by an earlier run (same seed)", flush=True)
             else:
-                Path(spec[7:]).unlink(missing_ok=True)
-                st = open_store(spec, writable=True)  # type: ignore[assignment]
-            st.initialise(dim, ["raw"], {"model": "synthetic", "fingerprint": "synthetic", "root": str(work)})
-            for s in range(0, n, 5000):
-                m = min(n, s + 5000) - s
-                vec = centres[labels[s : s + m]] + 0.7 * rng.standard_normal((m, dim)).astype(np.float32)
-                st.commit_batch(
-                    {"raw": vec},
-                    [{"path": f"{i}.jpg", "size": 1, "mtime_ns": 1, "sha256": "-"} for i in range(s, s + m)],
-                )
-            st.close()
-            print(f"[{backend}] stored in {time.perf_counter() - t0:.0f}s", flush=True)
+                if backend == "local":
+                    shutil.rmtree(spec, ignore_errors=True)
+                    st = Storage(spec, writable=True)
+                else:
+                    Path(spec[7:]).unlink(missing_ok=True)
+                    shutil.rmtree(spec[7:], ignore_errors=True)
+                    st = open_store(spec, writable=True)  # type: ignore[assignment]
+                st.initialise(dim, ["raw"], {"model": "synthetic", "fingerprint": "synthetic", "root": str(work)})
+                for s in range(0, n, 5000):
+                    m = min(n, s + 5000) - s
+                    vec = centres[labels[s : s + m]] + 0.7 * rng.standard_normal((m, dim)).astype(np.float32)
+                    recs = [{"path": f"{i}.jpg", "size": 1, "mtime_ns": 1, "sha256": "-"} for i in range(s, s + m)]
+                    st.commit_batch({"raw": vec}, recs)
+                st.close()
+                print(f"[{backend}] stored in {time.perf_counter() - t0:.0f}s", flush=True)
             ix = Index.open(spec)
             _, exact = ix.search_vectors(queries, k=10, ann="exact")
             grid = [("hnsw", {"ef_search": e}) for e in (16, 32, 64, 128)] + [
                 ("ivf", {"nprobe": p}) for p in (8, 16, 64)
             ]
+            if args.only:
+                grid = [g for g in grid if backend in args.only.split(",")]
+                if not grid:
+                    ix.close()
+                    continue
             if backend == "local" and n > 200_000:
                 grid = [g for g in grid if g[0] == "ivf"]  # HNSW build of 1e6 does not fit this machine's time
             for kind, params in [("exact", {})] + grid:
@@ -278,7 +285,8 @@ def main() -> None:
     p.add_argument("--sizes", default="100000,1000000")
     p.add_argument("--milvus-max", type=int, default=100000, help="largest size also stored in Milvus Lite")
     p.add_argument("--work", default="/tmp/calibclip-bench-scale")
-    p.add_argument("--reuse", action="store_true", help="equality: reuse indexes built by an earlier run")
+    p.add_argument("--reuse", action="store_true", help="reuse indexes/stores built by an earlier run")
+    p.add_argument("--only", default="", help="latency: only these backends (local,milvus)")
     args = p.parse_args()
     import torch
 

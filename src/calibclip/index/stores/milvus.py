@@ -578,6 +578,11 @@ class MilvusStore(VectorStore):
             params = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION} if kind == "hnsw" else {"nlist": _nlist(n)}
             self.client.release_collection(self.c_images)
             self.client.drop_index(self.c_images, name)
+            deadline = time.monotonic() + 120
+            while name in self.client.list_indexes(self.c_images, field_name=name):  # the drop is asynchronous
+                if time.monotonic() > deadline:
+                    raise IndexStateError(f"{self.spec}: Milvus did not drop the {name!r} index within 120 s")
+                time.sleep(0.2)
             index = self.client.prepare_index_params()
             index.add_index(name, index_type=want, metric_type="COSINE", params=params)
             self.client.create_index(self.c_images, index)

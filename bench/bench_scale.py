@@ -95,6 +95,7 @@ def equality(args: argparse.Namespace) -> None:
             print(f"reused {key}: {len(out[key])} images, {speed[key]:.2f} images/s measured earlier", flush=True)
             continue
         if spec.startswith("milvus:"):
+            shutil.rmtree(spec[7:], ignore_errors=True)  # Milvus Lite 3 keeps a .db folder
             Path(spec[7:]).unlink(missing_ok=True)
         else:
             shutil.rmtree(spec, ignore_errors=True)

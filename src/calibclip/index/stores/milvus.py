@@ -663,7 +663,8 @@ class MilvusStore(VectorStore):
     def disk_bytes(self) -> int | None:
         if self.uri.endswith(".db"):
             path = Path(self.uri)
-            return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+            files = [p for q in path.parent.glob(path.name + "*") for p in ([q] if q.is_file() else q.rglob("*"))]
+            return sum(p.stat().st_size for p in files if p.is_file())  # Milvus Lite 3: a .db folder
         return None
 
     def close(self) -> None:

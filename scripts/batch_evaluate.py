@@ -12,6 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 try:
+    import torch  # noqa: F401
+except ImportError:
+    sys.exit(f"error: torch is not installed for {sys.executable}; activate the project's environment first: "
+             ". .venv/bin/activate   (created by: bash scripts/quickstart.sh)")
+try:
     import calibclip  # noqa: F401
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))

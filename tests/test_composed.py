@@ -65,7 +65,12 @@ def test_checkpoint_roundtrip_and_fingerprint_check(tmp_path: Path, suffix: str)
 
 def test_build_combining_baselines_and_errors(tmp_path: Path) -> None:
     img, txt = torch.randn(4, 8), torch.randn(4, 8)
-    assert torch.allclose(build_combining("sum")(img, txt), F.normalize(img + txt, dim=-1))
+    # the sum baseline sums the *normalised* features (CLIP4Cir), the text weighted (default 1 without an encoder)
+    unit = F.normalize(F.normalize(img, dim=-1) + F.normalize(txt, dim=-1), dim=-1)
+    assert torch.allclose(build_combining("sum")(img, txt), unit)
+    assert torch.allclose(build_combining("sum")(img * 30, txt * 0.1), unit, atol=1e-6)  # raw norms do not matter
+    heavy = F.normalize(F.normalize(img, dim=-1) + 2.5 * F.normalize(txt, dim=-1), dim=-1)
+    assert torch.allclose(build_combining("sum", text_weight=2.5)(img, txt), heavy)
     assert torch.allclose(build_combining("image")(img, txt), F.normalize(img, dim=-1))
     assert torch.allclose(build_combining("text")(img, txt), F.normalize(txt, dim=-1))
     with pytest.raises(ValueError, match="needs a trained Combiner checkpoint"):

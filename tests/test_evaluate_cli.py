@@ -110,7 +110,7 @@ def test_evaluate_errors_are_actionable(tmp_path: Path, color_model: str, capsys
     root = make_person_dataset(tmp_path / "p", "cuhkpedes")
     assert main(["evaluate", "--dataset", "cuhkpedes", "--data-root", str(root), "--model", color_model,
                  "--combining", "sum"]) == 2
-    assert "fashioniq, cirr and css" in capsys.readouterr().err
+    assert "fashioniq, cirr, css and pseudo-cir" in capsys.readouterr().err
 
 
 def test_seed_evaluator_api(tmp_path: Path, color_model: str) -> None:

@@ -117,7 +117,11 @@ def test_composed_query_is_normalised_sum_and_excludes_reference(built):
     text = "make it brighter"
     results = built.search(image=ref, text=text, k=4)
     t = built.encode_text(text)["raw"][None]
-    expected_query = torch.nn.functional.normalize(torch.from_numpy(built.features("raw", [ref])) + t, dim=-1)
+    from calibclip.composed import normalized_sum
+    from calibclip.composed.baselines import sum_text_weight
+
+    # no Combiner for this encoder: the sum of the L2-normalised features with the encoder's text weight
+    expected_query = normalized_sum(torch.from_numpy(built.features("raw", [ref])), t, sum_text_weight(built.encoder))
     scores, ids = brute_force(built, expected_query.numpy(), len(built))
     ids = [i for i in ids.tolist() if i != ref][:4]
     assert [r.id for r in results] == ids

@@ -113,7 +113,8 @@ def test_dataset_table_api_and_errors(tables: None) -> None:
 
     assert canonical_dataset(" RSTP ") == "rstpreid" and dataset_task("cuhk-pedes") == "person"
     assert get_dataset("fashioniq").default_split == "val" and get_dataset("css").headline == "R@1"
-    assert DATASETS == ("cuhkpedes", "icfgpedes", "rstpreid", "flickr8k", "karpathy", "fashioniq", "cirr", "css")
+    assert DATASETS == ("cuhkpedes", "icfgpedes", "rstpreid", "flickr8k", "karpathy", "fashioniq", "cirr", "css",
+                        "pseudo-cir")
     data_registry.register_dataset("extra", load_toy, task="captions")
     assert calibclip.datasets.DATASETS[-1] == "extra"
     with pytest.raises(ValueError, match=r"unknown dataset 'nope'; expected one of \['cuhkpedes'"):

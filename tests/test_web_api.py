@@ -20,7 +20,7 @@ from web_support import PHOTOS, live_server, web_app, web_data  # noqa: E402,F40
 
 @pytest.fixture(scope="module")
 def client(web_app) -> TestClient:  # noqa: F811
-    return TestClient(web_app, raise_server_exceptions=False)
+    return TestClient(web_app, base_url="http://localhost", raise_server_exceptions=False)
 
 
 def _ids_by_name(client: TestClient) -> dict[str, str]:
@@ -37,6 +37,7 @@ def _png_bytes(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = 
 
 def _png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny valid PNG whose header declares width x height pixels (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -59,8 +60,17 @@ def test_health_and_indexes(client: TestClient) -> None:
 def test_openapi_lists_every_endpoint(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     paths = set(doc["paths"])
-    for p in ("/api/health", "/api/indexes", "/api/search", "/api/upload", "/api/images/{image_id}",
-              "/api/explain", "/api/sample", "/api/suggestions", "/api/heatmap/{image_id}"):
+    for p in (
+        "/api/health",
+        "/api/indexes",
+        "/api/search",
+        "/api/upload",
+        "/api/images/{image_id}",
+        "/api/explain",
+        "/api/sample",
+        "/api/suggestions",
+        "/api/heatmap/{image_id}",
+    ):
         assert p in paths, p
 
 
@@ -109,8 +119,10 @@ def test_image_search_and_result_ids_round_trip(client: TestClient) -> None:
 
 def test_composed_search_marks_annotated_target(client: TestClient) -> None:
     ids = _ids_by_name(client)
-    r = client.post("/api/search", json={"reference": ids["chelsea"], "text": "A cup of coffee instead of the cat",
-                                         "k": len(PHOTOS)})
+    r = client.post(
+        "/api/search",
+        json={"reference": ids["chelsea"], "text": "A cup of coffee instead of the cat", "k": len(PHOTOS)},
+    )
     body = r.json()
     assert body["target"] == ids["coffee"]
     marked = [x["id"] for x in body["results"] if x["is_target"]]
@@ -127,28 +139,32 @@ def test_calibrated_search_matches_the_index_api(client: TestClient, web_data) -
     for query in ({"text": "a cat on a sofa"}, {"reference": ids["chelsea"], "text": "a horse instead"}):
         r = client.post("/api/search", json={**query, "calibrate": True, "k": 5})
         assert r.status_code == 200, r.text
-        expected = index.search(text=query["text"], image=int(query["reference"]) if "reference" in query else None,
-                                k=5, calibrate=True)
+        expected = index.search(
+            text=query["text"], image=int(query["reference"]) if "reference" in query else None, k=5, calibrate=True
+        )
         assert [x["id"] for x in r.json()["results"]] == [str(h.id) for h in expected]
     up = client.post("/api/upload", files={"file": ("c.png", (web_data["images"] / "chelsea.png").read_bytes())})
     r = client.post("/api/search", json={"reference": up.json()["id"], "text": "at night", "calibrate": True, "k": 3})
     assert r.status_code == 200 and len(r.json()["results"]) == 3
 
 
-@pytest.mark.parametrize("body,status", [
-    ({}, 400),
-    ({"text": "   "}, 400),
-    ({"text": "x", "k": 0}, 422),
-    ({"text": "x", "k": 10_000}, 422),
-    ({"text": "x", "index": "no-such-index"}, 404),
-    ({"text": "x", "index": "../../etc"}, 404),
-    ({"reference": "999999"}, 404),
-    ({"reference": "../../etc/passwd"}, 404),
-    ({"reference": "/etc/passwd"}, 404),
-    ({"reference": "u-" + "0" * 32}, 404),
-    ({"text": "x", "unknown_field": 1}, 422),
-    ({"text": 12}, 422),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({}, 400),
+        ({"text": "   "}, 400),
+        ({"text": "x", "k": 0}, 422),
+        ({"text": "x", "k": 10_000}, 422),
+        ({"text": "x", "index": "no-such-index"}, 404),
+        ({"text": "x", "index": "../../etc"}, 404),
+        ({"reference": "999999"}, 404),
+        ({"reference": "../../etc/passwd"}, 404),
+        ({"reference": "/etc/passwd"}, 404),
+        ({"reference": "u-" + "0" * 32}, 404),
+        ({"text": "x", "unknown_field": 1}, 422),
+        ({"text": 12}, 422),
+    ],
+)
 def test_search_bad_input(client: TestClient, body: dict, status: int) -> None:
     r = client.post("/api/search", json=body)
     assert r.status_code == status, r.text
@@ -186,13 +202,16 @@ def _upload_file(client: TestClient, upload_id: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name,payload,status,needle", [
-    ("notes.png", b"this is plain text, not an image", 400, "not_an_image"),
-    ("empty.jpg", b"", 400, "empty"),
-    ("bomb.png", _png_bomb(), 413, "too_large"),
-    ("truncated.png", _png_bytes()[:60], 400, ""),
-    ("big.png", b"\x89PNG" + b"\x00" * (3 * 1024 * 1024), 413, "limit"),
-])
+@pytest.mark.parametrize(
+    "name,payload,status,needle",
+    [
+        ("notes.png", b"this is plain text, not an image", 400, "not_an_image"),
+        ("empty.jpg", b"", 400, "empty"),
+        ("bomb.png", _png_bomb(), 413, "too_large"),
+        ("truncated.png", _png_bytes()[:60], 400, ""),
+        ("big.png", b"\x89PNG" + b"\x00" * (3 * 1024 * 1024), 413, "limit"),
+    ],
+)
 def test_upload_rejects_bad_files(client: TestClient, name: str, payload: bytes, status: int, needle: str) -> None:
     r = client.post("/api/upload", files={"file": (name, payload, "image/png")})
     assert r.status_code == status, r.text
@@ -204,7 +223,7 @@ def test_upload_without_file_or_length(client: TestClient) -> None:
     assert client.post("/api/upload", data={"other": "x"}).status_code == 422
 
     def chunks():  # chunked transfer: no Content-Length, so the size cannot be checked up front
-        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
         yield _png_bytes()
         yield b"\r\n--x--\r\n"
 
@@ -222,20 +241,23 @@ def test_uploads_expire(tmp_path: Path) -> None:
 
 
 # ---- images, traversal -----------------------------------------------------------------------
-@pytest.mark.parametrize("url", [
-    "/api/images/..%2F..%2F..%2Fetc%2Fpasswd",
-    "/api/images/%2Fetc%2Fpasswd",
-    "/api/images/..",
-    "/api/images/1%2F..%2F..%2Fcaptions.json",
-    "/api/images/astronaut.png",
-    "/api/images/999999999",
-    "/api/images/-1",
-    "/api/images/u-../../etc/passwd",
-    "/api/images/1?index=..%2F..%2F",
-    "/api/images/1?index=%2Fetc",
-    "/api/heatmap/..%2F..%2Fetc%2Fpasswd",
-    "/api/suggestions?reference=..%2F..%2Fetc%2Fpasswd",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/images/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/images/%2Fetc%2Fpasswd",
+        "/api/images/..",
+        "/api/images/1%2F..%2F..%2Fcaptions.json",
+        "/api/images/astronaut.png",
+        "/api/images/999999999",
+        "/api/images/-1",
+        "/api/images/u-../../etc/passwd",
+        "/api/images/1?index=..%2F..%2F",
+        "/api/images/1?index=%2Fetc",
+        "/api/heatmap/..%2F..%2Fetc%2Fpasswd",
+        "/api/suggestions?reference=..%2F..%2Fetc%2Fpasswd",
+    ],
+)
 def test_traversal_attempts_are_404(client: TestClient, url: str) -> None:
     r = client.get(url)
     assert r.status_code == 404, (url, r.status_code, r.text[:200])
@@ -285,7 +307,9 @@ def test_suggestions(client: TestClient) -> None:
     ids = _ids_by_name(client)
     s = client.get("/api/suggestions", params={"reference": ids["chelsea"]}).json()["suggestions"]
     assert {x["text"]: x["target"] for x in s} == {
-        "a cup of coffee instead of the cat": ids["coffee"], "a horse instead": ids["horse"]}
+        "a cup of coffee instead of the cat": ids["coffee"],
+        "a horse instead": ids["horse"],
+    }
     none = client.get("/api/suggestions", params={"reference": ids["brick"]}).json()
     assert none["suggestions"] == []
 
@@ -293,7 +317,9 @@ def test_suggestions(client: TestClient) -> None:
 # ---- explanations ----------------------------------------------------------------------------
 def test_explain_words_and_heatmaps(client: TestClient) -> None:
     ids = _ids_by_name(client)
-    r = client.post("/api/explain", json={"text": "a photo of a cat on a table", "ids": [ids["chelsea"], ids["coffee"]]})
+    r = client.post(
+        "/api/explain", json={"text": "a photo of a cat on a table", "ids": [ids["chelsea"], ids["coffee"]]}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     words = [t["token"] for t in body["tokens"]]
@@ -347,9 +373,11 @@ def test_several_indexes(client: TestClient, tmp_path: Path) -> None:
 
     assert _names(["/a/photos", "/b/photos", "/c/my photos!"]) == ["photos", "photos-2", "my-photos"]
     shared = next(iter(client.app.state.indexes.values())).index  # one opened index, served twice
-    app = create_app(WebConfig(index_dirs=[], upload_dir=str(tmp_path)),
-                     indexes=[ServedIndex("first", shared), ServedIndex("second", shared)])
-    c = TestClient(app, raise_server_exceptions=False)
+    app = create_app(
+        WebConfig(index_dirs=[], upload_dir=str(tmp_path)),
+        indexes=[ServedIndex("first", shared), ServedIndex("second", shared)],
+    )
+    c = TestClient(app, base_url="http://localhost", raise_server_exceptions=False)
     assert [i["name"] for i in c.get("/api/indexes").json()["indexes"]] == ["first", "second"]
     home = c.get("/").text
     assert "/search?index=first" in home and "/search?index=second" in home
@@ -365,6 +393,9 @@ def test_serve_cli_validates_arguments(tmp_path: Path) -> None:
 
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert main(["serve", str(tmp_path), "--workers", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--batch-size", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--queue-size", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--refresh-interval", "-1"]) == 2
 
 
 def test_serve_command_runs_uvicorn(web_data, tmp_path: Path) -> None:  # noqa: F811
@@ -382,9 +413,23 @@ def test_serve_command_runs_uvicorn(web_data, tmp_path: Path) -> None:  # noqa: 
     tmp = tmp_path / "tmp"  # the server's temporary folder: its upload store goes there
     tmp.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "calibclip.cli.main", "serve", str(web_data["index"]), "--port", str(port),
-         "--threads", "1", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TMPDIR": str(tmp)},
+        [
+            sys.executable,
+            "-m",
+            "calibclip.cli.main",
+            "serve",
+            str(web_data["index"]),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
     base = f"http://127.0.0.1:{port}"
     try:

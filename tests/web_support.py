@@ -10,14 +10,24 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 #: Real photos bundled with scikit-image (no download).
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "horse.png", "camera.png",
-          "motorcycle_left.png", "hubble_deep_field.jpg", "grass.png", "brick.png")
+PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "horse.png",
+    "camera.png",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "grass.png",
+    "brick.png",
+)
 #: Annotated modifications (CIRR/CSS style) between those photos.
 ANNOTATIONS = [
     {"pairid": 0, "reference": "chelsea", "target_hard": "coffee", "caption": "a cup of coffee instead of the cat"},
@@ -60,7 +70,8 @@ def web_app(web_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
     config = WebConfig(
         index_dirs=[str(web_data["index"])],
-        upload_dir=str(tmp_path_factory.mktemp("uploads")), max_upload_bytes=2 * 1024 * 1024,
+        upload_dir=str(tmp_path_factory.mktemp("uploads")),
+        max_upload_bytes=2 * 1024 * 1024,
     )
     return create_app(config)
 

@@ -1,7 +1,7 @@
 """The seed's dataset API over the dataset table (`calibclip.data.registry`).
 
 ``load_dataset(name, root, split)`` returns a `RetrievalDataset` for the text->image datasets
-(person retrieval and captions); composed-retrieval datasets (``fashioniq``, ``cirr``, ``css``)
+(person retrieval and captions); composed-retrieval datasets (``fashioniq``, ``cirr``, ``css``, ``pseudo-cir``)
 have their own protocol in `calibclip.composed`. ``build_transforms`` and ``build_dataloader``
 keep the seed's API (IRRA-style names) and accept the CalibCLIP reference repository's keywords; its
 other public names (``SimpleTokenizer``, ``tokenize``, ``build_dataset``, the dataset classes) are

@@ -32,9 +32,19 @@ def fuse_scores(sim_raw: torch.Tensor | np.ndarray, sim_cal: torch.Tensor | np.n
         idx = torch.topk(raw, k, dim=1).indices
         top_raw = torch.gather(raw, 1, idx)
         fused = top_raw + (1.0 - float(lam)) * (torch.gather(cal, 1, idx) - top_raw)
-        if k == raw.shape[1]:
-            out = torch.empty_like(raw).scatter_(1, idx, fused)
-        else:
-            offset = (raw.max(1, keepdim=True).values - fused.min(1, keepdim=True).values).clamp(min=0) + 1.0
-            out = (raw - offset).scatter_(1, idx, fused)
+        out = place_topk(raw, idx, fused)
     return out.numpy() if as_numpy else out  # type: ignore[return-value]
+
+
+def place_topk(sim_raw: torch.Tensor, idx: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+    """Scores ``[Q, G]`` (float64) where the candidates ``idx`` ``[Q, K]`` (each row's K best by
+    ``sim_raw``) get their ``fused`` scores and every other entry keeps its raw order below all of
+    them (``sim_raw - offset``, see `fuse_scores`)."""
+    raw = sim_raw.double()
+    fused = fused.double()
+    if idx.shape[1] == raw.shape[1]:
+        return torch.empty_like(raw).scatter_(1, idx, fused)
+    if idx.shape[1] == 0:
+        return raw.clone()
+    offset = (raw.max(1, keepdim=True).values - fused.min(1, keepdim=True).values).clamp(min=0) + 1.0
+    return (raw - offset).scatter_(1, idx, fused)

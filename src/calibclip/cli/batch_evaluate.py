@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
             m = cfg["model"]
             encoders[task] = load_encoder(model, task, m["device"], m["precision"], m.get("clip_image_size"))
         result = run_evaluation(dataset, root, cfg, model=model, split=args.split, encoder=encoders[task],  # type: ignore[arg-type]
-                                calibrate=args.calibrate, calibration_method=args.calibration_method)
+                                calibrate=args.calibrate, calibration_method=args.calibration_method,
+                                rerank=args.rerank, rerank_top_k=args.rerank_top_k)
         results.append(result)
         print(f"{result['dataset']} ({result['split']}): " + ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()))
     paths = write_batch_report(results, args.output_dir)

@@ -48,6 +48,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-method", choices=calibration_method_choices(), metavar="METHOD",
                    help=f"with --calibrate: the calibration method ({', '.join(calibration_method_choices())}; "
                    "default calibclip)")
+    p.add_argument("--rerank", nargs="?", const="packaged", default=None, metavar="PATH",
+                   help="re-rank each query's top-K with the trained cross-modal re-ranker: the one shipped with the "
+                   "encoder (no value) or a re-ranker folder (PATH); combines with --calibrate")
+    p.add_argument("--rerank-top-k", type=int, metavar="K", help="with --rerank: candidates re-scored per query "
+                   "(default: the re-ranker's own top_k)")
     p.add_argument("--output-dir", help="write metrics.json, metrics.md and recall.png here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -81,10 +86,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_common_arguments(p)
     p.add_argument("--json", action="store_true",
                    help='print one JSON object {"dataset","split","model","metrics"} as the last stdout line')
-    p.add_argument("--combiner", help="composed retrieval: trained Combiner checkpoint (RUN_DIR/best.pt)")
+    p.add_argument("--combiner", help="composed retrieval: trained Combiner checkpoint (RUN_DIR/best.pt); default: the "
+                   "encoder's packaged Combiner")
     p.add_argument("--combining", choices=("combiner", "sum", "image", "text"),
                    help="composed retrieval: how to combine reference image and text (default: combiner with "
-                   "--combiner, else sum)")
+                   "--combiner or a packaged Combiner, else the normalised sum)")
     p.add_argument("--submission", action="store_true",
                    help="CIRR: write the two test-server JSON files into --output-dir (needed for test1)")
     return p
@@ -94,7 +100,8 @@ def print_human(result: dict[str, Any]) -> None:
     from calibclip.evaluation.report import markdown_table
 
     metrics = result["metrics"]
-    title = f"{result['dataset']} ({result['split']}) — {result['model']}" + (" + CalibCLIP" if result["calibrate"] else "")
+    title = f"{result['dataset']} ({result['split']}) — {result['model']}" + (" + CalibCLIP" if result["calibrate"] else "") \
+        + (" + re-ranker" if result.get("rerank") else "")
     print(title)
     print(markdown_table([metrics], list(metrics)), end="")
     t = result["timing"]
@@ -117,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_evaluation(
         dataset, data_root, cfg, model=args.checkpoint or args.model, split=args.split, calibrate=args.calibrate,
         combiner=args.combiner, combining=args.combining, calibration_method=args.calibration_method,
-        submission_dir=Path(args.output_dir) / "submission" if args.submission else None,
+        rerank=args.rerank, rerank_top_k=args.rerank_top_k, submission_dir=Path(args.output_dir) / "submission" if args.submission else None,
     )
     if args.output_dir:
         paths = write_report(result, args.output_dir)

@@ -9,7 +9,7 @@ import sys
 #: Subcommand modules under `calibclip.cli`, in the order `--help` lists them.
 COMMANDS = (
     "models", "version", "index", "search", "info", "evaluate", "batch_evaluate", "explain",
-    "train_starter", "train_combiner", "make_css", "serve",
+    "train", "train_starter", "train_combiner", "make_css", "make_pseudo_cir", "serve",
 )
 
 

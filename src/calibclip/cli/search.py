@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             "calibrate": args.calibrate,
             "ann": index.resolve_ann(args.ann),
             "model": index.model_name,
-            "combining": ("combiner" if index.combiner else "sum") if composed else None,
+            "combining": (("combiner" if hasattr(index.combining(), "combiner") else "sum") if composed else None),
         }
     if args.json:
         out = {"query": query, "results": [r.to_dict() for r in results], "seconds": round(time.perf_counter() - t0, 4)}

@@ -46,6 +46,48 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--upload-ttl", type=float, default=3600.0, help="seconds an upload is kept (default 3600)")
     p.add_argument("--device", default="cpu", help="device for the model: cpu, cuda or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="HOST",
+        help="host name the server may be reached under (the Host header), repeatable; '*.example.com' "
+        "allows sub-domains, '*' any host (no DNS-rebinding protection). Default: the --host address "
+        "and localhost, 127.0.0.1, ::1",
+    )
+    g = p.add_argument_group("micro-batching of text queries (one encoder forward for concurrent searches)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="most text queries per encoder forward (default 32; 1 turns batching off)",
+    )
+    g.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more queries after its first one (default 5 ms)",
+    )
+    g.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        help="most queries waiting for the encoder; more are answered 503 with Retry-After (default 256)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a query may wait for the encoder before a 503 (default 30)",
+    )
+    p.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often (at most) a request checks whether the index was updated on disk (another "
+        "`calibclip index` run) and re-opens it (default 1 s; 0: every request)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -69,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
             specs.append(d)  # opened (and checked) by the web app through the store table
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.refresh_interval < 0:
+        raise ValueError(f"--refresh-interval must be >= 0 seconds, got {args.refresh_interval}")
+    from calibclip.web.batching import BatchSettings
+
+    BatchSettings(args.batch_window_ms, args.batch_size, args.queue_size, args.request_timeout)  # validate early
     upload_dir = tempfile.mkdtemp(prefix="calibclip-uploads-")
     config = WebConfig(
         index_dirs=specs,
@@ -79,7 +126,15 @@ def run(args: argparse.Namespace) -> int:
         upload_ttl_s=args.upload_ttl,
         device=args.device,
         threads=args.threads,
+        host=args.host,
+        allowed_hosts=args.allowed_host,
+        batch_window_ms=args.batch_window_ms,
+        batch_size=args.batch_size,
+        batch_queue=args.queue_size,
+        request_timeout_s=args.request_timeout,
+        refresh_s=args.refresh_interval,
     )
+
     common = dict(
         host=args.host,
         port=args.port,

@@ -8,6 +8,10 @@ Over frozen, raw encoder features of the reference image and the modification te
     lambda = Sigmoid(W_2 Dropout(ReLU(W_1 c)))                        (a scalar per query)
     query  = normalize(mlp + lambda * t + (1 - lambda) * i)
 
+``normalize_inputs=True`` (a calibclip option) L2-normalises ``i`` and ``t`` first and starts the
+MLP branch at zero, so an untrained Combiner is the normalised sum and training refines it; it
+matters for encoders whose towers have very different feature norms (starter: image ~25, text ~12).
+
 Training uses a batch-based contrastive loss with CLIP4Cir's *fixed* logit scale of 100.
 
 Checkpoints hold no pickled code: ``.pt`` files are plain dicts of tensors/strings/numbers
@@ -34,8 +38,9 @@ class Combiner(nn.Module):
     """Fuses reference-image and text features into an L2-normalised query feature."""
 
     def __init__(self, feature_dim: int, projection_dim: int, hidden_dim: int, dropout: float = 0.5,
-                 logit_scale: float = LOGIT_SCALE):
+                 logit_scale: float = LOGIT_SCALE, normalize_inputs: bool = False):
         super().__init__()
+        self.normalize_inputs = bool(normalize_inputs)
         self.feature_dim, self.projection_dim, self.hidden_dim = feature_dim, projection_dim, hidden_dim
         self.dropout_p, self.logit_scale = dropout, logit_scale
         self.text_projection = nn.Linear(feature_dim, projection_dim)
@@ -49,18 +54,24 @@ class Combiner(nn.Module):
             nn.Linear(2 * projection_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, 1),
             nn.Sigmoid(),
         )
+        if self.normalize_inputs:  # start at the normalised sum: the MLP branch adds nothing yet
+            nn.init.zeros_(self.output_layer.weight)
+            nn.init.zeros_(self.output_layer.bias)
 
     @classmethod
-    def for_features(cls, feature_dim: int, proj_mult: float = 4, hidden_mult: float = 8, **kwargs: Any) -> "Combiner":
+    def for_features(cls, feature_dim: int, proj_mult: float = 4, hidden_mult: float = 8, **kwargs: Any) -> Combiner:
         """CLIP4Cir sizing: projection = ``proj_mult`` x and hidden = ``hidden_mult`` x the feature size."""
         return cls(feature_dim, int(round(feature_dim * proj_mult)), int(round(feature_dim * hidden_mult)), **kwargs)
 
     def config(self) -> dict[str, Any]:
         return {"feature_dim": self.feature_dim, "projection_dim": self.projection_dim,
-                "hidden_dim": self.hidden_dim, "dropout": self.dropout_p, "logit_scale": self.logit_scale}
+                "hidden_dim": self.hidden_dim, "dropout": self.dropout_p, "logit_scale": self.logit_scale,
+                "normalize_inputs": self.normalize_inputs}
 
     def mix(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalised combined feature and the text weight lambda ``[B, 1]``."""
+        if self.normalize_inputs:
+            image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         t = self.dropout_text(F.relu(self.text_projection(text)))
         i = self.dropout_image(F.relu(self.image_projection(image)))
         joint = torch.cat([t, i], dim=-1)
@@ -152,7 +163,25 @@ def load_combiner(
                              f"{want}; use the same --model as for training or train a Combiner for this encoder")
     cfg = record["config"]
     combiner = Combiner(int(cfg["feature_dim"]), int(cfg["projection_dim"]), int(cfg["hidden_dim"]),
-                        float(cfg.get("dropout", 0.5)), float(cfg.get("logit_scale", LOGIT_SCALE)))
+                        float(cfg.get("dropout", 0.5)), float(cfg.get("logit_scale", LOGIT_SCALE)),
+                        bool(cfg.get("normalize_inputs", False)))
     combiner.load_state_dict(record["state_dict"])
     combiner.encoder_fingerprint = record.get("encoder_fingerprint", "")
     return combiner.to(device).eval()
+
+
+def export_combiner(src: str | Path, dst: str | Path, half: bool = True, **extra: Any) -> Path:
+    """Write checkpoint ``src`` (``.pt`` or a run directory) as a ``.safetensors`` Combiner file, in
+    float16 by default (half the size; loading casts back to float32). ``extra``: JSON-able notes
+    stored in the metadata (e.g. the training command)."""
+    record = read_combiner_checkpoint(src)
+    cfg = record["config"]
+    combiner = Combiner(int(cfg["feature_dim"]), int(cfg["projection_dim"]), int(cfg["hidden_dim"]),
+                        float(cfg.get("dropout", 0.5)), float(cfg.get("logit_scale", LOGIT_SCALE)),
+                        bool(cfg.get("normalize_inputs", False)))
+    combiner.load_state_dict(record["state_dict"])
+    if half:
+        combiner = combiner.half()
+    keep = {k: record[k] for k in ("epoch", "metrics", "dataset", "encoder_name", "train_config") if k in record}
+    return save_combiner(Path(dst).with_suffix(".safetensors"), combiner, record.get("encoder_fingerprint", ""),
+                         **keep, **extra)

@@ -1,4 +1,5 @@
-"""Composed-retrieval evaluation on FashionIQ, CIRR and the generated CSS benchmark.
+"""Composed-retrieval evaluation on FashionIQ, CIRR, the generated CSS benchmark and pseudo-CIR
+triplets of real captioned photos.
 
 Features come from the project's `FeatureCache` (raw encoder features of every gallery image
 and of every query text), so a second evaluation, or a training run's validation, is instant.
@@ -7,9 +8,10 @@ and of every query text), so a second evaluation, or a training run's validation
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,9 @@ from calibclip.data.composed import ComposedDataset, fashioniq_caption, fashioni
 from calibclip.data.registry import DatasetSpec, dataset_names, get_dataset
 from calibclip.evaluation.composed_metrics import cirr_metrics, cirr_submission, fashioniq_metrics
 from calibclip.models.base import Encoder
+
+#: The validation split of each composed dataset (model selection in `train-combiner`; default ``val``).
+VAL_SPLIT = {"pseudo-cir": "dev"}
 
 #: Queries combined and scored per block.
 QUERY_BLOCK = 2048
@@ -70,13 +75,30 @@ def extract_features(
     variants: bool = False, progress: bool = True,
 ) -> ComposedFeatures:
     """Raw image and text features of ``ds`` through the feature cache. ``variants``: also the
-    four FashionIQ caption variants of every query (training augmentation)."""
-    tags = {"dataset": ds.name, "split": ds.split}
+    training text variants of every query (FashionIQ: the four caption variants; pseudo-CIR: every
+    caption of the target). Pseudo-CIR galleries are the source dataset's images, cached under the
+    source's own key (shared with `calibclip evaluate --dataset flickr8k` and `make-pseudo-cir`)."""
+    tags: dict[str, Any] = {"dataset": ds.name, "split": ds.split}
+    image_tags: dict[str, Any]
+    if ds.name == "pseudo-cir":
+        from calibclip.composed.pseudo_cir import SHARD_SIZE
+
+        image_tags = {"dataset": ds.info["source"], "split": ds.info["source_split"],
+                      "preprocess": encoder.preprocess.describe()}
+        cache = FeatureCache(cache.root, cache.enabled, SHARD_SIZE)
+    else:
+        image_tags = tags
     images = cache.image_features(encoder, ds.images, batch_size=batch_size, workers=workers, progress=progress,
-                                  **tags)["raw"]
+                                  **image_tags)["raw"]
     texts = cache.text_features(encoder, query_texts(ds), progress=progress, **tags)["raw"]
     var = None
-    if variants and ds.captions and len(ds.captions[0]) == 2:
+    if variants and ds.info.get("variants"):
+        options = ds.info["variants"]
+        width = max(len(v) for v in options)
+        flat = [v[i % len(v)] for v in options for i in range(width)]  # cycle short lists to a fixed width
+        arr = cache.text_features(encoder, flat, progress=progress, variant="target-captions", **tags)["raw"]
+        var = torch.from_numpy(arr).reshape(len(ds), width, -1)
+    elif variants and ds.captions and len(ds.captions[0]) == 2:
         flat = [v for c in ds.captions for v in fashioniq_caption_variants(*c)]
         arr = cache.text_features(encoder, flat, progress=progress, variant="fashioniq-captions", **tags)["raw"]
         var = torch.from_numpy(arr).reshape(len(ds), 4, -1)
@@ -132,7 +154,8 @@ def evaluate_composed(
 
     Keys: FashionIQ ``<cat>_R@10 <cat>_R@50 avg_R@10 avg_R@50 avg`` (split val); CIRR ``R@1 R@5
     R@10 R@50 Rsubset@1 Rsubset@2 Rsubset@3 avg`` (reference removed from its ranking); CSS
-    ``R@1 R@5 R@10 R@50``. CIRR ``test1`` has no public targets: it needs ``submission_dir``,
+    and pseudo-CIR ``R@1 R@5 R@10 R@50``. ``combiner=None`` with ``combining="combiner"``: the
+    encoder's packaged Combiner. CIRR ``test1`` has no public targets: it needs ``submission_dir``,
     where the two test-server JSON files are written, and returns ``{}``.
     """
     dataset = composed_spec(dataset).name

@@ -6,6 +6,10 @@ with the fixed logit scale 100 (a batch's other queries with the very same targe
 used as negatives); optimiser: Adam. FashionIQ queries use a random one of their
 four caption variants each epoch (both captions in either order, or one alone).
 
+Unset recipe settings (learning rate, sizes, batch, epochs, dropout) come from the encoder's
+measured recipe in ``calibclip/configs/composed.yaml`` (`resolve_config`); the run records which
+recipe it used (``summary.json`` ``recipe``).
+
 A run directory holds ``last.pt`` (resume point: weights, optimiser, RNG, history), ``best.pt``
 (best validation epoch by the dataset's headline metric: FashionIQ ``avg``, CIRR ``avg``, CSS
 ``R@1``), ``baselines.json`` (sum / image / text on the validation split), ``log.csv``,
@@ -17,7 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +29,65 @@ import torch
 
 from calibclip.composed.baselines import build_combining
 from calibclip.composed.combiner import Combiner, combiner_record
+from calibclip.composed.defaults import RECIPE_KEYS, composed_defaults
 from calibclip.composed.evaluate import (
-    ComposedFeatures, composed_spec, extract_features, headline_metric, load_composed, metrics_from_features,
+    VAL_SPLIT,
+    ComposedFeatures,
+    composed_spec,
+    extract_features,
+    headline_metric,
+    load_composed,
+    metrics_from_features,
 )
 from calibclip.data.cache import FeatureCache
 from calibclip.models.base import Encoder
 from calibclip.utils import progress_bar
 
 #: Settings that must match when resuming (the number of epochs may grow).
-RESUME_KEYS = ("dataset", "batch_size", "lr", "proj_mult", "hidden_mult", "dropout", "seed")
+RESUME_KEYS = ("dataset", "batch_size", "lr", "proj_mult", "hidden_mult", "dropout", "normalize_inputs", "seed")
 
 
 @dataclass
 class TrainConfig:
-    """Combiner training settings (defaults follow CLIP4Cir where it makes sense on CPU)."""
+    """Combiner training settings. ``None`` means the encoder's recipe (`resolve_config`); the
+    validation split defaults to the dataset's (``dev`` for pseudo-CIR, else ``val``)."""
 
     dataset: str
-    epochs: int = 30
-    batch_size: int = 4096
-    lr: float = 2e-5
-    proj_mult: float = 4.0
-    hidden_mult: float = 8.0
-    dropout: float = 0.5
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    proj_mult: float | None = None
+    hidden_mult: float | None = None
+    dropout: float | None = None
+    normalize_inputs: bool | None = None
     seed: int = 0
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str | None = None
+    #: Filled by `resolve_config`: the composed.yaml entry and the fields it supplied.
+    recipe: str = ""
+    recipe_fields: tuple[str, ...] = ()
+
+
+def resolve_config(config: TrainConfig, encoder_name: str | None) -> TrainConfig:
+    """``config`` with every unset recipe field taken from the encoder's measured recipe
+    (``calibclip/configs/composed.yaml``; the ``"*"`` entry is CLIP4Cir's recipe)."""
+    defaults = composed_defaults(encoder_name, config.dataset)
+    fields = tuple(k for k in RECIPE_KEYS if getattr(config, k) is None)
+    types = (float, float, float, int, int, float, bool)
+    values = {k: type_(defaults["recipe"][k]) for k, type_ in zip(RECIPE_KEYS, types) if k in fields}
+    return replace(config, **values, val_split=config.val_split or VAL_SPLIT.get(config.dataset, "val"),
+                   recipe=defaults["key"], recipe_fields=fields)
+
+
+def describe_recipe(config: TrainConfig) -> str:
+    """One line: the settings in use and where they came from."""
+    settings = ", ".join(f"{k} {getattr(config, k)}" if isinstance(getattr(config, k), bool) else
+                         f"{k} {getattr(config, k):g}" for k in RECIPE_KEYS)
+    source = (f"recipe {config.recipe!r} of calibclip/configs/composed.yaml" if config.recipe_fields else
+              "all given on the command line")
+    given = [k for k in RECIPE_KEYS if k not in config.recipe_fields]
+    extra = f" (given: {', '.join(given)})" if config.recipe_fields and given else ""
+    return f"Combiner recipe: {settings}; from {source}{extra}"
 
 
 def _training_tensors(
@@ -98,8 +136,12 @@ def train_combiner(
     cache: FeatureCache | None = None, image_batch_size: int = 32, workers: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume training) a Combiner; returns a summary with the best validation metrics,
-    the baselines and timings. Re-running with the same ``out_dir`` resumes from ``last.pt``."""
+    the baselines, the recipe used and timings. Re-running with the same ``out_dir`` resumes from ``last.pt``."""
     composed_spec(config.dataset)  # ValueError listing the composed datasets
+    config = resolve_config(config, encoder.name)
+    assert config.epochs is not None and config.batch_size is not None and config.lr is not None
+    if progress:
+        print(describe_recipe(config), flush=True)
     if config.epochs < 1 or config.batch_size < 2 or config.lr <= 0:
         raise ValueError("need epochs >= 1, batch size >= 2 and a positive learning rate")
     out = Path(out_dir)
@@ -110,19 +152,27 @@ def train_combiner(
 
     t0 = time.perf_counter()
     train_sets = load_composed(config.dataset, data_root, config.train_split)
-    val_sets = load_composed(config.dataset, data_root, config.val_split)
+    val_sets = load_composed(config.dataset, data_root, str(config.val_split))
     if not all(ds.has_targets for ds in train_sets + val_sets):
         raise ValueError(f"the {config.train_split}/{config.val_split} splits of {data_root} must have targets")
+    t_feat = time.perf_counter()
     train_feats = [extract_features(encoder, ds, cache, image_batch_size, workers, variants=True, progress=progress)
                    for ds in train_sets]
     val_feats = [extract_features(encoder, ds, cache, image_batch_size, workers, progress=progress)
                  for ds in val_sets]
     feature_time = time.perf_counter() - t0
+    n_images = sum(len(ds.images) for ds in train_sets + val_sets)
+    rate = n_images / max(time.perf_counter() - t_feat, 1e-9)
+    if progress:
+        print(f"features: {n_images} images in {time.perf_counter() - t_feat:.1f} s ({rate:.1f} images/s, "
+              f"{workers} decoding workers; cached features load instantly)", flush=True)
     images, refs, targets, texts = _training_tensors(train_sets, train_feats)
     n = len(refs)
 
     torch.manual_seed(config.seed)
-    model = Combiner.for_features(images.shape[1], config.proj_mult, config.hidden_mult, dropout=config.dropout)
+    assert config.proj_mult is not None and config.hidden_mult is not None and config.dropout is not None
+    model = Combiner.for_features(images.shape[1], config.proj_mult, config.hidden_mult, dropout=config.dropout,
+                                  normalize_inputs=bool(config.normalize_inputs))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
@@ -144,7 +194,8 @@ def train_combiner(
     if baselines_path.exists():
         baselines = json.loads(baselines_path.read_text())
     else:
-        baselines = {name: metrics_from_features(config.dataset, val_sets, val_feats, build_combining(name))
+        baselines = {name: metrics_from_features(config.dataset, val_sets, val_feats,
+                                                 build_combining(name, encoder=encoder))
                      for name in ("sum", "image", "text")}
         baselines_path.write_text(json.dumps(baselines, indent=1))
 
@@ -181,7 +232,8 @@ def train_combiner(
         if improved:
             best_value, best_epoch = metrics[headline], epoch
             torch.save(combiner_record(model, fingerprint, epoch=epoch, metrics=metrics, dataset=config.dataset,
-                                       encoder_name=encoder.name), best_path.with_suffix(".tmp"))
+                                       encoder_name=encoder.name, train_config=asdict(config)),
+                       best_path.with_suffix(".tmp"))
             best_path.with_suffix(".tmp").replace(best_path)
         record = combiner_record(model, fingerprint, optimizer=optimizer.state_dict(), generator=generator.get_state(),
                                  epoch=epoch, history=history, best_value=best_value, best_epoch=best_epoch,
@@ -196,6 +248,7 @@ def train_combiner(
     summary = {"dataset": config.dataset, "run_dir": str(out), "encoder": fingerprint, "best_epoch": best_epoch,
                "headline": headline, "best": {k: v for k, v in best.items() if k not in ("epoch", "loss", "train_time_s")},
                "baselines": baselines, "train_time_s": round(train_time, 2), "feature_time_s": round(feature_time, 2),
-               "train_pairs": n, "config": asdict(config)}
+               "train_pairs": n, "config": asdict(config), "recipe": config.recipe,
+               "recipe_fields": list(config.recipe_fields), "feature_images_per_s": round(rate, 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -15,6 +15,8 @@ Layouts
   ``ROOT/cirr/`` (the official release); image paths are relative to ROOT. Splits: train, val,
   test1 (no targets: test-server submission only).
 - CSS (``calibclip make-css``): the CIRR layout with splits train, val, test.
+- Pseudo-CIR (``calibclip make-pseudo-cir``): ``ROOT/pseudo-cir.<split>.json`` (annotations only;
+  the images stay in the captioned dataset's folder, whose path the file records).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from calibclip.data.records import DatasetError
+from calibclip.data.captions import load_flickr8k
+from calibclip.data.records import DatasetError, RetrievalDataset
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FASHIONIQ_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
@@ -272,3 +275,72 @@ def load_cirr_split(root: str | Path, split: str = "val") -> list[ComposedDatase
 def load_css_split(root: str | Path, split: str = "test") -> list[ComposedDataset]:
     """CSS as the dataset table loads it."""
     return [load_css(root, split)]
+
+
+# ----------------------------------------------------------------------------------------
+# Pseudo-CIR: composed triplets built from a captioned photo dataset (`calibclip make-pseudo-cir`)
+# ----------------------------------------------------------------------------------------
+PSEUDO_CIR_FORMAT = "calibclip-pseudo-cir/1"
+#: Captioned datasets pseudo-CIR triplets can be built from.
+PSEUDO_CIR_SOURCES = ("flickr8k",)
+
+
+def pseudo_cir_split(split: str) -> str:
+    """The canonical split name (``val`` is Flickr8k's ``dev``)."""
+    return "dev" if split == "val" else split
+
+
+def pseudo_cir_file(root: str | Path, split: str) -> Path:
+    """``ROOT/pseudo-cir.<split>.json``, the annotation file of one split."""
+    return Path(root) / f"pseudo-cir.{pseudo_cir_split(split)}.json"
+
+
+def load_pseudo_cir_source(source: str, data_root: str | Path, split: str) -> RetrievalDataset:
+    """The captioned dataset split the triplets refer to (images in split-file order)."""
+    if source not in PSEUDO_CIR_SOURCES:
+        raise ValueError(f"pseudo-CIR source {source!r} is not supported: use one of {', '.join(PSEUDO_CIR_SOURCES)}")
+    return load_flickr8k(Path(data_root).resolve(), pseudo_cir_split(split))
+
+
+def load_pseudo_cir(root: str | Path, split: str = "dev", data_root: str | Path | None = None) -> ComposedDataset:
+    """Pseudo-CIR triplets written by `calibclip make-pseudo-cir` (only annotations: the images stay in
+    the captioned dataset's folder, recorded as ``data_root`` in the file; ``data_root`` overrides it).
+
+    The gallery is every image the triplets were built over (the source split, or its first
+    ``max_images`` images); each query's ``info["variants"]`` holds all captions of its target
+    (training augmentation)."""
+    root = Path(root)
+    path = pseudo_cir_file(root, split)
+    if not path.is_file():
+        have = sorted(p.name for p in root.glob("pseudo-cir.*.json")) if root.is_dir() else []
+        raise DatasetError(f"pseudo-CIR split {pseudo_cir_split(split)!r}: {path} not found (found {have or 'none'} "
+                           f"in {root}); build it with `calibclip make-pseudo-cir --dataset flickr8k --data-root DIR "
+                           f"--split {pseudo_cir_split(split)} --out {root}`")
+    data = _read_json(path, "pseudo-CIR annotations", "rebuild it with `calibclip make-pseudo-cir`")
+    if not isinstance(data, dict) or data.get("format") != PSEUDO_CIR_FORMAT:
+        raise DatasetError(f"{path} is not a pseudo-CIR file (expected format {PSEUDO_CIR_FORMAT!r}); "
+                           "rebuild it with `calibclip make-pseudo-cir`")
+    source_root = Path(data_root) if data_root is not None else Path(data["data_root"])
+    if not source_root.is_dir():
+        raise DatasetError(f"{path} refers to images under {source_root}, which does not exist; pass the "
+                           f"{data['source']} folder (Python: load_pseudo_cir(..., data_root=DIR)) or rebuild the triplets")
+    source = load_pseudo_cir_source(data["source"], source_root, data["source_split"])
+    names = [p.name for p in source.images][: int(data["images"])]
+    if names != list(data["image_names"]):
+        raise DatasetError(f"{path}: the images of {source_root} split {data['source_split']} differ from the ones "
+                           "the triplets were built on; rebuild them with `calibclip make-pseudo-cir`")
+    position = {n: i for i, n in enumerate(names)}
+    triplets = data["triplets"]
+    return ComposedDataset(
+        name="pseudo-cir", split=pseudo_cir_split(split), root=root, images=list(source.images[: len(names)]),
+        image_names=names, reference=np.array([position[t["reference"]] for t in triplets], dtype=np.int64),
+        target=np.array([position[t["target"]] for t in triplets], dtype=np.int64),
+        captions=[(t["caption"],) for t in triplets], pair_ids=[int(t["pairid"]) for t in triplets],
+        info={"source": data["source"], "source_split": data["source_split"],
+              "variants": [tuple(t["target_captions"]) for t in triplets]},
+    )
+
+
+def load_pseudo_cir_split(root: str | Path, split: str = "dev") -> list[ComposedDataset]:
+    """Pseudo-CIR as the dataset table loads it."""
+    return [load_pseudo_cir(root, split)]

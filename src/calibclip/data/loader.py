@@ -7,6 +7,7 @@ bad file.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -70,3 +71,8 @@ def iter_image_batches(
         prefetch_factor=2 if workers else None, persistent_workers=False,
     )
     yield from loader
+
+
+def default_workers() -> int:
+    """Image decoding processes for bulk encoding (indexing, feature extraction): CPU cores - 1, between 0 and 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

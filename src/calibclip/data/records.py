@@ -41,5 +41,15 @@ class RetrievalDataset:
         if len(self.images) != len(self.image_ids) or len(self.captions) != len(self.caption_ids):
             raise ValueError("inconsistent dataset arrays")
 
+    def first_images(self, n: int) -> "RetrievalDataset":
+        """The first ``n`` gallery images and the captions written for them (quick or budgeted runs)."""
+        n = min(int(n), len(self.images))
+        keep = np.flatnonzero(self.caption_image < n)
+        return RetrievalDataset(
+            self.name, self.split, self.root, list(self.images[:n]), self.image_ids[:n],
+            [self.captions[i] for i in keep], self.caption_ids[keep], self.caption_image[keep],
+            {**self.info, "first_images": n},
+        )
+
     def __repr__(self) -> str:
         return f"RetrievalDataset({self.name}/{self.split}: {len(self.images)} images, {len(self.captions)} captions)"

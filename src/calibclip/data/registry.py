@@ -210,3 +210,6 @@ register_dataset("cirr", "calibclip.data.composed:load_cirr_split", task="compos
 register_dataset("css", "calibclip.data.composed:load_css_split", task="composed",
                  splits=("train", "val", "test"), description="CSS, the generated composed benchmark "
                  "(calibclip make-css)", config="css.yaml", headline="R@1")
+register_dataset("pseudo-cir", "calibclip.data.composed:load_pseudo_cir_split", task="composed", default_split="dev",
+                 splits=("train", "dev", "val"), description="pseudo-CIR triplets from real captioned photos "
+                 "(calibclip make-pseudo-cir)", config="pseudo-cir.yaml", headline="R@1")

@@ -20,6 +20,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "model": {"name": "starter", "precision": "fp32", "device": "auto", "clip_image_size": None},
     "evaluation": {"split": None, "batch_size": 64, "workers": 0, "cache": True},
     "calibration": {},
+    "training": {},  # `calibclip train` settings (calibclip.training.config)
 }
 SECTIONS = ("base", *DEFAULT_CONFIG)
 

@@ -24,6 +24,14 @@ def default_split(dataset: str) -> str:
     return get_dataset(dataset).default_split
 
 
+def default_combining_name(encoder: Encoder, combiner: str | None) -> str:
+    """Composed retrieval without ``--combining``: ``combiner`` with a checkpoint or a packaged
+    Combiner for the encoder, else ``sum`` (the normalised sum)."""
+    from calibclip.composed import packaged_combiner_for
+
+    return "combiner" if combiner or packaged_combiner_for(encoder) is not None else "sum"
+
+
 def load_encoder(
     model: str, task: str = "captions", device: str = "auto", precision: str = "fp32",
     clip_image_size: tuple[int, int] | list[int] | None = None,
@@ -45,13 +53,15 @@ def run_evaluation(
     dataset: str, data_root: str | Path, config: dict[str, Any], model: str | None = None, split: str | None = None,
     encoder: Encoder | None = None, calibrate: bool = False, combiner: str | None = None,
     combining: str | None = None, submission_dir: str | Path | None = None, progress: bool = True,
-    calibration_method: str | None = None,
+    calibration_method: str | None = None, rerank: str | None = None, rerank_top_k: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate and return ``{"dataset", "split", "model", "metrics", "calibrate", "timing"}``.
 
     ``config``: from `calibclip.evaluation.config.load_config` (model, evaluation, calibration).
     ``encoder``: reuse an already built encoder (batch evaluation); otherwise built from ``model``.
     ``calibration_method``: a registered calibration method (default ``calibclip``) used with ``calibrate``.
+    ``rerank``: re-rank each query's top-K with the trained re-ranker (``"packaged"``: the one shipped with
+    the encoder, else a re-ranker folder); ``rerank_top_k`` overrides its K.
     """
     spec = get_dataset(dataset)
     name, task = spec.name, spec.task
@@ -62,6 +72,8 @@ def run_evaluation(
         raise ValueError("a calibration method applies with calibration on (--calibrate)")
     if task == "composed" and calibrate:
         raise ValueError("--calibrate applies to text->image retrieval; composed retrieval uses --combining")
+    if task == "composed" and rerank:
+        raise ValueError("--rerank applies to text->image retrieval, not composed retrieval")
     if task != "composed" and (combiner or combining):
         raise ValueError(f"--combiner/--combining apply to {_listing(dataset_names('composed'))}, not {name}")
     t0 = time.perf_counter()
@@ -77,7 +89,7 @@ def run_evaluation(
         from calibclip.composed import evaluate_composed
 
         metrics = evaluate_composed(
-            encoder, name, data_root, split, combining=combining or ("combiner" if combiner else "sum"),
+            encoder, name, data_root, split, combining=combining or default_combining_name(encoder, combiner),
             combiner=combiner, cache=cache, batch_size=batch_size, workers=workers,
             submission_dir=Path(submission_dir) if submission_dir else None, progress=progress,
         )
@@ -88,9 +100,14 @@ def run_evaluation(
             from calibclip.calibration.methods import create_calibrator
 
             calibrator = create_calibrator(encoder, calibration_method, settings=config.get("calibration"))
+        reranking = None
+        if rerank:
+            from calibclip.calibration.reranker import create_reranking
+
+            reranking = create_reranking(encoder, rerank, top_k=rerank_top_k)
         metrics = evaluate_retrieval(encoder, data, batch_size=batch_size, workers=workers, cache=cache,
-                                     calibrator=calibrator, progress=progress, timings=timing)
+                                     calibrator=calibrator, progress=progress, timings=timing, reranking=reranking)
     timing["total_s"] = time.perf_counter() - t1
     metrics = {k: round(float(v), 6) for k, v in metrics.items()}  # drop float noise (26.640000000000004)
     return {"dataset": name, "split": split, "model": model, "metrics": metrics, "calibrate": calibrate,
-            "timing": timing}
+            "rerank": str(rerank) if rerank else None, "timing": timing}

@@ -249,6 +249,10 @@ def build_index(
         bar.close()
 
         store.maintain()
+        if combiner is None and not (store.get("combiner") or {}).get("file"):
+            from calibclip.composed import packaged_combiner_for
+
+            combiner = packaged_combiner_for(encoder)  # the encoder's packaged Combiner, if it has one
         if combiner is not None:
             install_combiner(store, combiner)
         return BuildReport(

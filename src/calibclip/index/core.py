@@ -53,6 +53,7 @@ class Query:
     raw: torch.Tensor
     calibrated: torch.Tensor | None
     reference_id: int | None
+    composed: bool = False  # image + text (an indexed reference is then left out of the results)
 
 
 def _model_spec(model: str | os.PathLike | Encoder) -> str | None:
@@ -441,15 +442,13 @@ class Index:
             return self._calibrator
 
     def combining(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The image+text combining function: the index's Combiner if it has one, else the sum."""
+        """The image+text combining function: the index's Combiner if it has one, else the encoder's
+        packaged Combiner, else the normalised sum (`calibclip.composed.default_combining`)."""
         with self._lock:
             if self._combining is None:
-                from calibclip.composed import build_combining
+                from calibclip.composed import default_combining
 
-                if self.combiner is not None:
-                    self._combining = build_combining("combiner", self.combiner, encoder=self.encoder)
-                else:
-                    self._combining = build_combining("sum", None)
+                self._combining = default_combining(self.encoder, self.combiner)
             return self._combining
 
     def attach_combiner(self, path: str | os.PathLike) -> None:
@@ -535,6 +534,7 @@ class Index:
         ef_search: int | None = None,
         exclude_reference: bool = True,
         params: dict[str, Any] | None = None,
+        query: Query | None = None,
     ) -> list[SearchResult]:
         """Search by ``text``, ``image`` (indexed id, indexed or other path, bytes, PIL image) or both.
 
@@ -543,11 +543,13 @@ class Index:
         ``calibrate``: exact/ANN top-K by raw similarity, then CalibCLIP's fused score for those
         candidates (see docs/indexing-stores.md). ``ann``: auto or a kind of the store's backend
         (local: exact | ivf | hnsw); ``nprobe`` / ``ef_search`` / ``params``: per-call search parameters.
+        ``query``: precomputed query vectors (e.g. from `query_from_features`) instead of ``text``/``image``.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        q = self.query(text, image, calibrate)
-        exclude = q.reference_id if (q.reference_id is not None and text and exclude_reference) else None
+        q = query if query is not None else self.query(text, image, calibrate)
+        composed = bool(text) or q.composed
+        exclude = q.reference_id if (q.reference_id is not None and composed and exclude_reference) else None
         want = k + (exclude is not None)
         cal = self.calibrator() if calibrate else None
         depth = max(want, int(cal.config.top_k) + (exclude is not None)) if cal is not None else want
@@ -573,6 +575,85 @@ class Index:
             SearchResult(int(i), str(self.images_dir / recs[int(i)][1]), float(s), r + 1, recs[int(i)][1])
             for r, (i, s) in enumerate(zip(ids, scores, strict=True))
         ]
+
+    # --- serving helpers (batched queries, explanations, freshness; used by the web app) -----------
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], calibrate: bool = False) -> dict[str, torch.Tensor]:
+        """Query features ``{"raw": [B, D]}`` (plus ``"calibrated"``) of several texts in one forward.
+
+        Args:
+            texts: query texts.
+            calibrate: also compute the CalibCLIP-calibrated features (needs calibrated vectors).
+
+        Returns:
+            Float32 CPU tensors, row ``i`` for ``texts[i]`` (what `encode_text` gives for it alone).
+        """
+        texts = list(texts)
+        if not texts:
+            raise ValueError("encode_texts needs at least one text")
+        if calibrate:
+            return {k: v.float().cpu() for k, v in self.calibrator().text_features(texts).items()}
+        enc = self.encoder
+        return {"raw": enc.encode_text(enc.tokenize(texts).to(enc.device)).float().cpu()}
+
+    def query_from_features(
+        self,
+        text_features: dict[str, torch.Tensor] | None,
+        image: ImageQuery | None = None,
+        calibrate: bool = False,
+    ) -> Query:
+        """A `Query` from precomputed text features (one row of `encode_texts`, ``[D]``) and an optional
+        image, combined like `query` does; pass it to ``search(query=...)``.
+
+        Raises:
+            ValueError: neither text features nor an image, or calibrated features missing.
+        """
+        if text_features is None and image is None:
+            raise ValueError("a query needs text features, an image or both")
+        if calibrate and text_features is not None and "calibrated" not in text_features:
+            raise ValueError("calibrate=True needs calibrated text features (encode_texts(..., calibrate=True))")
+        img, ref = self.encode_image(image, calibrate) if image is not None else (None, None)
+        vec: dict[str, torch.Tensor]
+        if text_features is not None and img is not None:
+            fn = self.combining()
+            vec = {n: fn(img[n][None], text_features[n][None])[0].float() for n in img}
+        elif text_features is not None:
+            vec = dict(text_features)
+        else:
+            assert img is not None
+            vec = img
+        return Query(
+            vec["raw"],
+            vec.get("calibrated") if calibrate else None,
+            ref,
+            composed=text_features is not None and img is not None,
+        )
+
+    def pixels(self, images: Sequence[ImageQuery]) -> torch.Tensor:
+        """Preprocessed pixels ``[B, 3, H, W]`` of images (indexed ids, paths, bytes or PIL images) on the
+        encoder's device and dtype, ready for the encoder or the `Calibrator`.
+
+        Raises:
+            KeyError: an id that is not in the index.
+            calibclip.data.images.ImageError: a file that cannot be decoded.
+        """
+        from calibclip.data.images import load_image
+
+        enc = self.encoder
+        sources: list[Any] = [
+            self.path_of(int(i)) if isinstance(i, (int, np.integer)) and not isinstance(i, bool) else i for i in images
+        ]
+        return torch.stack([enc.preprocess(load_image(s)) for s in sources]).to(enc.device, enc.dtype)
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """``(generation, version)`` of the commit this object reads (changes with every committed batch)."""
+        return int(self._meta.get("generation", 0)), int(self._meta.get("version", 0))
+
+    def is_stale(self) -> bool:
+        """Whether the index on disk has changed since it was opened (another process committed a batch,
+        compacted or rebuilt it); one small metadata read. Re-open it to see the change."""
+        return (int(self.store.fresh("generation", 0)), int(self.store.fresh("version", 0))) != self.version
 
 
 def default_workers() -> int:

@@ -307,6 +307,10 @@ def _hf_settings(config: Mapping[str, Any], where: str) -> dict[str, Any]:
         if abs(float(eps) - 1e-5) > 1e-12:
             raise CheckpointError(f"{where}: layer_norm_eps {eps} is not supported (CLIP uses 1e-5)")
     settings: dict[str, Any] = {"act": acts.pop()}
+    trained = config.get("calibclip") or {}  # written by `calibclip train`: input geometry and preprocessing
+    for key in ("image_size", "image_mean", "image_std", "resize_mode"):
+        if trained.get(key) is not None:
+            settings[key] = tuple(trained[key]) if isinstance(trained[key], list) else trained[key]
     if "num_attention_heads" in vision:
         settings["vision_heads"] = int(vision["num_attention_heads"])
     if "num_attention_heads" in text:
@@ -388,6 +392,12 @@ def load_checkpoint(
     if kwargs:
         raise TypeError(f"load_checkpoint() got unexpected arguments {sorted(kwargs)}")
     fmt = detect_format(path)
+    if fmt == "hf" and (path / "model.safetensors").exists():
+        arch = json.loads((path / "config.json").read_text()).get("architecture")
+        if arch == "starter":  # a starter fine-tuned by `calibclip train` (OUT/best, OUT/last)
+            from calibclip.models.starter import Starter
+
+            return Starter(weights=path / "model.safetensors")  # type: ignore[return-value]
     settings: dict[str, Any] = {}
     if fmt == "hf":
         tensors, settings = _read_hf_dir(path)
@@ -417,8 +427,9 @@ def load_checkpoint(
     for key, value in (("vision_heads", vision_heads), ("text_heads", text_heads)):
         if value is not None:
             settings[key] = value
+    stored_size = settings.pop("image_size", None)
     try:
-        cfg = config_from_state_dict(state, image_size=image_size, name=name or path.name, **settings)
+        cfg = config_from_state_dict(state, image_size=image_size or stored_size, name=name or path.name, **settings)
     except KeyError as exc:
         raise CheckpointError(
             f"{path}: incomplete CLIP weights, {exc} is missing. Found: {_describe(state)}; {_EXPECTED}"

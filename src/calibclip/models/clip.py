@@ -182,7 +182,11 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Stack of residual attention blocks on ``[B, L, width]`` (batch first)."""
+    """Stack of residual attention blocks on ``[B, L, width]`` (batch first).
+
+    ``grad_checkpointing = True`` recomputes the blocks in the backward pass (training memory)."""
+
+    grad_checkpointing: bool = False
 
     def __init__(self, width: int, layers: int, heads: int, act: str):
         super().__init__()
@@ -197,7 +201,12 @@ class Transformer(nn.Module):
         probs = None
         last = len(self.resblocks) - 1
         for i, block in enumerate(self.resblocks):
-            x, probs = block(x, causal, query_index if i == last else None)
+            if self.grad_checkpointing and torch.is_grad_enabled() and i != last:
+                from torch.utils.checkpoint import checkpoint
+
+                x, probs = checkpoint(block, x, causal, None, use_reentrant=False)
+            else:
+                x, probs = block(x, causal, query_index if i == last else None)
         return x, probs
 
 

@@ -52,6 +52,8 @@ TEXT_MAX_LENGTH = 256
 TEXT_DIM = 384
 #: Version of the head-weights file layout written by `save_heads`.
 HEADS_FORMAT = "1"
+#: Layout of a file that also holds fine-tuned tower tensors (``image_tower.*``/``text_tower.*``; starter v2).
+TOWER_FORMAT = "2"
 
 
 def default_weights_path() -> Path:
@@ -356,7 +358,7 @@ def read_heads(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != HEADS_FORMAT:
+    if meta.get("format") not in (HEADS_FORMAT, TOWER_FORMAT):
         raise ValueError(f"{path}: starter head format {meta.get('format')!r}, expected {HEADS_FORMAT!r}; retrain with this version")
     return tensors, meta
 
@@ -388,6 +390,16 @@ class Starter(Encoder):
         self.image_head.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("image_head.")})
         self.text_head.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("text_head.")})
         self.logit_scale = nn.Parameter(tensors["logit_scale"].reshape(()), requires_grad=False)
+        tower = {k: v for k, v in tensors.items() if k.startswith(("image_tower.", "text_tower."))}
+        if tower:  # fine-tuned upper blocks/layers (format 2, `calibclip train`)
+            own = self.state_dict()
+            bad = sorted(k for k in tower if k not in own or own[k].shape != tower[k].shape)
+            if bad:
+                raise ValueError(f"{self.weights_path}: tower tensors {bad[:3]} do not fit the starter towers "
+                                 f"(backbones {list(self.backbones)})")
+            with torch.no_grad():
+                for k, v in tower.items():
+                    own[k].copy_(v.to(own[k].dtype))
         self.image_size = self.image_tower.image_size
         self.preprocess = ImageTransform(
             size=(self.image_size, self.image_size), mode="clip", mean=TFLITE_MEAN, std=TFLITE_STD, resample="bicubic"

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,18 @@ def read_annotations(path: str | Path) -> list[Annotation]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"captions file {path}: cannot read it as JSON ({exc})") from exc
     if not isinstance(data, list):
-        raise ValueError(f"captions file {path}: expected a JSON list of annotation objects, found {type(data).__name__}")
+        raise ValueError(
+            f"captions file {path}: expected a JSON list of annotation objects, found {type(data).__name__}"
+        )
     out: list[Annotation] = []
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise ValueError(f"captions file {path}: entry {i} is not an object")
         if "reference" in item and "caption" in item:
             target = item.get("target_hard", item.get("target"))
-            out.append(Annotation(str(item["reference"]), str(item["caption"]), None if target is None else str(target)))
+            out.append(
+                Annotation(str(item["reference"]), str(item["caption"]), None if target is None else str(target))
+            )
         elif "candidate" in item and "captions" in item:
             caps = item["captions"] if isinstance(item["captions"], list) else [item["captions"]]
             target = item.get("target")

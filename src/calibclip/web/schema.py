@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,10 +29,11 @@ class IndexList(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    index: Optional[str] = Field(None, max_length=100, description="index name; default: the first")
-    text: Optional[str] = Field(None, max_length=500, description="query text or modification text")
-    reference: Optional[str] = Field(
-        None, max_length=100,
+    index: str | None = Field(None, max_length=100, description="index name; default: the first")
+    text: str | None = Field(None, max_length=500, description="query text or modification text")
+    reference: str | None = Field(
+        None,
+        max_length=100,
         description="reference image: an indexed image id (e.g. '12') or an upload id ('u-' + 32 hex digits)",
     )
     k: int = Field(20, ge=1, le=200, description="number of results")
@@ -55,7 +56,7 @@ class SearchResult(ImageItem):
 class SearchResponse(BaseModel):
     index: str
     query: dict
-    target: Optional[str] = Field(None, description="annotated target id when (reference, text) is an annotated pair")
+    target: str | None = Field(None, description="annotated target id when (reference, text) is an annotated pair")
     results: list[SearchResult]
 
 
@@ -74,7 +75,7 @@ class SampleResponse(BaseModel):
 
 class Suggestion(BaseModel):
     text: str
-    target: Optional[str] = Field(None, description="id of the annotated target image, when in the index")
+    target: str | None = Field(None, description="id of the annotated target image, when in the index")
 
 
 class SuggestionResponse(BaseModel):
@@ -86,8 +87,8 @@ class SuggestionResponse(BaseModel):
 class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    index: Optional[str] = Field(None, max_length=100)
-    text: Optional[str] = Field(None, max_length=500)
+    index: str | None = Field(None, max_length=100)
+    text: str | None = Field(None, max_length=500)
     ids: list[str] = Field(default_factory=list, max_length=50, description="image ids (indexed or upload) to explain")
 
 
@@ -117,3 +118,17 @@ class ExplainResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+#: Error responses shared by the API routes (documented in the OpenAPI document).
+ERRORS: dict[int | str, dict] = {
+    400: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}
+
+#: `ERRORS` plus the 503 of an overloaded server (answered with ``Retry-After``).
+ERRORS_503: dict[int | str, dict] = {
+    **ERRORS,
+    503: {"model": ErrorResponse, "description": "server busy; retry after the Retry-After header's seconds"},
+}

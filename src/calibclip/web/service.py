@@ -3,25 +3,41 @@
 `ServedIndex` wraps one opened index: search, sampling, id -> image lookup (paths come only
 from the index's own metadata), suggested modifications, and CalibCLIP explanations.
 The index and its encoder are shared read-only by every request; model inference is
-serialised by a lock (one CPU-bound forward at a time is also the fastest on CPU).
+serialised by a lock (one CPU-bound forward at a time is also the fastest on CPU), and the text
+encoder forwards of concurrent searches are micro-batched (`calibclip.web.batching`).
+
+A running server follows re-indexing: at most every ``refresh_s`` seconds a request checks the
+index's committed version (one small metadata read) and, when another process committed
+(``calibclip index`` again), re-opens it with the already loaded model.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from calibclip.data.images import ImageError, load_image
+from calibclip.index import ImageRecord, Index, SearchResult
+from calibclip.web.batching import BatchSettings, MicroBatcher
 from calibclip.web.captions import Annotation, Suggestions, read_annotations
+
+log = logging.getLogger("calibclip.web")
 
 THUMB_SIDE = 256
 FULL_SIDE = 2048
+#: Encoded query texts kept by the micro-batcher (least recently used dropped first).
+TEXT_CACHE = 4096
 #: Image explanations kept in memory (oldest dropped first).
 EXPLAIN_CACHE = 512
 #: Largest opacity (0-255) of a heatmap cell; scaled by the cell's attention.
@@ -33,31 +49,98 @@ class ImageNotFound(LookupError):
 
 
 class ServedIndex:
-    """One index as the web app serves it."""
+    """One index as the web app serves it.
 
-    def __init__(self, name: str, index: Any, suggestions: Suggestions | None = None):
+    Args:
+        name: URL-safe name of the index.
+        index: the opened index.
+        suggestions: annotated modifications (composed search), if any.
+        annotations: the annotations ``suggestions`` was made from (re-matched to ids on re-open).
+        batching: micro-batching of text queries (None: no batching, every query encoded alone).
+        refresh_s: how often (at most) a request checks whether the index changed on disk
+            (0: every request; None: never).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        index: Index,
+        suggestions: Suggestions | None = None,
+        annotations: Sequence[Annotation] | None = None,
+        batching: BatchSettings | None = None,
+        refresh_s: float | None = 1.0,
+    ):
         self.name = name
         self.index = index
         self.suggestions = suggestions
+        self.annotations = list(annotations or [])
         self.lock = threading.Lock()
+        self.refresh_s = refresh_s
+        self._checked = time.monotonic()
+        self._reopen_lock = threading.Lock()
+        self._reopen_failed = False
         self._calibrator: Any = None
         self._explained: dict[tuple[int | Path, int], dict[str, Any]] = {}
         self._image_cache = lru_cache(maxsize=512)(self._encode_image_file)
+        self._text_cache: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = OrderedDict()
+        self.batcher: MicroBatcher[tuple[str, bool], dict[str, torch.Tensor]] | None = None
+        if batching is not None and batching.max_batch > 1:
+            self.batcher = MicroBatcher(self._encode_texts, batching, name=f"batcher-{name}")
 
     @classmethod
     def open(
-        cls, name: str, directory: str | Path, model: str | None = None, captions: str | Path | None = None,
+        cls,
+        name: str,
+        directory: str | Path,
+        model: str | None = None,
+        captions: str | Path | None = None,
         device: str = "cpu",
-    ) -> "ServedIndex":
+        batching: BatchSettings | None = None,
+        refresh_s: float | None = 1.0,
+    ) -> ServedIndex:
         """Open ``directory`` (built by ``calibclip index``), load its model, and read the
         annotations (``captions`` file, else the ones recorded with the index), if any."""
-        from calibclip.index import Index
-
         index = Index.open(directory, model=model, device=device)
         _ = index.encoder  # load (and fingerprint-check) the model now, not on the first request
         annotations = read_annotations(captions) if captions else _recorded_annotations(index)
         suggestions = Suggestions(annotations, _all_paths(index)) if annotations else None
-        return cls(name, index, suggestions)
+        return cls(name, index, suggestions, annotations, batching=batching, refresh_s=refresh_s)
+
+    def close(self) -> None:
+        """Stop the micro-batching worker."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    # ---- freshness -----------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> bool:
+        """Re-open the index if another process committed to it since it was opened (checked at most
+        every ``refresh_s`` seconds unless ``force``). Returns whether it was re-opened."""
+        if self.refresh_s is None and not force:
+            return False
+        now = time.monotonic()
+        if not force and now - self._checked < (self.refresh_s or 0.0):
+            return False
+        with self._reopen_lock:
+            self._checked = now
+            old = self.index
+            if not old.is_stale():
+                return False
+            try:
+                new = Index.open(old.directory, model=old.encoder)
+            except Exception as exc:  # noqa: BLE001 - keep serving the version we have
+                (log.debug if self._reopen_failed else log.warning)(
+                    "index %s changed on disk but cannot be re-opened (%s); serving the previous version",
+                    old.directory,
+                    exc,
+                )
+                self._reopen_failed = True
+                return False
+            self._reopen_failed = False
+            suggestions = Suggestions(self.annotations, _all_paths(new)) if self.annotations else None
+            self.index, self.suggestions = new, suggestions
+            self._text_cache = OrderedDict()  # its calibration settings may have changed
+            log.info("index %s re-opened: %d images (was %d)", new.directory, len(new), len(old))
+            return True
 
     # ---- metadata ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -65,14 +148,14 @@ class ServedIndex:
 
     @property
     def can_calibrate(self) -> bool:
-        return bool(getattr(self.index, "has_calibrated", False))
+        return self.index.has_calibrated
 
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "count": len(self.index),
-            "model": str(getattr(self.index, "model_name", "unknown")),
-            "combining": "combiner" if getattr(self.index, "combiner", None) is not None else "sum",
+            "model": self.index.model_name,
+            "combining": "combiner" if self.index.combiner is not None else "sum",
             "calibration": self.can_calibrate,
             "suggestions": bool(self.suggestions and len(self.suggestions)),
         }
@@ -80,7 +163,7 @@ class ServedIndex:
     def has(self, image_id: int) -> bool:
         return self._lookup(image_id) is not None
 
-    def _lookup(self, image_id: int) -> Any:
+    def _lookup(self, image_id: int) -> ImageRecord | None:
         """The index's record of ``image_id`` (path recorded at build time), or None."""
         if image_id not in self.index:
             return None
@@ -94,9 +177,41 @@ class ServedIndex:
         return "" if rec is None else str(rec.relpath)
 
     # ---- queries -----------------------------------------------------------------------------
-    def search(self, text: str | None, image: int | Path | None, k: int, calibrate: bool) -> list[Any]:
+    def search(self, text: str | None, image: int | Path | None, k: int, calibrate: bool) -> list[SearchResult]:
+        """Text, image or composed search; the text's encoder forward is micro-batched with
+        concurrent queries when batching is on (results equal to the unbatched path)."""
+        index = self.index
+        if text and self.batcher is not None:
+            features = self.batcher.submit((text, calibrate))
+            if isinstance(image, Path):  # an upload: its image forward runs here
+                with self.lock:
+                    query = index.query_from_features(features, image, calibrate)
+            else:
+                query = index.query_from_features(features, image, calibrate)
+            return index.search(k=k, calibrate=calibrate, query=query)
         with self.lock:
-            return list(self.index.search(text=text, image=image, k=k, calibrate=calibrate))
+            return index.search(text=text, image=image, k=k, calibrate=calibrate)
+
+    def _encode_texts(self, items: list[tuple[str, bool]]) -> list[dict[str, torch.Tensor]]:
+        """Batch function of the micro-batcher: one forward per calibration setting for the distinct
+        texts of ``items`` not encoded recently. Recent texts come from a cache, so that a query gives
+        the same vector (and the same answer) whichever batch it lands in: a batched forward's rows
+        can differ from a lone forward's in the last float bits."""
+        cache = self._text_cache
+        with self.lock:
+            for flag in (False, True):
+                texts = [t for t in dict.fromkeys(t for t, c in items if c == flag) if (t, flag) not in cache]
+                if texts:
+                    feats = self.index.encode_texts(texts, calibrate=flag)
+                    for j, t in enumerate(texts):
+                        cache[(t, flag)] = {name: v[j].clone() for name, v in feats.items()}
+            out = []
+            for item in items:
+                cache.move_to_end(item)
+                out.append(cache[item])
+            while len(cache) > TEXT_CACHE:
+                cache.popitem(last=False)
+        return out
 
     def sample(self, n: int, seed: int | None, annotated: bool = False) -> list[int]:
         if annotated and self.suggestions is not None and len(self.suggestions):
@@ -129,6 +244,16 @@ class ServedIndex:
             raise ImageNotFound(f"image {source} is not in index {self.name!r}")
         return Path(rec.path)
 
+    def image_bytes(self, source: int | Path, thumb: bool) -> bytes:
+        """JPEG bytes of an image (re-encoded through the project's decoder; thumbnails cached)."""
+        path = self.image_file(source)
+        try:
+            mtime = path.stat().st_mtime
+            return self._image_cache(path, mtime, thumb)
+        except (OSError, ImageError) as exc:
+            what = source if isinstance(source, int) else "upload"
+            raise ImageNotFound(f"image file for {what} is no longer readable") from exc
+
     # ---- explanations ------------------------------------------------------------------------
     def calibrator(self) -> Any:
         """The index's own `Calibrator` (its recorded settings), or a default one for an index
@@ -155,21 +280,18 @@ class ServedIndex:
     def explain_images(self, sources: Sequence[int | Path]) -> list[dict[str, Any]]:
         """Token grid, per-cell attention and per-cell CalibCLIP treatment of each image (the
         latest explanations are cached, so the heatmap PNGs that follow cost no forward pass)."""
-        import torch
-
         try:
             keys = [(s, self.image_file(s).stat().st_mtime_ns) for s in sources]
         except OSError as exc:
             raise ImageNotFound("an image to explain is no longer readable (deleted or expired upload)") from exc
-        encoder = self.index.encoder
         with self.lock, torch.inference_mode():
             todo = [k for k in dict.fromkeys(keys) if k not in self._explained]
             if todo:
                 try:
-                    pixels = torch.stack([encoder.preprocess(load_image(self.image_file(s))) for s, _ in todo])
+                    pixels = self.index.pixels([self.image_file(s) for s, _ in todo])
                 except ImageError as exc:
                     raise ImageNotFound(f"an image to explain cannot be decoded any more ({exc.reason})") from exc
-                exps = self.calibrator().explain_image(pixels.to(encoder.device, encoder.dtype))
+                exps = self.calibrator().explain_image(pixels)
                 for key, exp in zip(todo, exps):
                     self._explained[key] = {
                         "grid": [int(exp.grid[0]), int(exp.grid[1])],
@@ -209,17 +331,7 @@ class ServedIndex:
         return buf.getvalue()
 
 
-def image_bytes(ix: ServedIndex, source: int | Path, thumb: bool) -> bytes:
-    """JPEG bytes of an image (re-encoded through the project's decoder; thumbnails cached)."""
-    path = ix.image_file(source)
-    try:
-        mtime = path.stat().st_mtime
-        return ix._image_cache(path, mtime, thumb)
-    except (OSError, ImageError) as exc:
-        raise ImageNotFound(f"image file for {source if isinstance(source, int) else 'upload'} is no longer readable") from exc
-
-
-def _all_paths(index: Any) -> dict[int, str]:
+def _all_paths(index: Index) -> dict[int, str]:
     """Indexed id -> path relative to the indexed folder, used to match annotation names to ids."""
     root = Path(index.images_dir)
     out = {}
@@ -231,7 +343,7 @@ def _all_paths(index: Any) -> dict[int, str]:
     return out
 
 
-def _recorded_annotations(index: Any) -> list[Annotation]:
+def _recorded_annotations(index: Index) -> list[Annotation]:
     """Annotations of the dataset the index was built from, found by the CIRR / CSS (``calibclip
     make-css``) / FashionIQ layout: ``captions/cap.*.json`` in the indexed folder or its parent."""
     root = Path(index.images_dir)

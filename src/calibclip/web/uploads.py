@@ -95,6 +95,18 @@ class UploadStore:
             return None
         return path
 
+    def size(self, upload_id: str) -> tuple[int, int]:
+        """``(width, height)`` of a live upload (our own re-encoded JPEG).
+
+        Raises:
+            FileNotFoundError: unknown or expired id.
+        """
+        path = self.path(upload_id)
+        if path is None:
+            raise FileNotFoundError(f"upload {upload_id!r} not found (expired?)")
+        with Image.open(path) as img:
+            return img.size
+
     def expire(self) -> int:
         """Delete uploads older than ``ttl_s``; returns how many were removed."""
         removed = 0

@@ -17,7 +17,6 @@ import importlib
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from calibclip.index.stores.base import AUTO_THRESHOLD, VectorStore
@@ -83,7 +82,7 @@ def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
     """
     text = os.fspath(spec)
     m = _SCHEME.match(text)
-    if m is None or isinstance(spec, Path):
+    if m is None:
         return "local", text
     scheme, location = m.group(1), m.group(2)
     if scheme in _STORES:

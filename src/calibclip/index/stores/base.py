@@ -105,6 +105,10 @@ class VectorStore(ABC):
     def initialise(self, dim: int, vector_sets: Sequence[str], meta: Mapping[str, Any]) -> None:
         """Set up an empty store (or reset one whose vector sets or model changed): no images."""
 
+    def fresh(self, key: str, default: Any = None) -> Any:
+        """The committed value of ``key`` now (a reader's `get` answers from its snapshot)."""
+        return self.get(key, default)
+
     @property
     def dim(self) -> int:
         return int(self.get("dim"))

@@ -72,6 +72,9 @@ class LocalStore(VectorStore):
     def get(self, key: str, default: Any = None) -> Any:
         return self._snap[0].get(key, default) if self._snap is not None else self.storage.get(key, default)
 
+    def fresh(self, key: str, default: Any = None) -> Any:
+        return self.storage.get(key, default)
+
     def set_meta(self, values: Mapping[str, Any]) -> None:
         self.storage.set_meta(dict(values))
 

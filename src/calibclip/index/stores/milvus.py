@@ -267,6 +267,10 @@ class MilvusStore(VectorStore):
         rows = self.client.query(self.c_meta, filter=f"key == {json.dumps('m:' + key)}", output_fields=["value"])
         return json.loads(rows[0]["value"]) if rows else default
 
+    def fresh(self, key: str, default: Any = None) -> Any:
+        rows = self.client.query(self.c_meta, filter=f"key == {json.dumps('m:' + key)}", output_fields=["value"])
+        return json.loads(rows[0]["value"]) if rows else default
+
     def _rows(self, values: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows = []
         for k, v in values.items():

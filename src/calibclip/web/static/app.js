@@ -12,7 +12,9 @@
     reference: null,        // {id, thumb_url, url, path}
     canCalibrate: app.dataset.calibration === "true",
     hasSuggestions: app.dataset.suggestions === "true",
-    lastQuery: null,
+    lastQuery: {text: null, composed: null},  // last query of each tab (re-run when Calibrate changes)
+    shown: {text: null, composed: null},  // last results of each tab: {data, calibrated, text}
+    seq: 0,                               // number of the latest search (late answers are dropped)
   };
 
   function el(tag, attrs, children) {
@@ -25,6 +27,16 @@
     }
     for (const c of children || []) node.appendChild(c);
     return node;
+  }
+
+  // File names and paths: allow line breaks after separators (never inside a word of letters).
+  function breakable(text) {
+    const frag = document.createDocumentFragment();
+    for (const part of String(text).split(/(?<=[_\-./])/)) {
+      frag.appendChild(document.createTextNode(part));
+      frag.appendChild(document.createElement("wbr"));
+    }
+    return frag;
   }
 
   async function api(path, options) {
@@ -54,7 +66,21 @@
     const url = new URL(window.location.href);
     url.searchParams.set("mode", mode);
     window.history.replaceState(null, "", url);
+    showTab(mode);
     if (mode === "composed" && !state.reference && $("picker").hidden) loadSample();
+  }
+
+  // Each tab shows only its own last results (text results do not linger under Composed).
+  function showTab(mode) {
+    const shown = state.shown[mode];
+    if (shown) {
+      renderResults(shown.data, shown.calibrated, false);
+      if (shown.calibrated && shown.text) loadTokens(shown.text); else renderTokens(null);
+    } else {
+      $("results").replaceChildren();
+      renderTokens(null);
+      setStatus("");
+    }
   }
   for (const b of document.querySelectorAll(".tabs button")) b.addEventListener("click", () => setMode(b.dataset.mode));
   $("index-select").addEventListener("change", (e) => {
@@ -62,23 +88,25 @@
   });
 
   // ---- results ----------------------------------------------------------------------------
-  function renderResults(data, explanation) {
+  function renderResults(data, calibrated, count) {
     const grid = $("results");
     grid.replaceChildren();
-    const heat = {};
-    for (const im of (explanation && explanation.images) || []) heat[im.id] = im;
     for (const r of data.results) {
       const img = el("img", {src: r.thumb_url, alt: r.path, loading: "lazy"});
       const fig = el("figure", {class: "card" + (r.is_target ? " target" : ""), "data-id": r.id, tabindex: "0",
                                  title: "Use as reference and refine"}, [img]);
-      if (heat[r.id]) {
-        fig.appendChild(el("img", {class: "heatmap", src: heat[r.id].heatmap_url,
+      if (calibrated) {
+        // fetched lazily, per card, when it scrolls into view; cached by the browser and the server
+        fig.appendChild(el("img", {class: "heatmap", src: `/api/heatmap/${encodeURIComponent(r.id)}` +
+                                   `?index=${encodeURIComponent(state.index)}`,
                                    alt: "calibration heatmap of " + r.path, loading: "lazy"}));
       }
+      const path = el("span", {class: "path", title: r.path});
+      path.appendChild(breakable(r.path));
       const cap = el("figcaption", {}, [
         el("span", {class: "rank", text: "#" + r.rank}),
         el("span", {class: "score", text: r.score.toFixed(3)}),
-        el("span", {class: "path", text: r.path}),
+        path,
       ]);
       if (r.is_target) cap.appendChild(el("span", {class: "badge", text: "ground truth"}));
       fig.appendChild(cap);
@@ -93,7 +121,7 @@
       msg += found ? ` · ground-truth target at rank ${found.rank}` : " · ground-truth target not in these results";
     }
     setStatus(msg + " · click a result to use it as the reference and refine");
-    app.dataset.searches = String(parseInt(app.dataset.searches || "0", 10) + 1);
+    if (count !== false) app.dataset.searches = String(parseInt(app.dataset.searches || "0", 10) + 1);
   }
 
   function renderTokens(explanation) {
@@ -102,17 +130,32 @@
     tokens.replaceChildren();
     if (!explanation || !explanation.tokens.length) { box.hidden = true; return; }
     const max = Math.max(...explanation.tokens.map((t) => t.weight), 1e-9);
+    let word = null;
     for (const t of explanation.tokens) {
-      const piece = t.token.startsWith("##");  // WordPiece continuation: glue to the previous token
-      const span = el("span", {class: "token" + (t.dominant ? " dominant" : "") + (t.masked ? " masked" : "") +
-                                      (piece ? " piece" : ""),
+      const piece = t.token.startsWith("##");  // WordPiece continuation: part of the previous word
+      const span = el("span", {class: "token" + (t.dominant ? " dominant" : "") + (t.masked ? " masked" : ""),
                                text: piece ? t.token.slice(2) : t.token,
                                title: `weight ${t.weight.toFixed(3)}` + (t.dominant ? " (dominant)" : "") +
                                       (t.masked ? " (masked and re-encoded)" : "")});
       span.style.setProperty("--w", (t.weight / max).toFixed(3));
-      tokens.appendChild(span);
+      if (!piece || !word) {
+        word = el("span", {class: "word"});
+        tokens.appendChild(word);
+        tokens.appendChild(document.createTextNode(" "));
+      }
+      word.appendChild(span);
     }
     box.hidden = false;
+  }
+
+  const tokenCache = new Map();  // query text -> explanation of its words
+  async function loadTokens(text) {
+    const key = state.index + "\u0000" + text;
+    try {
+      if (!tokenCache.has(key)) tokenCache.set(key, await postJSON("/api/explain", {index: state.index, text: text}));
+      const current = state.shown[state.mode];
+      if (current && current.text === text && current.calibrated) renderTokens(tokenCache.get(key));
+    } catch (e) { tokenCache.delete(key); setStatus("Explanation failed: " + e.message, true); }
   }
 
   async function runSearch(query) {
@@ -120,25 +163,23 @@
     const body = {index: state.index, k: parseInt($("k").value, 10), calibrate: calibrate};
     if (query.text) body.text = query.text;
     if (query.reference) body.reference = query.reference;
-    state.lastQuery = query;
+    const mode = state.mode;
+    const seq = ++state.seq;
+    state.lastQuery[mode] = query;
     setStatus("Searching…");
     app.classList.add("busy");
     try {
       const data = await postJSON("/api/search", body);
-      let explanation = null;
-      if (calibrate) {
-        try {
-          explanation = await postJSON("/api/explain", {
-            index: state.index, text: query.text || null, ids: data.results.slice(0, 20).map((r) => r.id),
-          });
-        } catch (e) { setStatus("Explanation failed: " + e.message, true); }
-      }
-      renderTokens(explanation);
-      renderResults(data, explanation);
+      if (seq !== state.seq) return;  // a newer search was started meanwhile
+      state.shown[mode] = {data: data, calibrated: calibrate, text: query.text || null};
+      if (state.mode !== mode) return;
+      renderTokens(null);
+      renderResults(data, calibrate);  // at once; explanations follow lazily
+      if (calibrate && query.text) loadTokens(query.text);
     } catch (e) {
-      setStatus(e.message, true);
+      if (seq === state.seq) setStatus(e.message, true);
     } finally {
-      app.classList.remove("busy");
+      if (seq === state.seq) app.classList.remove("busy");
     }
   }
 
@@ -147,7 +188,10 @@
     const text = $("text-query").value.trim();
     if (text) runSearch({text: text});
   });
-  $("calibrate").addEventListener("change", () => { if (state.lastQuery) runSearch(state.lastQuery); });
+  $("calibrate").addEventListener("change", () => {
+    const query = state.lastQuery[state.mode];
+    if (query) runSearch(query);
+  });
 
   // ---- composed search ----------------------------------------------------------------------
   function setReference(ref) {
@@ -156,7 +200,8 @@
     img.src = ref.url;
     img.hidden = false;
     $("reference").classList.remove("empty");
-    $("reference-caption").textContent = "Reference: " + (ref.path || "uploaded image");
+    const caption = $("reference-caption");
+    caption.replaceChildren(document.createTextNode("Reference: "), breakable(ref.path || "uploaded image"));
     $("picker").hidden = true;
     loadSuggestions();
   }

@@ -1,0 +1,1 @@
+"""Training: `calibclip train` (losses, curriculum sampler, trainer, checkpoints)."""

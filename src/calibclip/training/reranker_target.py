@@ -1,0 +1,140 @@
+"""The ``reranker`` training target: the cross-modal re-ranker (README's Calibrated Vision Encoder,
+`calibclip.calibration.reranker`) trained over a frozen dual encoder's token views.
+
+Each training caption comes with its ``top_k`` hardest candidates, mined once from the frozen dual
+encoder's own ranking of the training gallery (the true image put in place of the last candidate when
+it is missing: every list holds exactly one positive). The loss is a listwise softmax over those
+candidates of the fused score ``sim_dual + fusion_weight * match`` (what re-ranking uses), so the
+re-ranker learns exactly the correction of the dual encoder's top-K it is applied to. The dual
+encoder never trains; its token views are cached once in fp16 (`calibclip.data.tokens`).
+
+The trainer's dual curriculum applies unchanged: its neighbour tables come from the frozen pooled
+embeddings (`item_embeddings`), so at higher hardness a batch holds captions of look-alike images,
+whose candidate lists overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibclip.calibration.reranker import CrossModalReranker, RerankerConfig, Reranking, listwise_loss
+from calibclip.data.records import RetrievalDataset
+from calibclip.data.tokens import TokenViews, cache_key, extract_token_views
+from calibclip.evaluation.evaluator import cosine_similarity, dataset_metrics, rerank_similarity
+from calibclip.models.base import Encoder
+from calibclip.training.rerank_data import mine_candidates
+from calibclip.training.targets import Target, TrainData
+
+#: ``model.cve`` keys that are architecture/ranking settings of the re-ranker (``enabled`` is not).
+ARCH_KEYS = ("num_heads", "num_layers", "dropout", "width", "top_k", "fusion_weight")
+
+
+def token_folder(root: Path, encoder: Encoder, dataset: RetrievalDataset) -> Path:
+    key = cache_key(encoder, dataset.images, dataset.captions)
+    return Path(root) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class RerankerTarget(Target):
+    """Trains a `CrossModalReranker` on ``data`` over ``encoder``'s cached token views.
+
+    Args:
+        encoder: the frozen dual encoder.
+        settings: the run's `TrainSettings` (``cve`` holds ``model.cve``; ``temperature`` the softmax's).
+        data: the training split.
+        cache_root: where token views are cached (one folder per encoder and split).
+        progress: show extraction progress.
+    """
+
+    name = "reranker"
+
+    def __init__(self, encoder: Encoder, settings: Any, data: TrainData, cache_root: Path, progress: bool = True):
+        self.encoder = encoder
+        self.settings = settings
+        self.data = data
+        self.cache_root = Path(cache_root)
+        self.progress = progress
+        cve = {k: v for k, v in (settings.cve or {}).items() if k in ARCH_KEYS}
+        self.config = RerankerConfig(token_dim=int(encoder.embed_dim), encoder=encoder.fingerprint(),
+                                     encoder_name=encoder.name, **cve)
+        torch.manual_seed(settings.seed)
+        self.model = CrossModalReranker(self.config)
+        ds = data.dataset
+        self.views: TokenViews = extract_token_views(encoder, ds.images, ds.captions,
+                                                     token_folder(self.cache_root, encoder, ds), progress=progress)
+        positives = torch.as_tensor(ds.caption_image, dtype=torch.long)
+        self.candidates = mine_candidates(self.views.text_pooled, self.views.image_pooled, positives,
+                                          self.config.top_k)
+        self.targets = (self.candidates == positives[:, None]).float().argmax(1)
+        g = F.normalize(self.views.image_pooled.float(), dim=-1)
+        q = F.normalize(self.views.text_pooled.float(), dim=-1)
+        self.candidate_sim = torch.cat([
+            torch.gather(q[s : s + 4096] @ g.T, 1, self.candidates[s : s + 4096])
+            for s in range(0, len(q), 4096)
+        ]) if len(q) else torch.zeros(0, self.config.top_k)
+        self._val: dict[str, Any] = {}
+
+    # --- Target ------------------------------------------------------------------------------
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return [], [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss(self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        cand = self.candidates[captions]
+        tokens, mask = self.views.texts(captions, self.config.max_text_tokens)
+        text, pad = self.model.project_text(tokens, mask)
+        images = self.model.project_image(self.views.image_tokens[cand.flatten()].float())
+        match, _ = self.model.score_candidates(text, pad, images.reshape(*cand.shape, *images.shape[1:]))
+        fused = self.model.fuse(self.candidate_sim[captions], match)
+        target = self.targets[captions]
+        loss = listwise_loss(fused, target, self.settings.temperature)
+        with torch.no_grad():
+            hit = float((fused.argmax(1) == target).float().mean())
+            base = float((self.candidate_sim[captions].argmax(1) == target).float().mean())
+        return loss, {"listwise": float(loss.detach()), "top1": hit, "dual_top1": base}
+
+    def item_embeddings(self, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.views.image_pooled.float(), self.views.text_pooled[captions].float()
+
+    @torch.no_grad()
+    def validate(self, dataset: RetrievalDataset) -> dict[str, float]:
+        key = (dataset.name, dataset.split, len(dataset.images), len(dataset.captions))
+        if self._val.get("key") != key:
+            views = extract_token_views(self.encoder, dataset.images, dataset.captions,
+                                        token_folder(self.cache_root, self.encoder, dataset), progress=self.progress)
+            self._val = {"key": key, "views": views,
+                         "sim": cosine_similarity(views.text_pooled, views.image_pooled)}
+        was = self.model.training
+        self.model.eval()
+        try:
+            sim = rerank_similarity(self._val["sim"], self._val["views"], Reranking(self.encoder, self.model))
+        finally:
+            self.model.train(was)
+        return {k: float(v) for k, v in dataset_metrics(sim, dataset).items()}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"reranker.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        expected = {f"reranker.{k}" for k in self.model.state_dict()}
+        if set(tensors) != expected:
+            raise ValueError(f"training state does not fit this re-ranker (e.g. {sorted(expected ^ set(tensors))[:3]})")
+        own = self.model.state_dict()
+        bad = [k for k in own if tuple(own[k].shape) != tuple(tensors[f"reranker.{k}"].shape)]
+        if bad:
+            raise ValueError(f"training state: re-ranker tensors of another shape (e.g. {bad[:3]})")
+        self.model.load_state_dict({k: tensors[f"reranker.{k}"] for k in own})
+
+    def export(self, folder: Path, info: dict[str, Any]) -> None:
+        self.model.save(folder, card=info)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.name, "reranker": self.config.to_dict(), "encoder": self.encoder.name}

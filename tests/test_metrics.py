@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from calibclip.evaluation import caption_metrics, retrieval_metrics
 from calibclip.evaluation import metrics as metrics_module
@@ -56,11 +58,18 @@ def assert_close(got: dict, want: dict) -> None:
         assert got[k] == pytest.approx(want[k], abs=1e-6), k
 
 
-@pytest.fixture(params=[(), (3,), (2, 16), (64, 1024)], ids=["count", "top3", "top2-16", "default"])
+@pytest.fixture(
+    params=[((), 0), ((3,), 0), ((2, 16), 0), ((64, 1024), 0), ((64, 1024), 16), ((3,), 2), ((), 1000)],
+    ids=["count", "top3", "top2-16", "top-default", "default", "scan2-top3", "scan-all"],
+)
 def top_levels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[int, ...]:
-    """Force each code path: whole-row counting, small top sets with fallback, the defaults."""
-    monkeypatch.setattr(metrics_module, "TOP_LEVELS", request.param)
-    return request.param
+    """Force each code path: whole-row counting, small top sets with fallback, per-positive scans
+    (``SCAN_MAX_POSITIVES``; 0 = off, 2 = a mix of scanned and top-set rows), the defaults."""
+    levels, scan = request.param
+    monkeypatch.setattr(metrics_module, "TOP_LEVELS", levels)
+    monkeypatch.setattr(metrics_module, "SCAN_MAX_POSITIVES", scan)
+    monkeypatch.setattr(metrics_module, "SCAN_THREADS", 2)
+    return levels
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -151,3 +160,28 @@ def test_minus_infinity_ranks_last(top_levels: tuple) -> None:
     sim = np.array([[-np.inf, 0.2, -np.inf, 0.1]])
     m = retrieval_metrics(sim, [7], [7, 1, 7, 2], ks=(1, 3))  # positives at ranks 3 and 4
     assert m["R@3"] == 100.0 and m["mAP"] == pytest.approx((1 / 3 + 2 / 4) / 2 * 100)
+
+
+def test_scan_threads_split_rows_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    sim, q_ids, g_ids = random_case(rng, 400, 300, 100, levels=3)  # >= 128 rows: two worker threads, ties
+    monkeypatch.setattr(metrics_module, "SCAN_MAX_POSITIVES", 1000)
+    assert_close(retrieval_metrics(sim, q_ids, g_ids), reference_rank_metrics(sim, q_ids, g_ids))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_q=st.integers(1, 30), n_g=st.integers(1, 40), n_ids=st.integers(1, 40), levels=st.sampled_from([None, 1, 2, 5]),
+    scan=st.sampled_from([0, 1, 3, 1000]), seed=st.integers(0, 2**31 - 1),
+)
+def test_property_matches_full_sort_reference(n_q: int, n_g: int, n_ids: int, levels: int | None, scan: int,
+                                              seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sim, q_ids, g_ids = random_case(rng, n_q, n_g, min(n_ids, n_g), levels)
+    old = metrics_module.SCAN_MAX_POSITIVES
+    metrics_module.SCAN_MAX_POSITIVES = scan  # hypothesis forbids function-scoped fixtures such as monkeypatch
+    try:
+        got = retrieval_metrics(sim, q_ids, g_ids)
+    finally:
+        metrics_module.SCAN_MAX_POSITIVES = old
+    assert_close(got, reference_rank_metrics(sim, q_ids, g_ids))

@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from calibclip.cli.common import PRECISIONS, add_backend_argument, apply_backend
 
 
 def dataset_choices() -> tuple[str, ...]:
@@ -40,7 +41,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help=split_help())
     p.add_argument("--batch-size", type=int, help="images per encoding batch (default 64)")
     p.add_argument("--workers", type=int, help="image decoding processes (default 0 = in process)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="model precision (fp16 needs CUDA)")
+    p.add_argument("--precision", choices=PRECISIONS, help="model precision (fp16 needs CUDA, int8 --backend onnx)")
+    add_backend_argument(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default auto)")
     p.add_argument("--no-cache", action="store_true", help="recompute features instead of using the feature cache")
     p.add_argument("--calibrate", action="store_true",
@@ -61,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The YAML config with the command-line overrides applied."""
     from calibclip.evaluation.config import load_config
 
+    apply_backend(args)
     cfg = load_config(args.config)
     if args.batch_size is not None:
         cfg["evaluation"]["batch_size"] = args.batch_size

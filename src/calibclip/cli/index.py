@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from calibclip.cli.common import PRECISIONS, add_backend_argument, apply_backend
 from calibclip.index.stores import store_schemes
 
 
@@ -62,8 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default=None,
-        choices=("fp32", "bf16", "fp16"),
-        help="model precision (fp16 needs CUDA; default: the existing index's, else fp32)",
+        choices=PRECISIONS,
+        help="model precision (fp16 needs CUDA, int8 --backend onnx; default: the existing index's, else fp32)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument(
@@ -103,6 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="GPUs per Ray encoder actor (default: 1 when the cluster has GPUs, else 0)",
     )
+    add_backend_argument(p)
     add_store_options(p)
     p.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -112,6 +114,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from calibclip.index import Index
 
+    apply_backend(args)
     target = args.out if args.out is not None else args.store
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

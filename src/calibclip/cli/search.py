@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 
+from calibclip.cli.common import add_backend_argument, apply_backend
 from calibclip.cli.index import add_store_options, store_options, store_spec_help
 from calibclip.index.stores import AUTO_THRESHOLD, ann_choices
 
@@ -39,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"exact or approximate search (kinds of the store's backend); auto = exact up to "
         f"{AUTO_THRESHOLD:,} images, the backend's default ANN above",
     )
-    p.add_argument("--nprobe", type=int, default=None, help="IVF cells scanned per query (local default 64)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF cells scanned per query (local default 32)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW candidate list size (local default 128)")
     p.add_argument(
         "--include-reference",
@@ -54,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     add_store_options(p)
+    add_backend_argument(p, precision=True)
     return p
 
 
@@ -66,6 +68,7 @@ def _image_arg(value: str | None) -> int | str | None:
 def run(args: argparse.Namespace) -> int:
     from calibclip.index import Index
 
+    apply_backend(args)
     if not args.text and not args.image:
         raise ValueError("give --text, --image or both")
     if args.top_k < 1:

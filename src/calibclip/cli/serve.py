@@ -9,6 +9,7 @@ import signal
 import tempfile
 from typing import Any
 
+from calibclip.cli.common import add_backend_argument, apply_backend
 from calibclip.cli.index import store_spec_help
 
 
@@ -45,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default 10)")
     p.add_argument("--upload-ttl", type=float, default=3600.0, help="seconds an upload is kept (default 3600)")
     p.add_argument("--device", default="cpu", help="device for the model: cpu, cuda or auto (default cpu)")
+    add_backend_argument(p, precision=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
     p.add_argument(
         "--allowed-host",
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from calibclip.web.app import WebConfig, create_app
 
     specs = []
+    apply_backend(args)
     for d in args.index_dirs:
         scheme, location = parse_spec(d)
         if scheme == "local":

@@ -10,7 +10,11 @@ Definitions (IRRA, ``utils/metrics.py::rank``):
 - ``AP``: mean over the positives (in rank order, m = 1..P) of ``m / rank_m``; ``mAP`` its mean.
 - ``INP``: ``P / rank_P`` (rank of the hardest positive); ``mINP`` its mean.
 
-Speed: no full sort. Only the ranks of the positives are needed. For most queries every positive
+Speed: no full sort. Only the ranks of the positives are needed. On the CPU, queries with few positives
+(<= ``SCAN_MAX_POSITIVES``) get each positive's rank from one vectorised pass over the row:
+``rank_j = 1 + #{g < j : s_g >= s_j} + #{g > j : s_g > s_j}`` (exact, ties included), which costs
+``O(P G)`` whatever the scores look like (random scores are the worst case of the top-set path below).
+For the other queries (or on a GPU): for most queries every positive
 lies in a small ``topk`` of the row, and the ranks follow from comparisons inside it; the other
 rows are compared with their (few) sorted positive scores by ``searchsorted`` (``O(G log P)``
 instead of ``O(G log G)``), and exact ties with a positive are counted on the affected (query,
@@ -20,6 +24,7 @@ positive) pairs only. Queries are processed in chunks so memory stays bounded.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -31,6 +36,10 @@ ArrayLike = np.ndarray | torch.Tensor | Sequence[int]
 CHUNK_ELEMENTS = 1 << 23
 #: ``topk`` sizes tried before counting over whole rows (see `iter_positive_ranks`).
 TOP_LEVELS = (64, 1024)
+#: Queries with at most this many positives are ranked by direct counting (`_ranks_by_scan`) on the CPU.
+SCAN_MAX_POSITIVES = 16
+#: Worker threads of `_ranks_by_scan` (NumPy releases the GIL inside the comparisons).
+SCAN_THREADS = 2
 
 
 def _as_similarity(similarity: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -124,6 +133,39 @@ def _ranks_by_count(rows: torch.Tensor, pos_val: torch.Tensor, pos_idx: torch.Te
     return out
 
 
+def _scan_rows(rows: np.ndarray, pos_idx: np.ndarray, count: np.ndarray, out: np.ndarray) -> None:
+    for r in range(rows.shape[0]):
+        row = rows[r]
+        for c in range(int(count[r])):
+            j = int(pos_idx[r, c])
+            v = row[j]
+            out[r, c] = 1 + np.count_nonzero(row[:j] >= v) + np.count_nonzero(row[j + 1 :] > v)
+
+
+def _ranks_by_scan(rows: torch.Tensor, pos_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Ranks of positives ``[n, P]`` (CPU rows ``[n, G]``; ``valid`` is a prefix mask per row) by
+    counting, per positive ``j`` with score ``v``: ``1 + #{g < j: s_g >= v} + #{g > j: s_g > v}``.
+    One pass over the row per positive, exact with ties; padding entries are left 0."""
+    rows_np = rows.contiguous().numpy()
+    idx_np = pos_idx.numpy()
+    count = valid.sum(1).numpy()
+    out = np.zeros(pos_idx.shape, dtype=np.int64)
+    n = rows_np.shape[0]
+    workers = max(1, min(SCAN_THREADS, n // 64))
+    if workers == 1:
+        _scan_rows(rows_np, idx_np, count, out)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        bounds = np.linspace(0, n, workers + 1).astype(int)
+        with ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(_scan_rows, rows_np[a:b], idx_np[a:b], count[a:b], out[a:b])
+                    for a, b in pairwise(bounds)]
+            for job in jobs:
+                job.result()
+    return torch.from_numpy(out)
+
+
 def iter_positive_ranks(
     similarity: np.ndarray | torch.Tensor, query_ids: ArrayLike, gallery_ids: ArrayLike
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -132,7 +174,8 @@ def iter_positive_ranks(
     ``G + 1``). Raises ValueError when a query has no positive or the matrix holds NaN or +inf
     (-inf is a valid score: it ranks last).
 
-    Most queries are resolved from a ``topk`` of ``TOP_LEVELS[0]`` items: when the row's
+    On the CPU, queries with at most ``SCAN_MAX_POSITIVES`` positives are ranked by direct counting
+    (`_ranks_by_scan`). The others are mostly resolved from a ``topk`` of ``TOP_LEVELS[0]`` items: when the row's
     lowest-scoring positive beats the K-th item, every item that can outrank a positive is in
     that top set. Remaining rows try the next level, then count over the whole row.
     """
@@ -152,21 +195,28 @@ def iter_positive_ranks(
     inf = torch.tensor(float("inf"), dtype=sim.dtype, device=dev)
     for s in range(0, n_q, chunk):
         rows = sim[s : s + chunk]
-        if not TOP_LEVELS and bool((torch.isnan(rows) | torch.isposinf(rows)).any()):  # else checked on row maxima
-            raise ValueError("similarity contains NaN or +inf values")
+        if rows.numel():
+            top = rows.amax(1)  # NaN propagates
+            if bool((torch.isnan(top) | torch.isposinf(top)).any()):
+                raise ValueError("similarity contains NaN or +inf values")
         idx, ok = positives.table(slice(s, s + chunk))
         n, width = idx.shape
         pos_val = torch.where(ok, torch.gather(rows, 1, idx), inf)  # padding never outranks anything
         lowest = pos_val.min(1).values
         rank = torch.empty(n, width, dtype=torch.int64, device=dev)
         todo = torch.arange(n, device=dev)
+        if dev.type == "cpu" and SCAN_MAX_POSITIVES > 0:
+            few = positives.count[s : s + n] <= SCAN_MAX_POSITIVES
+            if bool(few.any()):
+                sel = todo[few]
+                scanned = rows if len(sel) == n else rows.index_select(0, sel)
+                rank[sel] = _ranks_by_scan(scanned, idx[sel], ok[sel])
+                todo = todo[~few]
         for k in TOP_LEVELS:
             if not todo.numel():
                 break
             k = min(k, n_g)
             top_val, top_idx = torch.topk(rows if len(todo) == n else rows.index_select(0, todo), k, dim=1)
-            if len(todo) == n and not bool(torch.isfinite(top_val[:, 0]).all()):  # topk ranks NaN highest
-                raise ValueError("similarity contains NaN or +inf values")
             done = (top_val[:, -1] < lowest[todo]) | (k == n_g)
             sel = todo[done]
             rank[sel] = _ranks_in_top(top_val[done], top_idx[done], pos_val[sel], idx[sel])

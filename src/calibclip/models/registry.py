@@ -155,10 +155,25 @@ def canonical_name(name: str) -> str | None:
     return _ALIASES.get(name)
 
 
+#: Backends of `create_model`.
+BACKENDS = ("torch", "onnx")
+#: Process-wide default of ``create_model(backend=None)`` (set by the CLI's ``--backend``/``--precision``).
+_DEFAULT_BACKEND: dict[str, str | None] = {"backend": None, "precision": None}
+
+
+def set_default_backend(backend: str | None, precision: str | None = None) -> None:
+    """Make ``create_model(backend=None)`` use ``backend`` (None: ``$CALIBCLIP_BACKEND`` or torch);
+    ``precision`` (e.g. int8), when given, overrides the precision asked for onnx models."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _DEFAULT_BACKEND.update(backend=backend, precision=precision)
+
+
 def create_model(
     name_or_path: str | os.PathLike = "starter",
     device: str | torch.device | None = "cpu",
     precision: str = "fp32",
+    backend: str | None = None,
     **kwargs: Any,
 ) -> Encoder:
     """Build an encoder from a registered name or a checkpoint path.
@@ -171,7 +186,9 @@ def create_model(
         name_or_path: a registered name (``starter``, ``ViT-B/16``, ``RN50`` ...; see `list_models`)
             or a checkpoint file or Hugging Face directory (README "Checkpoint formats").
         device: "cpu", "cuda", "auto" or a torch device.
-        precision: fp32 | bf16 | fp16 (CUDA only).
+        precision: fp32 | bf16 | fp16 (CUDA only) for torch; fp32 | int8 for onnx.
+        backend: "torch" or "onnx" (ONNX Runtime, see `calibclip.models.onnx_backend`); default
+            `set_default_backend`'s, else ``$CALIBCLIP_BACKEND``, else torch.
         **kwargs: passed to the model factory / checkpoint loader (e.g. ``image_size=(384, 128)``,
             ``pretrained=False`` for a random CLIP).
 
@@ -183,6 +200,17 @@ def create_model(
             or a checkpoint that is not a supported format.
         RuntimeError: weights that cannot be downloaded, or a precision the device lacks.
     """
+    backend = backend or _DEFAULT_BACKEND["backend"] or os.environ.get("CALIBCLIP_BACKEND") or "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "onnx":
+        from calibclip.models.onnx_backend import wrap
+
+        onnx_precision = _DEFAULT_BACKEND["precision"] or os.environ.get("CALIBCLIP_ONNX_PRECISION") or precision
+        model = create_model(name_or_path, device="cpu", precision="fp32", backend="torch", **kwargs)
+        return wrap(model, precision=onnx_precision, device=resolve_device(device))
+    if precision == "int8":
+        raise ValueError("precision 'int8' needs backend='onnx' (--backend onnx); torch supports fp32, bf16, fp16")
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
     key = str(name_or_path)

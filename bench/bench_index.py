@@ -70,7 +70,8 @@ def measure(index: Index, queries: np.ndarray, k: int, kinds: tuple[str, ...] = 
             continue
         if kind not in build:  # build time of the structure (exact: the in-memory float32 matrix)
             t0 = time.perf_counter()
-            extra = index.ann_index(kind).memory_bytes() if kind != "exact" else (index.searcher().matrix() is not None)
+            extra = (index.store.ann_index(kind).memory_bytes() if kind != "exact"  # type: ignore[attr-defined]
+                     else index.store.searcher().matrix() is not None)  # type: ignore[attr-defined]
             build[kind] = (time.perf_counter() - t0, int(extra))
         build_s, extra_bytes = build[kind]
         index.search_vectors(queries[:3], k=k, ann=kind, **params)  # warm-up

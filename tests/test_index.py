@@ -303,8 +303,25 @@ def test_calibration_noop_gives_plain_ranking(photos, tmp_path):
 
 
 def test_calibrate_needs_calibrated_vectors(built):
-    with pytest.raises(ValueError, match="--calibrate"):
+    with pytest.raises(ValueError, match="calibrate=True") as err:
         built.search(text="a cat", calibrate=True)
+    assert "--" not in str(err.value)  # the library names its parameters; the CLI maps them to flags
+
+
+def test_library_messages_name_parameters_not_cli_flags(built, tmp_path):
+    """Regression (issue 11): index/core.py spoke of --top-k, --image, `calibclip index --calibrate`."""
+    cases = [
+        (ValueError, lambda: built.search(text="a cat", k=0), "k must be >= 1"),
+        (ValueError, lambda: built.search(), "text, image or both"),
+        (FileNotFoundError, lambda: built.search(image=tmp_path / "nope.png"), "nor an existing file"),
+        (ValueError, lambda: built.features("calibrated"), "calibrate=True"),
+        (ValueError, lambda: Index.open(built.directory, model=FakeEncoder(seed=1)), "model=None"),
+        (ValueError, lambda: built.search(text="a cat", ann="ivf", ef_search=3), "do not apply"),
+    ]
+    for exc, call, words in cases:
+        with pytest.raises(exc, match=words) as err:
+            call()
+        assert "--" not in str(err.value), str(err.value)
 
 
 # --- approximate search ----------------------------------------------------------------------------------

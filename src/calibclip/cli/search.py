@@ -8,32 +8,54 @@ import os
 import time
 
 from calibclip.cli.common import add_backend_argument, apply_backend
+from calibclip.cli.index import add_store_options, store_options, store_spec_help
+from calibclip.index.stores import AUTO_THRESHOLD, ann_choices
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "search", help="search an index by text, image or image + text",
+        "search",
+        help="search an index by text, image or image + text",
         description="Text-only (--text), image-only (--image) or composed (--image + --text: the index's Combiner "
         "if it has one, else the normalised sum of the two features).",
     )
-    p.add_argument("index_dir", metavar="INDEX_DIR")
+    p.add_argument("index_dir", metavar="INDEX", help="index folder or store spec (" + store_spec_help() + ")")
     p.add_argument("--text", help="query text (or modification text with --image)")
-    p.add_argument("--image", metavar="PATH_OR_INDEXED_PATH",
-                   help="query/reference image: a path inside the indexed folder (uses its stored features), "
-                   "an index id as id:N, or any image file")
+    p.add_argument(
+        "--image",
+        metavar="PATH_OR_INDEXED_PATH",
+        help="query/reference image: a path inside the indexed folder (uses its stored features), "
+        "an index id as id:N, or any image file",
+    )
     p.add_argument("--top-k", type=positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help='print one JSON object {"query": {...}, "results": [...]}')
-    p.add_argument("--calibrate", action="store_true",
-                   help="CalibCLIP re-ranking of the top-K (needs an index built with --calibrate)")
-    p.add_argument("--ann", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
-                   help="exact or approximate (FAISS) search; auto = exact up to 200,000 images, IVF above")
-    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells scanned per query (default 32)")
-    p.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list size (default 128)")
-    p.add_argument("--include-reference", action="store_true",
-                   help="keep an indexed reference image in composed-search results (left out by default)")
-    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
-                   help="model to use (default: the one recorded in the index; another model is refused)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="CalibCLIP re-ranking of the top-K (needs an index built with --calibrate)",
+    )
+    p.add_argument(
+        "--ann",
+        default="auto",
+        choices=ann_choices(),
+        help=f"exact or approximate search (kinds of the store's backend); auto = exact up to "
+        f"{AUTO_THRESHOLD:,} images, the backend's default ANN above",
+    )
+    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells scanned per query (local default 32)")
+    p.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidate list size (local default 128)")
+    p.add_argument(
+        "--include-reference",
+        action="store_true",
+        help="keep an indexed reference image in composed-search results (left out by default)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="model to use (default: the one recorded in the index; another model is refused)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    add_store_options(p)
     add_backend_argument(p, precision=True)
     return p
 
@@ -77,10 +99,14 @@ def check_index_model(index_dir: str, model: str | None) -> None:
     """
     if model is None or os.path.exists(model):
         return
-    from calibclip.index.storage import read_meta
+    from calibclip.index.stores import read_store_meta
     from calibclip.models.registry import canonical_name
 
-    meta = read_meta(index_dir)
+    try:
+        meta = read_store_meta(index_dir)
+    except (OSError, ValueError, RuntimeError, ImportError):
+        return  # opening the index reports what is wrong with it
+
     given = canonical_name(model)
     recorded = meta.get("model_spec") or meta.get("model")
     if given is None or not recorded or os.path.exists(str(recorded)):
@@ -102,7 +128,6 @@ def _image_arg(value: str | None) -> int | str | None:
 
 def run(args: argparse.Namespace) -> int:
     from calibclip.index import Index
-    from calibclip.index.ann import resolve_kind
 
     apply_backend(args)
     if args.text is None and not args.image:
@@ -111,20 +136,34 @@ def run(args: argparse.Namespace) -> int:
     image = _image_arg(args.image)
     check_index_model(args.index_dir, args.model)
     t0 = time.perf_counter()
-    with Index.open(args.index_dir, model=args.model, device=args.device) as index:
+    with Index.open(args.index_dir, model=args.model, device=args.device, store_options=store_options(args)) as index:
         if isinstance(image, int) and image not in index:
             raise ValueError(f"--image id:{image}: no image with that id in {args.index_dir} "
                              f"(ids are shown by `calibclip search --json`)")
+        if args.calibrate and not index.has_calibrated:
+            raise ValueError(
+                f"index {args.index_dir} has no calibrated vectors; re-run `calibclip index IMAGES_DIR "
+                f"--out {args.index_dir} --calibrate` to add them"
+            )
         results = index.search(
-            text=args.text, image=image, k=args.top_k, calibrate=args.calibrate, ann=args.ann, nprobe=args.nprobe,
-            ef_search=args.ef_search, exclude_reference=not args.include_reference,
+            text=args.text,
+            image=image,
+            k=args.top_k,
+            calibrate=args.calibrate,
+            ann=args.ann,
+            nprobe=args.nprobe,
+            ef_search=args.ef_search,
+            exclude_reference=not args.include_reference,
         )
         composed = bool(args.text and args.image)
         query = {
-            "text": args.text, "image": args.image, "top_k": args.top_k, "calibrate": args.calibrate,
-            "ann": resolve_kind(args.ann, len(index)), "model": index.model_name,
-            "combining": (("combiner" if hasattr(index.combining(), "combiner") else "sum") if composed
-                          else None),
+            "text": args.text,
+            "image": args.image,
+            "top_k": args.top_k,
+            "calibrate": args.calibrate,
+            "ann": index.resolve_ann(args.ann),
+            "model": index.model_name,
+            "combining": (("combiner" if hasattr(index.combining(), "combiner") else "sum") if composed else None),
         }
     from calibclip.index.storage import display
 

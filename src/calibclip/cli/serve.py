@@ -11,6 +11,7 @@ import tempfile
 from typing import Any
 
 from calibclip.cli.common import add_backend_argument, apply_backend
+from calibclip.cli.index import store_spec_help
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,7 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Serve the web demo (text, calibrated and composed search) and its JSON API "
         "(OpenAPI document at /openapi.json) over one or more indexes built with `calibclip index`.",
     )
-    p.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR", help="index folder(s); the first is the default")
+    p.add_argument(
+        "index_dirs",
+        nargs="+",
+        metavar="INDEX",
+        help="index folder(s) or store spec(s) (" + store_spec_help() + "); the first is the default",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
     p.add_argument(
@@ -93,14 +99,21 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from calibclip.cli.search import check_index_model
+    from calibclip.index.stores import parse_spec
     from calibclip.web.app import WebConfig, create_app
 
+    specs = []
     apply_backend(args)
     for d in args.index_dirs:
-        if not os.path.isdir(d):
-            raise FileNotFoundError(
-                f"index folder {d} does not exist; build one with `calibclip index IMAGES --out {d}`"
-            )
+        scheme, location = parse_spec(d)
+        if scheme == "local":
+            if not os.path.isdir(d):
+                raise FileNotFoundError(
+                    f"index folder {d} does not exist; build one with `calibclip index IMAGES --out {d}`"
+                )
+            specs.append(os.path.abspath(d))
+        else:
+            specs.append(d)  # opened (and checked) by the web app through the store table
         check_index_model(d, args.model)
     check_port_free(args.host, args.port)
     if args.workers < 1:
@@ -112,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     BatchSettings(args.batch_window_ms, args.batch_size, args.queue_size, args.request_timeout)  # validate early
     upload_dir = tempfile.mkdtemp(prefix="calibclip-uploads-")
     config = WebConfig(
-        index_dirs=[os.path.abspath(d) for d in args.index_dirs],
+        index_dirs=specs,
         model=args.model,
         captions=os.path.abspath(args.captions) if args.captions else None,
         upload_dir=upload_dir,

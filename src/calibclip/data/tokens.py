@@ -101,22 +101,24 @@ def extract_token_views(
     bar = progress_bar(total=len(images), desc="image tokens", disable=not progress)
     for start in range(0, len(images), IMAGE_SHARD):
         path = folder / f"images.{start:07d}.safetensors"
-        chunk = list(images[start : start + IMAGE_SHARD])
+        paths = list(images[start : start + IMAGE_SHARD])
         if not path.exists():
-            toks, pooled, bad = [], [], {}
-            for batch in iter_image_batches(chunk, encoder.preprocess, batch_size, workers):
+            toks: list[torch.Tensor] = []
+            pooled_parts: list[torch.Tensor] = []
+            bad: dict[int, tuple[str, str]] = {}
+            for batch in iter_image_batches(paths, encoder.preprocess, batch_size, workers):
                 bad.update(batch.errors)
                 if batch.pixels is not None:
-                    view = encoder.image_tokens(batch.pixels.to(encoder.device, encoder.dtype))
-                    toks.append(view.tokens.half().cpu())
-                    pooled.append(view.pooled.float().cpu())
+                    image_view = encoder.image_tokens(batch.pixels.to(encoder.device, encoder.dtype))
+                    toks.append(image_view.tokens.half().cpu())
+                    pooled_parts.append(image_view.pooled.float().cpu())
                 bar.update(len(batch.indices) + len(batch.errors))
             if bad:
                 sample = "; ".join(msg for _, msg in list(bad.values())[:3])
                 raise RuntimeError(f"{len(bad)} training images could not be read, e.g. {sample}")
-            _save({"tokens": torch.cat(toks), "pooled": torch.cat(pooled)}, path)
+            _save({"tokens": torch.cat(toks), "pooled": torch.cat(pooled_parts)}, path)
         else:
-            bar.update(len(chunk))
+            bar.update(len(paths))
         img_parts.append(_load(path))
     bar.close()
     bar = progress_bar(total=len(captions), desc="text tokens", disable=not progress)

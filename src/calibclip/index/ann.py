@@ -6,7 +6,7 @@ ANN structures are built lazily on the first approximate search and saved under
 built from; a newer index version (any add/remove) makes them stale and they are rebuilt.
 
 Defaults (chosen from bench/bench_index.py, see README "Indexing a folder and searching it"):
-- ``auto`` uses exact search up to `AUTO_THRESHOLD` live vectors, IVF above it.
+- ``auto`` uses exact search up to `AUTO_THRESHOLD` (stores/base.py) live vectors, IVF above it.
 - IVF: ``nlist = clip(4 * sqrt(N), 16, 65536)`` k-means cells trained (`KMEANS_ITERATIONS` iterations) on
   at most 64 vectors per cell and at most `TRAIN_MAX` vectors (1e6 vectors: 4,000 cells from 65,536
   samples); ``nprobe`` (cells scanned per query) defaults to `DEFAULT_NPROBE`.
@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 
-ANN_KINDS = ("exact", "ivf", "hnsw")
-AUTO_THRESHOLD = 200_000
 #: 1e6 x 512 synthetic (bench/bench_ann.py): recall@10 0.957 at nprobe 24, 0.990 at 32, 1.000 at 64 (nlist 4000).
 DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 128
@@ -35,15 +33,6 @@ TRAIN_PER_CELL = 64
 #: Largest k-means training sample (a 256k-vector sample made the 1e6 build take 268 s, for no recall gain).
 TRAIN_MAX = 65536
 KMEANS_ITERATIONS = 12
-
-
-def resolve_kind(kind: str, n: int) -> str:
-    """``auto`` -> ``exact`` for ``n <= AUTO_THRESHOLD`` else ``ivf``; other kinds are checked."""
-    if kind == "auto":
-        return "exact" if n <= AUTO_THRESHOLD else "ivf"
-    if kind not in ANN_KINDS:
-        raise ValueError(f"unknown ANN kind {kind!r}: use auto, exact, ivf or hnsw")
-    return kind
 
 
 def ivf_nlist(n: int) -> int:

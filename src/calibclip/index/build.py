@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,11 +22,12 @@ from PIL import Image
 
 from calibclip.data.loader import iter_image_batches
 from calibclip.data.scan import ScannedFile, scan_images
-from calibclip.index.storage import Storage, is_index_dir
+from calibclip.index.stores import VectorStore, open_store
+from calibclip.index.stores.base import SkippedRow
 from calibclip.models.base import Encoder
 from calibclip.utils import progress_bar
 
-#: Compact the vector files when dead rows exceed this fraction of all rows.
+#: Compact the vector files (local store) when dead rows exceed this fraction of all rows.
 COMPACT_FRACTION = 0.25
 COMBINER_STEM = "combiner"
 
@@ -107,41 +108,49 @@ def oriented_size(path: str | os.PathLike) -> tuple[int | None, int | None]:
         return None, None
 
 
-def install_combiner(storage: Storage, path: str | os.PathLike) -> Path:
-    """Copy a Combiner checkpoint into the index (keeping its suffix: .pt or .safetensors) atomically."""
+def install_combiner(store: VectorStore, path: str | os.PathLike) -> str:
+    """Copy a Combiner checkpoint into the store (keeping its suffix: .pt or .safetensors)."""
     src = Path(path)
-    dst = storage.directory / (COMBINER_STEM + src.suffix)
-    shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
-    os.replace(dst.with_name(dst.name + ".tmp"), dst)
-    old = (storage.get("combiner") or {}).get("file")
-    storage.set_meta({"combiner": {"source": str(src.resolve()), "file": dst.name}})
-    if old and old != dst.name:
-        (storage.directory / old).unlink(missing_ok=True)
-    return dst
+    name = COMBINER_STEM + src.suffix
+    store.put_file(name, src)
+    old = (store.get("combiner") or {}).get("file")
+    store.set_meta({"combiner": {"source": str(src.resolve()), "file": name}})
+    if old and old != name:
+        store.delete_file(old)
+    return name
 
 
 def model_identity(encoder: Encoder, spec: str | None) -> dict[str, Any]:
     """What the index records about the encoder (checked on every open/update)."""
     return {
-        "model": encoder.name, "model_spec": spec, "fingerprint": encoder.fingerprint(),
-        "model_config": encoder.config(), "precision": encoder.precision,
+        "model": encoder.name,
+        "model_spec": spec,
+        "fingerprint": encoder.fingerprint(),
+        "model_config": encoder.config(),
+        "precision": encoder.precision,
     }
 
 
-def check_model(storage: Storage, encoder: Encoder) -> None:
+def check_model(store: VectorStore, encoder: Encoder) -> None:
     """Refuse an encoder whose fingerprint differs from the one the index was built with."""
-    want, got = storage.get("fingerprint"), encoder.fingerprint()
+    want, got = store.get("fingerprint"), encoder.fingerprint()
     if want is not None and want != got:
         raise ValueError(
-            f"index {storage.directory} was built with model {storage.get('model')!r} (fingerprint {want}) but the "
+            f"index {store.spec} was built with model {store.get('model')!r} (fingerprint {want}) but the "
             f"given model is {encoder.name!r} (fingerprint {got}); features from different models are not comparable. "
-            "Use the index's model (omit --model), or build a new index with --out pointing elsewhere."
+            "Use the index's model (model=None), or build a new index at another location."
+        )
+    dim = store.get("dim")
+    if dim is not None and int(dim) != int(encoder.embed_dim):
+        raise ValueError(
+            f"index {store.spec} holds {dim}-d vectors but model {encoder.name!r} gives "
+            f"{encoder.embed_dim}-d ones; use the index's model or another location"
         )
 
 
-def _feature_fn(encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None, method: str | None) -> tuple[
-    Callable[[torch.Tensor], dict[str, torch.Tensor]], dict[str, Any] | None
-]:
+def _feature_fn(
+    encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None, method: str | None
+) -> tuple[Callable[[torch.Tensor], dict[str, torch.Tensor]], dict[str, Any] | None]:
     if not calibrate:
         return (lambda px: {"raw": encoder.encode_image(px)}), None
     from calibclip.calibration.methods import create_calibrator, method_record
@@ -163,17 +172,41 @@ def build_index(
     combiner: str | os.PathLike | None = None,
     progress: bool = True,
     calibration_method: str | None = None,
+    store_options: Mapping[str, Any] | None = None,
+    engine: str = "local",
+    engine_options: Mapping[str, Any] | None = None,
 ) -> BuildReport:
     """Create or incrementally update the index at ``out_dir`` from ``images_dir``.
 
-    ``calibrate=None`` keeps what the index already has (no calibrated vectors for a new index);
-    switching it on/off re-encodes everything. ``calibration`` overrides `CalibrationConfig` fields;
-    ``calibration_method`` names a registered calibration method (default: the recorded one, else
-    ``calibclip``).
+    Args:
+        images_dir: folder of images (walked recursively).
+        out_dir: store spec: a folder (local format) or ``SCHEME:LOCATION`` (e.g. ``milvus:PATH.db``).
+        encoder: the image encoder.
+        model_spec: how to re-create the encoder later (recorded in the index).
+        batch_size: images per encoded and committed batch.
+        workers: decoding processes of the local engine (0 = in-process).
+        calibrate: also store calibrated vectors; None keeps what the index has (none for a new
+            one); switching it on/off re-encodes everything.
+        calibration: overrides of the calibration method's settings (`CalibrationConfig` fields).
+        combiner: a Combiner checkpoint copied into the index.
+        progress: show a progress bar.
+        calibration_method: a registered calibration method (default: the recorded one, else ``calibclip``).
+        store_options: backend options (Milvus: ``token``).
+        engine: ``local`` (a process pool here) or ``ray`` (Ray Data; see `calibclip.index.ray_engine`).
+        engine_options: Ray engine options (``address``, ``num_workers``, ``gpus_per_worker``, ``num_cpus``).
+
+    Returns:
+        What the run did.
+
+    Raises:
+        ValueError: bad parameters, another model than the index's, a location that is not an index.
+        FileNotFoundError: a missing ``images_dir`` or ``combiner``.
     """
     t0 = time.perf_counter()
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
     images_dir = Path(images_dir).resolve()
     scan = scan_images(images_dir)
     if combiner is not None:
@@ -181,34 +214,31 @@ def build_index(
             raise FileNotFoundError(f"combiner checkpoint {combiner} does not exist (expected RUN_DIR/best.pt)")
         from calibclip.composed import build_combining
 
-        build_combining("combiner", combiner, encoder=encoder)  # a checkpoint of another encoder is refused now
-    out = Path(out_dir)
-    if out.exists() and not is_index_dir(out) and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an index; give a new folder (or an existing index to update)")
-    storage = Storage(out_dir, writable=True)
+        build_combining("combiner", Path(combiner), encoder=encoder)  # a checkpoint of another encoder is refused now
+    store = open_store(out_dir, writable=True, options=store_options)
     try:
-        existing = storage.get("format") is not None
+        existing = store.get("format") is not None
         if existing:
-            check_model(storage, encoder)
-        had_cal = existing and "calibrated" in storage.vector_sets
+            check_model(store, encoder)
+        had_cal = existing and "calibrated" in store.vector_sets
         calibrate = had_cal if calibrate is None else bool(calibrate)
         if calibration_method and not calibrate:
             raise ValueError(f"calibration_method={calibration_method!r} needs calibrate=True (calibrated vectors)")
         if calibrate and had_cal:
-            recorded = storage.get("calibration") or {}
+            recorded = store.get("calibration") or {}
             calibration = recorded.get("config") if calibration is None else calibration
             calibration_method = calibration_method or recorded.get("method")
         fn, cal_meta = _feature_fn(encoder, calibrate, calibration, calibration_method)
         sets = ["raw", "calibrated"] if calibrate else ["raw"]
         identity = {**model_identity(encoder, model_spec), "root": str(images_dir), "calibration": cal_meta}
-        if not existing or sets != storage.vector_sets or (cal_meta and cal_meta != storage.get("calibration")):
-            storage.initialise(int(encoder.embed_dim), sets, identity)
+        if not existing or sets != store.vector_sets or (cal_meta and cal_meta != store.get("calibration")):
+            store.initialise(int(encoder.embed_dim), sets, identity)
         else:
-            storage.set_meta(identity)
+            store.set_meta(identity)
 
         # --- plan -------------------------------------------------------------------------------
-        state = storage.images_state()
-        skipped_state = storage.skipped_state()
+        state = store.images_state()
+        skipped_state = store.skipped_state()
         present = {f.relpath for f in scan.files} | set(scan.problems)
         removed = [p for p in list(state) + list(skipped_state) if p not in present]
         todo: list[ScannedFile] = []
@@ -227,54 +257,87 @@ def build_index(
             elif skipped_state.get(f.relpath) == (f.size, f.mtime_ns):
                 continue  # still the file that was skipped: still skipped (not "unchanged": it is no image)
             todo.append(f)
-        problems = [(rel, None, None, reason, msg) for rel, (reason, msg) in scan.problems.items()
-                    if rel not in skipped_state]
-        storage.commit_batch({}, [], skipped=problems, removed=removed)
+        problems = [
+            (rel, None, None, reason, msg) for rel, (reason, msg) in scan.problems.items() if rel not in skipped_state
+        ]
+        store.commit_batch({}, [], skipped=problems, removed=removed)
         if touched:
-            storage.touch_images(touched)
+            store.touch_images(touched)
 
         # --- encode -----------------------------------------------------------------------------
         added = updated = skipped_new = 0
         bar = progress_bar(total=len(todo), desc="indexing", unit="img", disable=not progress)
-        for batch in iter_image_batches([f.path for f in todo], encoder.preprocess, batch_size, workers):
-            records, skipped = [], [(todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg)
-                                    for i, (reason, msg) in batch.errors.items()]
-            keep = []
-            for j, i in enumerate(batch.indices):
-                rec = file_record(todo[i])
-                if isinstance(rec, tuple):  # the file vanished (or became unreadable) after decoding
-                    skipped.append(rec)
-                else:
-                    records.append(rec)
-                    keep.append(j)
-            vectors: dict[str, np.ndarray] = {}
-            if batch.pixels is not None and keep:
-                out = fn(batch.pixels[keep].to(encoder.device, encoder.dtype))
-                vectors = {name: out[name].float().cpu().numpy() for name in sets}
+        if engine == "ray":
+            from calibclip.index.ray_engine import ray_batches
+
+            batches = ray_batches(
+                todo, encoder, calibrate, calibration, calibration_method, batch_size, dict(engine_options or {})
+            )
+        else:
+            batches = local_batches(todo, encoder, fn, sets, batch_size, workers)
+        for records, skipped, vectors in batches:
             records, vectors, bad = drop_non_finite(records, vectors)
-            skipped += bad
-            storage.commit_batch(vectors, records, skipped)
+            skipped = [*skipped, *bad]
+            store.commit_batch(vectors, records, skipped)
             updated += sum(r["path"] in state for r in records)
             added += sum(r["path"] not in state for r in records)
             skipped_new += len(skipped)
-            bar.update(len(batch.indices) + len(batch.errors))
+            bar.update(len(records) + len(skipped))
             bar.set_postfix(skipped=skipped_new, refresh=False)
         bar.close()
 
-        count = storage.count()
-        if storage.rows - count > COMPACT_FRACTION * max(storage.rows, 1):
-            storage.compact()
-        if combiner is None and not (storage.get("combiner") or {}).get("file"):
+        store.maintain()
+        if combiner is None and not (store.get("combiner") or {}).get("file"):
             from calibclip.composed import packaged_combiner_for
 
             combiner = packaged_combiner_for(encoder)  # the encoder's packaged Combiner, if it has one
         if combiner is not None:
-            install_combiner(storage, combiner)
+            install_combiner(store, combiner)
         return BuildReport(
-            scanned=len(scan.files) + len(scan.problems), added=added, updated=updated,
+            scanned=len(scan.files) + len(scan.problems),
+            added=added,
+            updated=updated,
             removed=sum(p in state for p in removed),
-            unchanged=unchanged, skipped_new=skipped_new + len(problems), count=count,
-            skipped=storage.skipped_count(), seconds=round(time.perf_counter() - t0, 3),
+            unchanged=unchanged,
+            skipped_new=skipped_new + len(problems),
+            count=store.count(),
+            skipped=store.skipped_count(),
+            seconds=round(time.perf_counter() - t0, 3),
         )
     finally:
-        storage.close()
+        store.close()
+
+
+#: Embedding engines `build_index` accepts.
+ENGINES = ("local", "ray")
+
+#: One committed unit: image records, skipped files, vectors per set.
+Batch = tuple[list[dict[str, Any]], list[SkippedRow], dict[str, np.ndarray]]
+
+
+def local_batches(
+    todo: Sequence[ScannedFile],
+    encoder: Encoder,
+    fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    sets: Sequence[str],
+    batch_size: int,
+    workers: int,
+) -> Iterator[Batch]:
+    """The local engine: decode in ``workers`` processes (in order), encode here, batch by batch."""
+    for batch in iter_image_batches([f.path for f in todo], encoder.preprocess, batch_size, workers):
+        skipped: list[SkippedRow] = [
+            (todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg) for i, (reason, msg) in batch.errors.items()
+        ]
+        records, keep = [], []
+        for j, i in enumerate(batch.indices):
+            rec = file_record(todo[i])
+            if isinstance(rec, tuple):  # the file vanished (or became unreadable) after decoding
+                skipped.append(rec)
+            else:
+                records.append(rec)
+                keep.append(j)
+        vectors: dict[str, np.ndarray] = {}
+        if batch.pixels is not None and keep:
+            out = fn(batch.pixels[keep].to(encoder.device, encoder.dtype))
+            vectors = {name: out[name].float().cpu().numpy() for name in sets}
+        yield records, skipped, vectors

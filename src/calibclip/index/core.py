@@ -1,27 +1,31 @@
-"""`Index`: the Python API over an index folder (build, open, search, look-ups). The CLI and the
-web app are thin layers over it.
+"""`Index`: the Python API over an index (build, open, search, look-ups). The CLI and the web app
+are thin layers over it.
 
-Searches are thread-safe: the stored vectors are read-only memory maps, lazily built state (the
-encoder, the in-memory gallery matrix, FAISS structures, the Combiner) is created under a lock,
-and FAISS search parameters are passed per call.
+An index lives in a `VectorStore` (calibclip.index.stores): a local folder or any registered
+backend (``milvus:PATH.db``, ``milvus:http://HOST:PORT``, ...). `Index` talks to the store through
+that protocol only.
+
+Searches are thread-safe: stores are read through a snapshot taken at open, lazily built state
+(the encoder, searchers, ANN structures, the Combiner) is created under a lock, and search
+parameters are passed per call.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from calibclip.index.ann import AnnIndex, resolve_kind
 from calibclip.index.build import BuildReport, build_index, check_model, install_combiner
-from calibclip.index.search import ExactSearcher, normalize
-from calibclip.index.storage import ImageRecord, SkippedFile, Storage, read_meta
+from calibclip.index.search import normalize
+from calibclip.index.storage import ImageRecord, SkippedFile
+from calibclip.index.stores import VectorStore, open_store, read_store_meta
 from calibclip.models.base import Encoder
 
 ImageQuery = int | str | os.PathLike | bytes | Any  # indexed id, indexed/real path, bytes or PIL image
@@ -60,27 +64,38 @@ def _model_spec(model: str | os.PathLike | Encoder) -> str | None:
 
 
 class Index:
-    """An opened index. Use `Index.build` or `Index.open`; see README "Indexing a folder and searching it"."""
+    """An opened index. Use `Index.build` or `Index.open`; see docs/indexing-stores.md.
 
-    def __init__(self, directory: str | os.PathLike, encoder: Encoder | None = None, device: str = "cpu"):
-        self.directory = Path(directory)
-        self._storage = Storage(self.directory, writable=False)
-        with self._storage.snapshot():  # metadata and rows of the same commit
-            self._meta = self._storage.meta()
-            rows, ids = self._storage.row_ids()
+    Args:
+        store: an opened `VectorStore`, or a store spec (folder path, ``milvus:...``, ``SCHEME:...``).
+        encoder: the model (fingerprint-checked against the index); default: loaded from the
+            recorded ``model_spec`` on first use.
+        device: device for the lazily loaded model.
+        store_options: backend options when ``store`` is a spec (Milvus: ``token``).
+    """
+
+    def __init__(
+        self,
+        store: VectorStore | str | os.PathLike,
+        encoder: Encoder | None = None,
+        device: str = "cpu",
+        store_options: dict[str, Any] | None = None,
+    ):
+        self.store = store if isinstance(store, VectorStore) else open_store(store, options=store_options)
+        self.location = self.store.spec
+        self.directory = Path(self.location)
+        self._meta = self.store.meta()
+        ids = self.store.ids()
         self._device = device
         self._lock = threading.RLock()
         self._encoder: Encoder | None = None
         if encoder is not None:
-            check_model(self._storage, encoder)
+            check_model(self.store, encoder)
             self._encoder = encoder
-        self._rows = self._meta["rows"]
-        self._live_rows, self._ids = rows, ids
+        self._ids = ids
         self._id_order = np.argsort(ids, kind="stable")
         self._id_set = set(ids.tolist())
         self.report: BuildReport | None = None
-        self._searchers: dict[str, ExactSearcher] = {}
-        self._ann: dict[str, AnnIndex] = {}
         self._combining: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._calibrator: Any = None
 
@@ -100,50 +115,99 @@ class Index:
         progress: bool = True,
         calibration: dict[str, Any] | None = None,
         calibration_method: str | None = None,
-    ) -> "Index":
-        """Index (or incrementally update) ``images_dir`` into ``out_dir`` and open the result.
+        store_options: dict[str, Any] | None = None,
+        engine: str = "local",
+        engine_options: dict[str, Any] | None = None,
+    ) -> Index:
+        """Index (or incrementally update) ``images_dir`` into the store ``out_dir`` and open the result.
 
-        ``model``: registered name, checkpoint path or an `Encoder` (default: the model an existing
-        index records, else ``starter``); ``precision`` likewise (default fp32). ``workers``: decoding
-        processes (default: cores - 1, at most 4). ``calibrate``: also store CalibCLIP-calibrated
-        image embeddings (None: keep what an existing index has). ``combiner``: a Combiner
-        checkpoint copied into the index for composed queries. ``calibration_method``: a registered
-        calibration method (default: the recorded one, else ``calibclip``). The run's `BuildReport`
-        is kept as ``index.report``.
+        Args:
+            images_dir: folder of images (walked recursively).
+            out_dir: store spec: a folder, ``milvus:PATH.db``, ``milvus:http://HOST:PORT`` or ``SCHEME:...``.
+            model: registered name, checkpoint path or an `Encoder` (default: the model an existing
+                index records, else ``starter``).
+            batch_size: images per encoded and committed batch.
+            workers: decoding processes of the local engine (default: cores - 1, at most 4).
+            calibrate: also store CalibCLIP-calibrated image embeddings (None: keep what an existing
+                index has).
+            combiner: a Combiner checkpoint copied into the index for composed queries.
+            precision: model precision (default: the existing index's, else fp32).
+            device: model device.
+            progress: show a progress bar.
+            calibration: overrides of `CalibrationConfig` fields.
+            calibration_method: a registered calibration method (default: the recorded one, else ``calibclip``).
+            store_options: backend options (Milvus: ``token``).
+            engine: ``local`` or ``ray`` (Ray Data; ``engine_options``: ``address``, ``num_workers``,
+                ``gpus_per_worker``, ``num_cpus``).
+            engine_options: options of the Ray engine.
+
+        Returns:
+            The opened index; the run's `BuildReport` is ``index.report``.
         """
-        recorded = read_meta(out_dir)
+        recorded = read_store_meta(out_dir, store_options)
         model = model if model is not None else recorded.get("model_spec") or "starter"
         precision = precision or recorded.get("precision") or "fp32"
         encoder = model if isinstance(model, Encoder) else _create(model, device, precision)
         if workers is None:
             workers = default_workers()
         report = build_index(
-            images_dir, out_dir, encoder, model_spec=_model_spec(model), batch_size=batch_size, workers=workers,
-            calibrate=calibrate, calibration=calibration, combiner=combiner, progress=progress,
+            images_dir,
+            out_dir,
+            encoder,
+            model_spec=_model_spec(model),
+            batch_size=batch_size,
+            workers=workers,
+            calibrate=calibrate,
+            calibration=calibration,
+            combiner=combiner,
+            progress=progress,
             calibration_method=calibration_method,
+            store_options=store_options,
+            engine=engine,
+            engine_options=engine_options,
         )
-        index = cls(out_dir, encoder=encoder, device=device)
+        index = cls(out_dir, encoder=encoder, device=device, store_options=store_options)
         index.report = report
         return index
 
     @classmethod
     def open(
-        cls, directory: str | os.PathLike, model: str | os.PathLike | Encoder | None = None, device: str = "cpu",
-    ) -> "Index":
-        """Open an index. ``model`` (optional) must be the model it was built with (checked by
-        fingerprint); by default the recorded model is loaded on the first query that needs it."""
-        encoder = None
-        if model is not None:
-            if isinstance(model, Encoder):
-                encoder = model
-            else:
-                encoder = _create(model, device, read_meta(directory).get("precision", "fp32"))
-        return cls(directory, encoder=encoder, device=device)
+        cls,
+        directory: str | os.PathLike,
+        model: str | os.PathLike | Encoder | None = None,
+        device: str = "cpu",
+        store_options: dict[str, Any] | None = None,
+    ) -> Index:
+        """Open an index.
+
+        Args:
+            directory: store spec: an index folder, ``milvus:PATH.db``, ``milvus:http://HOST:PORT``, ...
+            model: must be the model it was built with (checked by fingerprint); by default the
+                recorded model is loaded on the first query that needs it.
+            device: model device.
+            store_options: backend options (Milvus: ``token``).
+
+        Raises:
+            FileNotFoundError: no index there.
+            ValueError: ``model`` is not the index's model.
+        """
+        store = open_store(directory, options=store_options)
+        try:
+            encoder = None
+            if model is not None:
+                if isinstance(model, Encoder):
+                    encoder = model
+                else:
+                    encoder = _create(model, device, store.get("precision", "fp32"))
+            return cls(store, encoder=encoder, device=device)
+        except BaseException:
+            store.close()
+            raise
 
     def close(self) -> None:
-        self._storage.close()
+        self.store.close()
 
-    def __enter__(self) -> "Index":
+    def __enter__(self) -> Index:
         return self
 
     def __exit__(self, *_: Any) -> None:
@@ -154,7 +218,7 @@ class Index:
         return len(self._ids)
 
     def __repr__(self) -> str:
-        return f"Index({str(self.directory)!r}: {len(self)} images, model {self.model_name!r})"
+        return f"Index({self.location!r}: {len(self)} images, model {self.model_name!r})"
 
     @property
     def images_dir(self) -> Path:
@@ -184,7 +248,7 @@ class Index:
     def combiner(self) -> Path | None:
         """The Combiner checkpoint stored in the index (used for composed queries), if any."""
         name = (self._meta.get("combiner") or {}).get("file")
-        return self.directory / name if name and (self.directory / name).exists() else None
+        return self.store.file_path(name) if name else None
 
     @property
     def ids(self) -> np.ndarray:
@@ -198,29 +262,40 @@ class Index:
             if self._encoder is None:
                 spec = self._meta.get("model_spec")
                 if not spec:
-                    raise ValueError(f"index {self.directory} does not record how to load its model; pass model=")
+                    raise ValueError(f"index {self.location} does not record how to load its model; pass model=")
                 encoder = _create(spec, self._device, self._meta.get("precision", "fp32"))
-                check_model(self._storage, encoder)
+                check_model(self.store, encoder)
                 self._encoder = encoder
             return self._encoder
 
     def info(self) -> dict[str, Any]:
-        """Summary: count, skipped, model, fingerprint, dim, vector sets, combiner, sizes."""
+        """Summary: store, count, skipped, model, fingerprint, dim, vector sets, combiner, sizes."""
         meta = self._meta
-        size = sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
         return {
-            "count": len(self), "skipped": self._storage.skipped_count(), "model": meta.get("model"),
-            "model_spec": meta.get("model_spec"), "fingerprint": meta.get("fingerprint"), "dim": meta.get("dim"),
-            "precision": meta.get("precision"), "vector_sets": meta.get("vector_sets"), "rows": meta.get("rows"),
-            "images_dir": meta.get("root"), "calibration": meta.get("calibration"),
-            "combiner": str(self.combiner) if self.combiner else None, "version": meta.get("version"),
-            "created": meta.get("created"), "updated": meta.get("updated"), "disk_bytes": size,
+            "store": self.location,
+            "backend": self.store.scheme,
+            "count": len(self),
+            "skipped": self.store.skipped_count(),
+            "model": meta.get("model"),
+            "model_spec": meta.get("model_spec"),
+            "fingerprint": meta.get("fingerprint"),
+            "dim": meta.get("dim"),
+            "precision": meta.get("precision"),
+            "vector_sets": meta.get("vector_sets"),
+            "rows": meta.get("rows"),
+            "images_dir": meta.get("root"),
+            "calibration": meta.get("calibration"),
+            "combiner": str(self.combiner) if self.combiner else None,
+            "version": meta.get("version"),
+            "created": meta.get("created"),
+            "updated": meta.get("updated"),
+            "disk_bytes": self.store.disk_bytes(),
             "preprocess": (meta.get("model_config") or {}).get("preprocess"),
         }
 
     def skipped(self) -> list[SkippedFile]:
         """Files that could not be indexed, with their reason."""
-        return self._storage.skipped()
+        return self.store.skipped()
 
     # --- look-ups ------------------------------------------------------------------------------
     def __contains__(self, image_id: object) -> bool:
@@ -236,19 +311,19 @@ class Index:
         where = np.clip(where, 0, max(len(sorted_ids) - 1, 0))
         if len(sorted_ids) == 0 or not np.array_equal(sorted_ids[where], ids):
             missing = ids if len(sorted_ids) == 0 else ids[sorted_ids[where] != ids]
-            raise KeyError(f"image id(s) {missing[:5].tolist()} not in index {self.directory}")
+            raise KeyError(f"image id(s) {missing[:5].tolist()} not in index {self.location}")
         return self._id_order[where]
 
     def _record(self, row: tuple) -> ImageRecord:
-        i, rel, size, mtime, digest, w, h, _ = row
+        i, rel, size, mtime, digest, w, h = row[:7]
         return ImageRecord(int(i), rel, self.images_dir / rel, size, mtime, digest, w, h)
 
     def get_image(self, image_id: int) -> ImageRecord:
         """Metadata of an indexed image (KeyError if the id is unknown)."""
         self._positions([image_id])
-        rec = self._storage.records([int(image_id)]).get(int(image_id))
+        rec = self.store.records([int(image_id)]).get(int(image_id))
         if rec is None:
-            raise KeyError(f"image id {image_id} not in index {self.directory}")
+            raise KeyError(f"image id {image_id} not in index {self.location}")
         return self._record(rec)
 
     def path_of(self, image_id: int) -> Path:
@@ -257,7 +332,7 @@ class Index:
 
     def paths(self) -> Iterator[tuple[int, Path]]:
         """``(id, absolute path)`` of every indexed image, in storage order."""
-        recs = self._storage.records(self._ids.tolist())
+        recs = self.store.records(self._ids.tolist())
         for i in self._ids.tolist():
             yield i, self.images_dir / recs[i][1]
 
@@ -275,7 +350,7 @@ class Index:
             except ValueError:
                 pass
         for c in candidates:
-            found = self._storage.lookup_path(c)
+            found = self.store.lookup_path(c)
             if found is not None and found in self._id_set:
                 return found
         return None
@@ -287,72 +362,70 @@ class Index:
         return [int(i) for i in rng.choice(self._ids, size=n, replace=False)] if n > 0 else []
 
     def features(self, name: str = "raw", ids: Sequence[int] | None = None) -> np.ndarray:
-        """Stored (un-normalised) float32 vectors ``[N, D]`` of ``ids`` (default: all, storage order)."""
+        """Stored (un-normalised) float32 vectors ``[N, D]`` of ``ids`` (default: all, storage order).
+
+        Raises:
+            ValueError: the index has no vector set ``name``.
+            KeyError: an id not in the index.
+        """
         if name not in self.vector_sets:
             raise ValueError(
-                f"index {self.directory} has no {name!r} vectors (it has {self.vector_sets})"
-                + ("; re-run `calibclip index --calibrate`" if name == "calibrated" else "")
+                f"index {self.location} has no {name!r} vectors (it has {self.vector_sets})"
+                + ("; rebuild it with calibrate=True" if name == "calibrated" else "")
             )
-        pos = np.arange(len(self)) if ids is None else self._positions(ids)
-        vectors = self._storage.vectors(name, self._rows)
-        return np.asarray(vectors[self._live_rows[pos]], dtype=np.float32)
+        if ids is not None:
+            self._positions(ids)
+        return self.store.vectors(name, None if ids is None else np.asarray(ids, dtype=np.int64))
 
     # --- search machinery ------------------------------------------------------------------------
-    def searcher(self, name: str = "raw") -> ExactSearcher:
-        """The exact searcher over vector set ``name`` (shared, lazily created)."""
-        with self._lock:
-            if name not in self._searchers:
-                self.features(name, ids=[])  # validates the name
-                self._searchers[name] = ExactSearcher(
-                    self._storage.vectors(name, self._rows), self._storage.norms(name, self._rows), self._live_rows
-                )
-            return self._searchers[name]
-
-    def ann_index(self, kind: str, name: str = "raw") -> AnnIndex:
-        """The FAISS index ``kind`` (ivf | hnsw) over vector set ``name``: loaded from
-        ``INDEX_DIR/ann/`` when current, else built (and saved when the folder is writable)."""
-        key = f"{name}.{kind}"
-        with self._lock:
-            if key not in self._ann:
-                path = self.directory / "ann" / f"{key}.faiss"
-                expect = {"version": self._meta.get("version"), "generation": self._meta.get("generation"),
-                          "count": len(self), "kind": kind}
-                ann = AnnIndex.load(path, expect)
-                if ann is None:
-                    searcher = self.searcher(name)
-                    matrix = searcher.matrix()
-                    if matrix is None:
-                        matrix = torch.cat([searcher.chunk(s, min(len(self), s + 65536))
-                                            for s in range(0, len(self), 65536)])
-                    ann = AnnIndex.build(kind, matrix.numpy())
-                    try:
-                        ann.save(path, expect)
-                    except OSError as exc:
-                        warnings.warn(f"could not save the {kind} index under {path.parent} ({exc}); kept in memory",
-                                      stacklevel=2)
-                self._ann[key] = ann
-            return self._ann[key]
-
     def search_vectors(
-        self, queries: np.ndarray | torch.Tensor, k: int = 10, ann: str = "auto", nprobe: int | None = None,
-        ef_search: int | None = None, name: str = "raw",
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int = 10,
+        ann: str = "auto",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        name: str = "raw",
+        params: dict[str, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` cosine search of query vectors ``[Q, D]`` (any norm): ``(scores, ids)`` ``[Q, k']``
-        with ``k' = min(k, len)``. Approximate kinds may return id -1 / score -inf when they find fewer."""
-        scores, pos = self._search_positions(normalize(queries), k, ann, nprobe, ef_search, name)
-        ids = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1) if len(self) else pos
-        return scores, ids
+        """Top-``k`` cosine search of query vectors ``[Q, D]`` (any norm).
 
-    def _search_positions(
-        self, q: torch.Tensor, k: int, ann: str, nprobe: int | None, ef_search: int | None, name: str = "raw",
+        Args:
+            queries: query vectors.
+            k: results per query.
+            ann: ``auto`` or a kind of the store's backend (local: exact, ivf, hnsw).
+            nprobe: IVF cells scanned per query (shorthand for ``params={"nprobe": ...}``).
+            ef_search: HNSW candidate list size (shorthand for ``params={"ef_search": ...}``).
+            name: vector set.
+            params: per-call search parameters, validated by the backend.
+
+        Returns:
+            ``(scores, ids)`` ``[Q, k']`` with ``k' = min(k, len)``; approximate kinds may return id -1 /
+            score -inf when they find fewer.
+        """
+        given = {"nprobe": nprobe, "ef_search": ef_search, **(params or {})}
+        return self._search_ids(normalize(queries), k, ann, given, name)
+
+    def _search_ids(
+        self,
+        q: torch.Tensor,
+        k: int,
+        ann: str,
+        params: dict[str, Any],
+        name: str = "raw",
     ) -> tuple[np.ndarray, np.ndarray]:
-        kind = resolve_kind(ann, len(self))
+        kind = self.store.resolve_kind(ann, len(self))
+        checked = self.store.check_params(kind, params)
         k = min(int(k), len(self))
-        if kind == "exact" or k <= 0:
-            return self.searcher(name).search(q, k)
-        scores, pos = self.ann_index(kind, name).search(q.numpy(), k, nprobe=nprobe, ef_search=ef_search)
-        scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
-        return scores, pos.astype(np.int64)
+        if name not in self.vector_sets:
+            self.features(name, ids=[])  # the clear error
+        if k <= 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        return self.store.search(name, q.numpy(), k, kind, checked)
+
+    def resolve_ann(self, ann: str) -> str:
+        """The search kind ``ann`` resolves to for this index (``auto`` depends on its size)."""
+        return self.store.resolve_kind(ann, len(self))
 
     def calibrator(self) -> Any:
         """The `Calibrator` with the settings the calibrated vectors were computed with."""
@@ -360,8 +433,8 @@ class Index:
             if self._calibrator is None:
                 if not self.has_calibrated:
                     raise ValueError(
-                        f"index {self.directory} has no calibrated vectors; re-run `calibclip index IMAGES_DIR --out "
-                        f"{self.directory} --calibrate` to add them"
+                        f"index {self.location} has no calibrated vectors; rebuild it with calibrate=True "
+                        "(Index.build) to add them"
                     )
                 from calibclip.calibration.methods import create_calibrator
 
@@ -387,14 +460,18 @@ class Index:
             from calibclip.composed import build_combining
 
             build_combining("combiner", src, encoder=self.encoder)  # refuse a checkpoint of another encoder now
-        writer = Storage(self.directory, writable=True)
+        writer = open_store(self.location, writable=True, options=self._store_options())
         try:
             install_combiner(writer, src)
+            meta = writer.meta()
         finally:
             writer.close()
         with self._lock:
-            self._meta = self._storage.meta()
+            self._meta = meta
             self._combining = None
+
+    def _store_options(self) -> dict[str, Any] | None:
+        return getattr(self.store, "options", None)
 
     # --- queries -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -417,7 +494,7 @@ class Index:
             image_id = self.find(image)
             if image_id is None and not Path(image).is_file():
                 raise FileNotFoundError(
-                    f"--image {image}: neither an image of this index (relative to {self.images_dir}) "
+                    f"image {image}: neither an image of this index (relative to {self.images_dir}) "
                     "nor an existing file"
                 )
         if image_id is not None:
@@ -428,7 +505,7 @@ class Index:
         from calibclip.data.images import load_image
 
         enc = self.encoder
-        pixels = enc.preprocess(load_image(image))[None].to(enc.device, enc.dtype)
+        pixels = enc.preprocess(load_image(image))[None].to(enc.device, enc.dtype)  # type: ignore[arg-type]
         if calibrate:
             return {k: v[0].float().cpu() for k, v in self.calibrator().image_features(pixels).items()}, None
         return {"raw": enc.encode_image(pixels)[0].float().cpu()}, None
@@ -436,7 +513,7 @@ class Index:
     def query(self, text: str | None = None, image: ImageQuery | None = None, calibrate: bool = False) -> Query:
         """Query vectors for text-only, image-only or composed (image + text) search."""
         if not text and image is None:
-            raise ValueError("a search needs --text, --image or both")
+            raise ValueError("a search needs text, image or both")
         txt = self.encode_text(text, calibrate) if text else None
         img, ref = self.encode_image(image, calibrate) if image is not None else (None, None)
         if txt is not None and img is not None:
@@ -456,6 +533,7 @@ class Index:
         nprobe: int | None = None,
         ef_search: int | None = None,
         exclude_reference: bool = True,
+        params: dict[str, Any] | None = None,
         query: Query | None = None,
     ) -> list[SearchResult]:
         """Search by ``text``, ``image`` (indexed id, indexed or other path, bytes, PIL image) or both.
@@ -463,33 +541,36 @@ class Index:
         Composed queries use the index's Combiner (else the normalised sum) and, with
         ``exclude_reference``, leave an indexed reference image out of the results.
         ``calibrate``: exact/ANN top-K by raw similarity, then CalibCLIP's fused score for those
-        candidates (see README "Indexing a folder and searching it"). ``ann``: auto | exact | ivf | hnsw.
+        candidates (see docs/indexing-stores.md). ``ann``: auto or a kind of the store's backend
+        (local: exact | ivf | hnsw); ``nprobe`` / ``ef_search`` / ``params``: per-call search parameters.
         ``query``: precomputed query vectors (e.g. from `query_from_features`) instead of ``text``/``image``.
         """
         if k < 1:
-            raise ValueError(f"k (--top-k) must be >= 1, got {k}")
+            raise ValueError(f"k must be >= 1, got {k}")
         q = query if query is not None else self.query(text, image, calibrate)
         composed = bool(text) or q.composed
         exclude = q.reference_id if (q.reference_id is not None and composed and exclude_reference) else None
         want = k + (exclude is not None)
         cal = self.calibrator() if calibrate else None
         depth = max(want, int(cal.config.top_k) + (exclude is not None)) if cal is not None else want
-        scores, pos = self._search_positions(normalize(q.raw), depth, ann, nprobe, ef_search)
-        scores, pos = scores[0], pos[0]
-        keep = pos >= 0
+        scores, ids = self._search_ids(
+            normalize(q.raw), depth, ann, {"nprobe": nprobe, "ef_search": ef_search, **(params or {})}
+        )
+        scores, ids = scores[0], ids[0]
+        keep = ids >= 0
         if exclude is not None:
-            keep &= self._ids[np.clip(pos, 0, None)] != exclude
-        scores, pos = scores[keep], pos[keep]
-        if cal is not None and len(pos):
-            sim_cal = self.searcher("calibrated").scores_at(normalize(q.calibrated), pos[None])[0]
+            keep &= ids != exclude
+        scores, ids = scores[keep], ids[keep]
+        if cal is not None and len(ids):
+            gallery = normalize(self.store.vectors("calibrated", ids))
+            sim_cal = (gallery @ normalize(q.calibrated)[0]).numpy()  # type: ignore[arg-type]
             fused = np.asarray(cal.fuse(scores[None].astype(np.float64), sim_cal[None].astype(np.float64)))[0]
             order = np.argsort(-fused, kind="stable")
-            reranked = np.arange(len(pos)) < min(int(cal.config.top_k), len(pos))  # scores are sorted by raw
+            reranked = np.arange(len(ids)) < min(int(cal.config.top_k), len(ids))  # scores are sorted by raw
             shown = np.where(reranked, fused, scores)
-            scores, pos = shown[order], pos[order]
-        scores, pos = scores[:k], pos[:k]
-        ids = self._ids[pos]
-        recs = self._storage.records(ids.tolist())
+            scores, ids = shown[order], ids[order]
+        scores, ids = scores[:k], ids[:k]
+        recs = self.store.records(ids.tolist())
         return [
             SearchResult(int(i), str(self.images_dir / recs[int(i)][1]), float(s), r + 1, recs[int(i)][1])
             for r, (i, s) in enumerate(zip(ids, scores, strict=True))
@@ -516,7 +597,10 @@ class Index:
         return {"raw": enc.encode_text(enc.tokenize(texts).to(enc.device)).float().cpu()}
 
     def query_from_features(
-        self, text_features: dict[str, torch.Tensor] | None, image: ImageQuery | None = None, calibrate: bool = False,
+        self,
+        text_features: dict[str, torch.Tensor] | None,
+        image: ImageQuery | None = None,
+        calibrate: bool = False,
     ) -> Query:
         """A `Query` from precomputed text features (one row of `encode_texts`, ``[D]``) and an optional
         image, combined like `query` does; pass it to ``search(query=...)``.
@@ -538,8 +622,12 @@ class Index:
         else:
             assert img is not None
             vec = img
-        return Query(vec["raw"], vec.get("calibrated") if calibrate else None, ref,
-                     composed=text_features is not None and img is not None)
+        return Query(
+            vec["raw"],
+            vec.get("calibrated") if calibrate else None,
+            ref,
+            composed=text_features is not None and img is not None,
+        )
 
     def pixels(self, images: Sequence[ImageQuery]) -> torch.Tensor:
         """Preprocessed pixels ``[B, 3, H, W]`` of images (indexed ids, paths, bytes or PIL images) on the
@@ -552,8 +640,9 @@ class Index:
         from calibclip.data.images import load_image
 
         enc = self.encoder
-        sources: list[Any] = [self.path_of(int(i)) if isinstance(i, (int, np.integer)) and not isinstance(i, bool)
-                              else i for i in images]
+        sources: list[Any] = [
+            self.path_of(int(i)) if isinstance(i, (int, np.integer)) and not isinstance(i, bool) else i for i in images
+        ]
         return torch.stack([enc.preprocess(load_image(s)) for s in sources]).to(enc.device, enc.dtype)
 
     @property
@@ -564,7 +653,7 @@ class Index:
     def is_stale(self) -> bool:
         """Whether the index on disk has changed since it was opened (another process committed a batch,
         compacted or rebuilt it); one small metadata read. Re-open it to see the change."""
-        return (int(self._storage.get("generation", 0)), int(self._storage.get("version", 0))) != self.version
+        return (int(self.store.fresh("generation", 0)), int(self.store.fresh("version", 0))) != self.version
 
 
 def default_workers() -> int:

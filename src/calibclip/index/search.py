@@ -78,9 +78,13 @@ class ExactSearcher:
         if self._matrix is None and len(self) * self.vectors.shape[1] * 4 <= self.cache_bytes:
             with self._lock:
                 if self._matrix is None:
-                    self._matrix = torch.cat(
-                        [self.chunk(s, min(len(self), s + CHUNK_ROWS)) for s in range(0, len(self), CHUNK_ROWS)]
-                    ) if len(self) else torch.zeros(0, self.vectors.shape[1])
+                    self._matrix = (
+                        torch.cat(
+                            [self.chunk(s, min(len(self), s + CHUNK_ROWS)) for s in range(0, len(self), CHUNK_ROWS)]
+                        )
+                        if len(self)
+                        else torch.zeros(0, self.vectors.shape[1])
+                    )
         return self._matrix
 
     @torch.inference_mode()

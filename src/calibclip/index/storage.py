@@ -28,9 +28,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -161,8 +162,8 @@ class Storage:
                 ) from exc
         elif not is_index_dir(self.directory):
             raise FileNotFoundError(
-                f"{self.directory} is not an index (no {META_FILE}); create one with `calibclip index IMAGES_DIR --out "
-                f"{self.directory}`"
+                f"{self.directory} is not an index (no {META_FILE}); build one there first (Index.build, "
+                "`calibclip index`)"
             )
         uri = (self.directory / META_FILE).resolve().as_uri() + ("" if writable else "?mode=ro")
         self._files: dict[str, Any] = {}
@@ -273,11 +274,19 @@ class Storage:
         with self._lock, self._transaction():
             gen = int(self.get("generation", -1)) + 1
             self.db.execute("DELETE FROM images")
-            self._set({
-                "format": FORMAT_VERSION, "dim": int(dim), "vector_sets": list(vector_sets), "rows": 0,
-                "generation": gen, "version": int(self.get("version", 0)) + 1,
-                "created": self.get("created", time.time()), "updated": time.time(), **meta,
-            })
+            self._set(
+                {
+                    "format": FORMAT_VERSION,
+                    "dim": int(dim),
+                    "vector_sets": list(vector_sets),
+                    "rows": 0,
+                    "generation": gen,
+                    "version": int(self.get("version", 0)) + 1,
+                    "created": self.get("created", time.time()),
+                    "updated": time.time(),
+                    **meta,
+                }
+            )
         self._close_files()
         self._remove_stale_files()
 
@@ -292,7 +301,7 @@ class Storage:
         def __exit__(self, exc_type: Any, *_: Any) -> None:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
-    def _transaction(self) -> "Storage._Tx":
+    def _transaction(self) -> Storage._Tx:
         return Storage._Tx(self.db)
 
     @contextlib.contextmanager
@@ -448,8 +457,9 @@ class Storage:
                     del old
             with self._transaction():
                 # new row = rank of the old row; ascending order never collides with the UNIQUE constraint
-                self.db.executemany("UPDATE images SET row = ? WHERE row = ?",
-                                    [(i, int(r)) for i, r in enumerate(live)])
+                self.db.executemany(
+                    "UPDATE images SET row = ? WHERE row = ?", [(i, int(r)) for i, r in enumerate(live)]
+                )
                 self._set({"rows": len(live), "generation": new_gen, "version": int(self.get("version", 0)) + 1})
             self._close_files()
             self._remove_stale_files()

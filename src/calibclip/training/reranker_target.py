@@ -115,7 +115,10 @@ class RerankerTarget(Target):
             sim = rerank_similarity(self._val["sim"], self._val["views"], Reranking(self.encoder, self.model))
         finally:
             self.model.train(was)
-        return {k: float(v) for k, v in dataset_metrics(sim, dataset).items()}
+        metrics = dataset_metrics(sim, dataset)
+        if any(k.startswith("i2t") for k in metrics):  # text queries are re-ranked; i2t keeps the dual ranking
+            metrics.update({k: v for k, v in dataset_metrics(self._val["sim"], dataset).items() if k.startswith("i2t")})
+        return {k: float(v) for k, v in metrics.items()}
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"reranker.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -130,5 +130,5 @@ def test_piped_into_head_no_traceback(tmp_path, fake_models, capsys):
         f"{sys.executable} -m calibclip.cli.main info {ix} --skipped | head -1", shell=True, env=env,
         capture_output=True, text=True, timeout=120,
     )
-    assert proc.stdout.startswith("count"), proc.stdout
+    assert proc.stdout.startswith("store"), proc.stdout  # the first line of `info`
     assert proc.stderr == "", proc.stderr

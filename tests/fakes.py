@@ -29,8 +29,9 @@ from calibclip.models import registry
 from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
 
 
-def register_fake_model(monkeypatch: pytest.MonkeyPatch, name: str, factory: Callable[..., Encoder],
-                        pretrained: str = "random") -> str:
+def register_fake_model(
+    monkeypatch: pytest.MonkeyPatch, name: str, factory: Callable[..., Encoder], pretrained: str = "random"
+) -> str:
     """Register ``factory`` as model ``name`` for one test (undone afterwards); returns ``name``."""
     registry.list_models()  # load the table first so the test's entry is added to a complete table
     monkeypatch.setitem(registry._REGISTRY, name, registry.ModelEntry(name, factory, "test-only fake", pretrained))
@@ -168,8 +169,14 @@ class HashEncoder(Encoder):
 
 # --- evaluation: ColorEncoder and tiny datasets ---------------------------------------------------
 COLORS = {
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "cyan": (0, 255, 255), "magenta": (255, 0, 255), "white": (255, 255, 255), "black": (0, 0, 0),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
 }
 NAMES = list(COLORS)
 START, END, WORD = 11, 12, 10
@@ -238,14 +245,24 @@ def save_person_image(path: Path, top: str, bottom: str) -> None:
 
 
 #: person id -> (upper, lower) colours; ids 5 and 6 look the same (hard negatives).
-PEOPLE = {1: ("red", "blue"), 2: ("green", "black"), 3: ("yellow", "white"), 4: ("cyan", "red"),
-          5: ("magenta", "green"), 6: ("magenta", "green"), 7: ("blue", "yellow")}
+PEOPLE = {
+    1: ("red", "blue"),
+    2: ("green", "black"),
+    3: ("yellow", "white"),
+    4: ("cyan", "red"),
+    5: ("magenta", "green"),
+    6: ("magenta", "green"),
+    7: ("blue", "yellow"),
+}
 
 
 def make_person_dataset(root: Path, fmt: str, images_per_id: int = 2, test_only: bool = False) -> Path:
     """A tiny dataset in the official format of ``fmt`` (cuhkpedes | icfgpedes | rstpreid)."""
-    ann_name, path_key = {"cuhkpedes": ("reid_raw.json", "file_path"), "icfgpedes": ("ICFG-PEDES.json", "file_path"),
-                          "rstpreid": ("data_captions.json", "img_path")}[fmt]
+    ann_name, path_key = {
+        "cuhkpedes": ("reid_raw.json", "file_path"),
+        "icfgpedes": ("ICFG-PEDES.json", "file_path"),
+        "rstpreid": ("data_captions.json", "img_path"),
+    }[fmt]
     entries = []
     for pid, (top, bottom) in PEOPLE.items():
         for k in range(images_per_id):

@@ -9,14 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from fakes import TokenEncoder as FakeEncoder
-from fakes import pixels_from_mass
 
 from calibclip.calibration import CalibCLIP, CalibrationConfig, Calibrator, build_calibclip, fuse_scores
 from calibclip.calibration.cve import DECAY, RETAIN, SUPPRESS, TARGET, enhance, neighbour_mean
 from calibclip.calibration.dcc import combine
 from calibclip.models.base import ImageTokens
 from calibclip.models.registry import register_model
+from fakes import TokenEncoder as FakeEncoder
+from fakes import pixels_from_mass
 
 torch.set_num_threads(1)
 
@@ -56,8 +56,12 @@ def test_neighbour_mean_matches_brute_force() -> None:
     for b in range(2):
         for i in range(4):
             for j in range(5):
-                cells = [(y, x) for y in range(i - 1, i + 2) for x in range(j - 1, j + 2)
-                         if 0 <= y < 4 and 0 <= x < 5 and (y, x) != (i, j)]
+                cells = [
+                    (y, x)
+                    for y in range(i - 1, i + 2)
+                    for x in range(j - 1, j + 2)
+                    if 0 <= y < 4 and 0 <= x < 5 and (y, x) != (i, j)
+                ]
                 vals = [float(grid[b, y, x]) for y, x in cells]
                 kept = [float(grid[b, y, x]) for y, x in cells if inc[b, y, x]] or vals
                 assert math.isclose(plain[b, i * 5 + j].item(), sum(vals) / len(vals), rel_tol=1e-5)
@@ -147,7 +151,9 @@ def test_fuse_matches_loop_reference(k: int, lam: float) -> None:
     raw, cal = rng.normal(size=(7, 12)).astype(np.float32), rng.normal(size=(7, 12)).astype(np.float32)
     scores = fuse_scores(raw, cal, k, lam)
     assert isinstance(scores, np.ndarray) and scores.shape == raw.shape
-    np.testing.assert_array_equal(np.argsort(-scores, axis=1, kind="stable"), reference_order(raw, cal, min(k, 12), lam))
+    np.testing.assert_array_equal(
+        np.argsort(-scores, axis=1, kind="stable"), reference_order(raw, cal, min(k, 12), lam)
+    )
 
 
 def test_fuse_noop_cases() -> None:
@@ -266,10 +272,20 @@ def test_tiny_random_clip_token_views(vision: str) -> None:
     from calibclip.models.clip import CLIP, CLIPConfig
 
     torch.manual_seed(0)
-    arch = {"vision_layers": 1, "vision_width": 32, "vision_patch_size": 8} if vision == "vit" else \
-        {"vision_layers": (1, 1, 1, 1), "vision_width": 8}
-    model = CLIP(CLIPConfig(embed_dim=16, image_size=(64, 64), text_width=32, text_layers=1, text_heads=2,
-                            vision_heads=2, **arch)).eval().requires_grad_(False)
+    arch = (
+        {"vision_layers": 1, "vision_width": 32, "vision_patch_size": 8}
+        if vision == "vit"
+        else {"vision_layers": (1, 1, 1, 1), "vision_width": 8}
+    )
+    model = (
+        CLIP(
+            CLIPConfig(
+                embed_dim=16, image_size=(64, 64), text_width=32, text_layers=1, text_heads=2, vision_heads=2, **arch
+            )
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     cal = Calibrator(model, CalibrationConfig(dominant_ratio=1.2, word_ratio=1.0))
     px = torch.randn(3, 3, 64, 64)
     feats = cal.image_features(px)

@@ -4,6 +4,7 @@ attention and features known exactly)."""
 from __future__ import annotations
 
 import torch
+
 from fakes import TokenEncoder as FakeEncoder
 
 

@@ -18,8 +18,9 @@ from calibclip.models.clip import CLIP, CLIPConfig
 
 torch.set_num_threads(1)
 
-VIT = dict(embed_dim=32, vision_layers=2, vision_width=64, vision_patch_size=16, image_size=32,
-           text_width=64, text_layers=2)
+VIT = dict(
+    embed_dim=32, vision_layers=2, vision_width=64, vision_patch_size=16, image_size=32, text_width=64, text_layers=2
+)
 RESNET = dict(embed_dim=32, vision_layers=(1, 1, 1, 1), vision_width=8, image_size=64, text_width=64, text_layers=1)
 
 
@@ -98,8 +99,10 @@ def test_resnet_attnpool_positions_interpolated_for_non_square_input(tmp_path: P
 @pytest.mark.parametrize(
     "wrap",
     [
-        lambda sd: {"model": {**{f"base_model.{k}": v for k, v in sd.items()}, "classifier.weight": torch.ones(3, 2)},
-                    "epoch": 7},
+        lambda sd: {
+            "model": {**{f"base_model.{k}": v for k, v in sd.items()}, "classifier.weight": torch.ones(3, 2)},
+            "epoch": 7,
+        },
         lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {"lr": 0.1}},
         lambda sd: {"model_state_dict": {f"module.clip.{k}": v for k, v in sd.items()}},
     ],
@@ -119,9 +122,14 @@ def test_open_clip_files_with_config(tmp_path: Path, filename: str) -> None:
         folder.mkdir()
         sd = {k: v.contiguous() for k, v in model.state_dict().items()}
         (save_file(sd, folder / filename) if filename.endswith(".safetensors") else torch.save(sd, folder / filename))
-        (folder / "open_clip_config.json").write_text(json.dumps({
-            "model_cfg": {"quick_gelu": quick}, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3},
-        }))
+        (folder / "open_clip_config.json").write_text(
+            json.dumps(
+                {
+                    "model_cfg": {"quick_gelu": quick},
+                    "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3},
+                }
+            )
+        )
         for target in (folder / filename, folder):  # the file or its directory
             loaded = calibclip.create_model(target)
             assert loaded.checkpoint_format == "open_clip"
@@ -266,8 +274,7 @@ def test_incomplete_or_mismatched_weights(tmp_path: Path, vit: CLIP) -> None:
 
 def test_registered_names_and_aliases_build_random_models() -> None:
     names = {e.name for e in calibclip.list_models()}
-    for name in ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14",
-                 "ViT-L/14@336px"):
+    for name in ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"):
         assert name in names
     from calibclip.models.registry import canonical_name
 

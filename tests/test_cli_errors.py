@@ -33,8 +33,7 @@ def fake_models(monkeypatch: pytest.MonkeyPatch) -> None:
 def index_dir(tmp_path: Path, fake_models: None, capsys: pytest.CaptureFixture) -> str:
     make_photo_folder(tmp_path / "img")
     ix = str(tmp_path / "ix")
-    assert main(["index", str(tmp_path / "img"), "--out", ix, "--model", "fake-test", "--workers", "0",
-                 "--quiet"]) == 0
+    assert main(["index", str(tmp_path / "img"), "--out", ix, "--model", "fake-test", "--workers", "0", "--quiet"]) == 0
     capsys.readouterr()
     return ix
 
@@ -56,15 +55,18 @@ def one_line_error(capsys: pytest.CaptureFixture, argv: list[str], code: int = 2
     return err[0]
 
 
-@pytest.mark.parametrize("extra, expect", [
-    (["--image", "id:999999"], "id:999999"),                      # was KeyError traceback
-    (["--text", "dog", "--nprobe", "-5", "--ann", "ivf"], "--nprobe"),  # was OverflowError from FAISS
-    (["--text", "dog", "--ef-search", "-1", "--ann", "hnsw"], "--ef-search"),  # was accepted
-    (["--text", "dog", "--top-k", "0"], "--top-k"),
-    (["--text", "\udcff\udcfe dog"], "UTF-8"),                    # $'\xff\xfe dog' from a shell: was TypeError
-    (["--text", "   "], "empty"),                                # was searched (the web refuses it)
-    (["--image", "no-such-file.jpg"], "no-such-file.jpg"),
-])
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["--image", "id:999999"], "id:999999"),  # was KeyError traceback
+        (["--text", "dog", "--nprobe", "-5", "--ann", "ivf"], "--nprobe"),  # was OverflowError from FAISS
+        (["--text", "dog", "--ef-search", "-1", "--ann", "hnsw"], "--ef-search"),  # was accepted
+        (["--text", "dog", "--top-k", "0"], "--top-k"),
+        (["--text", "\udcff\udcfe dog"], "UTF-8"),  # $'\xff\xfe dog' from a shell: was TypeError
+        (["--text", "   "], "empty"),  # was searched (the web refuses it)
+        (["--image", "no-such-file.jpg"], "no-such-file.jpg"),
+    ],
+)
 def test_search_bad_arguments_one_line(index_dir, capsys, extra, expect):
     line = one_line_error(capsys, ["search", index_dir, *extra])
     assert expect in line and line.startswith("calibclip search: error:"), line
@@ -102,8 +104,14 @@ def test_unexpected_error_one_line_with_debug_hint(monkeypatch, capsys):
         main(["--debug", "boom"])
 
 
-@pytest.mark.parametrize("exc", [KeyError("image id(s) [3] not in index"), OSError(28, "No space left on device"),
-                                 ImportError("No module named 'pymilvus'")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        KeyError("image id(s) [3] not in index"),
+        OSError(28, "No space left on device"),
+        ImportError("No module named 'pymilvus'"),
+    ],
+)
 def test_expected_errors_exit_2(monkeypatch, capsys, exc):
     _install_failing_command(monkeypatch, exc)
     line = one_line_error(capsys, ["boom"])
@@ -127,8 +135,12 @@ def test_piped_into_head_no_traceback(tmp_path, fake_models, capsys):
     assert main(["index", str(img), "--out", ix, "--model", "fake-test", "--workers", "0", "--quiet"]) == 0
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
-        f"{sys.executable} -m calibclip.cli.main info {ix} --skipped | head -1", shell=True, env=env,
-        capture_output=True, text=True, timeout=120,
+        f"{sys.executable} -m calibclip.cli.main info {ix} --skipped | head -1",
+        shell=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.stdout.startswith("store"), proc.stdout  # the first line of `info`
     assert proc.stderr == "", proc.stderr

@@ -44,8 +44,9 @@ def test_default_model_is_named(tmp_path: Path, color_model: str, capsys) -> Non
     assert main(["evaluate", "--config", str(cfg), "--data-root", str(root), "--json"]) == 0
     err = capsys.readouterr().err
     assert f"no --checkpoint given, using model '{color_model}' (the model: of {cfg})" in err
-    assert main(["evaluate", "--config", str(cfg), "--data-root", str(root), "--checkpoint", color_model,
-                 "--json"]) == 0
+    assert (
+        main(["evaluate", "--config", str(cfg), "--data-root", str(root), "--checkpoint", color_model, "--json"]) == 0
+    )
     assert "no --checkpoint given" not in capsys.readouterr().err
 
 
@@ -94,15 +95,24 @@ def _without(tmp_path: Path, module: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{REPO / 'src'}", "CALIBCLIP_VENV": str(tmp_path)}
 
 
-@pytest.mark.parametrize("script, args", [
-    ("evaluate.py", ["--config", "configs/cuhkpedes.yaml", "--data_root", "/data/CUHK PEDES"]),
-    ("batch_evaluate.py", ["--datasets", "cuhkpedes", "--data_roots", "/data/cuhk"]),
-    ("demo.py", ["--image_dir", "photos", "--query", "a red dress"]),
-])
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("evaluate.py", ["--config", "configs/cuhkpedes.yaml", "--data_root", "/data/CUHK PEDES"]),
+        ("batch_evaluate.py", ["--datasets", "cuhkpedes", "--data_roots", "/data/cuhk"]),
+        ("demo.py", ["--image_dir", "photos", "--query", "a red dress"]),
+    ],
+)
 @pytest.mark.parametrize("module", ["torch", "numpy"])
 def test_seed_scripts_outside_environment_one_line(tmp_path: Path, script: str, args: list[str], module: str) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO,
-                          env=_without(tmp_path, module), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args],
+        cwd=REPO,
+        env=_without(tmp_path, module),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(err) == 1, proc.stderr
     assert f"No module named '{module}'" in err[0] and "Traceback" not in proc.stderr

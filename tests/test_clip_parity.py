@@ -28,13 +28,25 @@ def _hf_model():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPConfig(
         text_config=dict(
-            hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, vocab_size=49408,
-            max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407, bos_token_id=49406,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            eos_token_id=49407,
+            bos_token_id=49406,
             pad_token_id=0,
         ),
         vision_config=dict(
-            hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-            patch_size=16, hidden_act="quick_gelu",
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+            hidden_act="quick_gelu",
         ),
         projection_dim=64,
     )
@@ -70,8 +82,11 @@ def hf_to_openai_reference(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
                 out[f"{base}.resblocks.{i}.attn.in_proj_{kind}"] = fused
                 continue
             rest = (
-                rest.replace("self_attn.out_proj", "attn.out_proj").replace("layer_norm1", "ln_1")
-                .replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj")
+                rest.replace("self_attn.out_proj", "attn.out_proj")
+                .replace("layer_norm1", "ln_1")
+                .replace("layer_norm2", "ln_2")
+                .replace("mlp.fc1", "mlp.c_fc")
+                .replace("mlp.fc2", "mlp.c_proj")
             )
             out[f"{base}.resblocks.{i}.{rest}"] = t
             continue
@@ -134,10 +149,24 @@ def test_vit_parity_with_transformers(hf_setup: dict, which: str) -> None:
 def test_hf_gelu_config_is_honoured(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPConfig(
-        text_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=1,
-                         hidden_act="gelu", eos_token_id=49407, pad_token_id=0),
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=1,
-                           image_size=32, patch_size=16, hidden_act="gelu"),
+        text_config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            hidden_act="gelu",
+            eos_token_id=49407,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            image_size=32,
+            patch_size=16,
+            hidden_act="gelu",
+        ),
         projection_dim=32,
     )
     torch.manual_seed(0)
@@ -259,8 +288,15 @@ def _randomise(model: torch.nn.Module) -> None:
 def test_parity_with_openai_reference(tmp_path: Path, arch: dict) -> None:
     ref_mod = _openai_clip_module()
     torch.manual_seed(0)
-    ref = ref_mod.CLIP(embed_dim=64, context_length=77, vocab_size=49408, transformer_width=128,
-                       transformer_heads=2, transformer_layers=2, **arch).eval()
+    ref = ref_mod.CLIP(
+        embed_dim=64,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=128,
+        transformer_heads=2,
+        transformer_layers=2,
+        **arch,
+    ).eval()
     _randomise(ref)
     path = tmp_path / "openai_ref.pt"
     torch.save(ref.state_dict(), path)

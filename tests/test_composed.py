@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,10 @@ from calibclip.composed import Combiner, build_combining, evaluate_composed, loa
 from calibclip.composed.evaluate import extract_features, score_queries
 from calibclip.data.cache import FeatureCache
 from calibclip.data.composed import (
-    fashioniq_caption, fashioniq_caption_variants, load_cirr, load_fashioniq,
+    fashioniq_caption,
+    fashioniq_caption_variants,
+    load_cirr,
+    load_fashioniq,
 )
 from calibclip.data.records import DatasetError
 from fakes import HashEncoder as FakeEncoder
@@ -137,7 +139,10 @@ def test_evaluate_fashioniq_end_to_end(tmp_path: Path, fashioniq_root: Path) -> 
     enc, cache = FakeEncoder(), FeatureCache(tmp_path / "cache")
     m = evaluate_composed(enc, "fashioniq", root, "val", "sum", None, cache, 16, 0, progress=False)
     assert set(m) == {f"{c}_R@{k}" for c in ("dress", "shirt", "toptee") for k in (10, 50)} | {
-        "avg_R@10", "avg_R@50", "avg"}
+        "avg_R@10",
+        "avg_R@50",
+        "avg",
+    }
     assert all(0 <= v <= 100 for v in m.values())
     # an oracle combining function (the target's own feature) scores 100; the pipeline is protocol-correct
     ds = load_fashioniq(root, "val")["dress"]

@@ -24,8 +24,15 @@ from test_composed_fakes import FakeEncoder
 
 torch.set_num_threads(1)
 
-CLIP4CIR = {"lr": 2e-5, "proj_mult": 4.0, "hidden_mult": 8.0, "batch_size": 4096, "epochs": 30, "dropout": 0.5,
-            "normalize_inputs": False}
+CLIP4CIR = {
+    "lr": 2e-5,
+    "proj_mult": 4.0,
+    "hidden_mult": 8.0,
+    "batch_size": 4096,
+    "epochs": 30,
+    "dropout": 0.5,
+    "normalize_inputs": False,
+}
 
 
 def test_packaged_table_lookup() -> None:
@@ -40,10 +47,15 @@ def test_packaged_table_lookup() -> None:
 @pytest.fixture()
 def fake_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A composed.yaml with an entry for the fake encoder (weight 2, a recipe, a css refinement, a Combiner)."""
-    table = {"*": {"sum_text_weight": 1.0, "combiner": None, "recipe": dict(CLIP4CIR)},
-             "fake": {"sum_text_weight": 2.0, "combiner": "fake-combiner.safetensors",
-                      "recipe": {"lr": 1e-3, "epochs": 3, "batch_size": 16, "proj_mult": 1.0, "hidden_mult": 2.0},
-                      "recipes": {"css": {"epochs": 2}}}}
+    table = {
+        "*": {"sum_text_weight": 1.0, "combiner": None, "recipe": dict(CLIP4CIR)},
+        "fake": {
+            "sum_text_weight": 2.0,
+            "combiner": "fake-combiner.safetensors",
+            "recipe": {"lr": 1e-3, "epochs": 3, "batch_size": 16, "proj_mult": 1.0, "hidden_mult": 2.0},
+            "recipes": {"css": {"epochs": 2}},
+        },
+    }
     monkeypatch.setattr(defaults, "_table", lambda: table)
     monkeypatch.setattr(defaults, "weights_dir", lambda: tmp_path / "weights")
     torch.manual_seed(0)
@@ -60,7 +72,9 @@ def test_recipe_defaults_are_used_and_recorded(tmp_path: Path, fake_table, capsy
     resolved = resolve_config(TrainConfig(dataset="css", lr=5e-4), "fake")
     assert (resolved.lr, resolved.epochs, resolved.batch_size, resolved.dropout) == (5e-4, 2, 16, 0.5)
     assert resolved.recipe == "fake/css" and "lr" not in resolved.recipe_fields and resolved.val_split == "val"
-    summary = train_combiner(enc, root, tmp_path / "run", TrainConfig(dataset="css"), cache=FeatureCache(tmp_path / "c"))
+    summary = train_combiner(
+        enc, root, tmp_path / "run", TrainConfig(dataset="css"), cache=FeatureCache(tmp_path / "c")
+    )
     out = capsys.readouterr().out
     assert "Combiner recipe: lr 0.001" in out and "recipe 'fake/css'" in out and "images/s" in out
     assert summary["recipe"] == "fake/css" and set(summary["recipe_fields"]) == set(CLIP4CIR)
@@ -78,8 +92,9 @@ def test_normalised_sum_weight_comes_from_the_table(fake_table) -> None:
     assert build_combining("sum").text_weight == 1.0
 
 
-def test_packaged_combiner_is_the_default(tmp_path: Path, fake_table, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_packaged_combiner_is_the_default(
+    tmp_path: Path, fake_table, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     _, comb = fake_table
     enc = FakeEncoder()
     assert packaged_combiner_for(enc) == tmp_path / "weights" / "fake-combiner.safetensors"
@@ -106,13 +121,43 @@ def test_packaged_combiner_is_the_default(tmp_path: Path, fake_table, monkeypatc
     monkeypatch.setattr(registry, "create_model", lambda *a, **k: FakeEncoder())
     root = tmp_path / "css"
     make_css(root, seed=4, n_train=8, n_val=8, n_test=8, size=32, progress=False)
-    assert main(["evaluate", "--dataset", "css", "--data-root", str(root), "--split", "val", "--combining",
-                 "combiner", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "css",
+                "--data-root",
+                str(root),
+                "--split",
+                "val",
+                "--combining",
+                "combiner",
+                "--json",
+            ]
+        )
+        == 0
+    )
     packaged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"]
     run = tmp_path / "best.pt"
     save_combiner(run, comb, enc.fingerprint())
-    assert main(["evaluate", "--dataset", "css", "--data-root", str(root), "--split", "val", "--combiner", str(run),
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "css",
+                "--data-root",
+                str(root),
+                "--split",
+                "val",
+                "--combiner",
+                str(run),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"] == packaged
 
 
@@ -124,7 +169,9 @@ def test_export_to_half_precision_safetensors(tmp_path: Path) -> None:
     src = save_combiner(tmp_path / "best.pt", comb, "fp-1", epoch=7, metrics={"R@1": 50.0})
     dst = export_combiner(src, tmp_path / "packaged.safetensors", command="train-combiner ...")
     record = read_combiner_checkpoint(dst)
-    assert record["epoch"] == 7 and record["command"] == "train-combiner ..." and record["encoder_fingerprint"] == "fp-1"
+    assert (
+        record["epoch"] == 7 and record["command"] == "train-combiner ..." and record["encoder_fingerprint"] == "fp-1"
+    )
     assert all(v.dtype == torch.float16 for v in record["state_dict"].values())
     loaded = load_combiner(dst, encoder="fp-1")
     img, txt = torch.randn(4, 32), torch.randn(4, 32)

@@ -8,10 +8,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from fakes import HashEncoder as FakeEncoder
 from PIL import Image
 
-
+from fakes import HashEncoder as FakeEncoder
 
 
 def placeholder_image(path: Path, name: str) -> None:
@@ -45,8 +44,11 @@ def write_cirr_subset(src: Path, dst: Path, n_pairs: int = 60, with_train: bool 
     ``dst/dev/``...) holding the first ``n_pairs`` real val and test1 pairs. The shared data has
     no train captions, so (``with_train``) a train split is made of the *next* val pairs."""
     ann = dst / "cirr"
-    for split, source, lo, hi in (("val", "val", 0, n_pairs), ("test1", "test1", 0, n_pairs),
-                                  ("train", "val", n_pairs, 3 * n_pairs)):
+    for split, source, lo, hi in (
+        ("val", "val", 0, n_pairs),
+        ("test1", "test1", 0, n_pairs),
+        ("train", "val", n_pairs, 3 * n_pairs),
+    ):
         if split == "train" and not with_train:
             continue
         pairs = json.loads((src / "captions" / f"cap.rc2.{source}.json").read_text())[lo:hi]

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from calibclip.evaluation.composed_metrics import (
-    cirr_metrics, cirr_submission, composed_ranks, fashioniq_metrics, recall_at_k, subset_ranks,
+    cirr_metrics,
+    cirr_submission,
+    composed_ranks,
+    fashioniq_metrics,
+    recall_at_k,
+    subset_ranks,
 )
 
 
@@ -61,8 +66,9 @@ def test_cirr_metrics_values() -> None:
     scores, ref, tgt, subsets = _data(3, q=80, g=60)
     m = cirr_metrics(scores, ref, tgt, subsets)
     ranks = np.array([_ref_rank(scores[i], tgt[i], ref[i]) for i in range(len(tgt))])
-    sub = np.array([_ref_subset_rank(scores[i], tgt[i], ref[i], [x for x in subsets[i] if x >= 0])
-                    for i in range(len(tgt))])
+    sub = np.array(
+        [_ref_subset_rank(scores[i], tgt[i], ref[i], [x for x in subsets[i] if x >= 0]) for i in range(len(tgt))]
+    )
     for k in (1, 5, 10, 50):
         assert m[f"R@{k}"] == pytest.approx(100 * np.mean(ranks < k), abs=1e-9)
     for k in (1, 2, 3):
@@ -88,8 +94,17 @@ def test_fashioniq_metrics_keys_and_average() -> None:
         s = rng.normal(size=(30, 120))
         per_cat[cat] = (s, rng.integers(0, 120, 30))
     m = fashioniq_metrics(per_cat)
-    assert list(m) == ["dress_R@10", "dress_R@50", "shirt_R@10", "shirt_R@50", "toptee_R@10", "toptee_R@50",
-                       "avg_R@10", "avg_R@50", "avg"]
+    assert list(m) == [
+        "dress_R@10",
+        "dress_R@50",
+        "shirt_R@10",
+        "shirt_R@50",
+        "toptee_R@10",
+        "toptee_R@50",
+        "avg_R@10",
+        "avg_R@50",
+        "avg",
+    ]
     for cat, (s, t) in per_cat.items():
         ranks = np.array([_ref_rank(s[i], t[i]) for i in range(len(t))])
         assert m[f"{cat}_R@10"] == pytest.approx(100 * np.mean(ranks < 10))

@@ -18,8 +18,27 @@ from calibclip.data.composed import load_css
 @pytest.fixture(scope="module")
 def css_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("css") / "bench"
-    assert main(["make-css", "--out", str(root), "--seed", "3", "--n-train", "40", "--n-val", "8",
-                 "--n-test", "24", "--size", "64", "--json"]) == 0
+    assert (
+        main(
+            [
+                "make-css",
+                "--out",
+                str(root),
+                "--seed",
+                "3",
+                "--n-train",
+                "40",
+                "--n-val",
+                "8",
+                "--n-test",
+                "24",
+                "--size",
+                "64",
+                "--json",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -96,9 +115,12 @@ def test_deterministic_and_refuses_overwrite(tmp_path: Path) -> None:
     b = make_css(tmp_path / "b", seed=5, n_train=8, n_val=4, n_test=4, size=32, progress=False)
     assert a == b
     for split in ("train", "test"):
-        assert (tmp_path / "a/captions" / f"cap.rc2.{split}.json").read_text() == \
-            (tmp_path / "b/captions" / f"cap.rc2.{split}.json").read_text()
-    assert (tmp_path / "a/test/css-test-000003.png").read_bytes() == (tmp_path / "b/test/css-test-000003.png").read_bytes()
+        assert (tmp_path / "a/captions" / f"cap.rc2.{split}.json").read_text() == (
+            tmp_path / "b/captions" / f"cap.rc2.{split}.json"
+        ).read_text()
+    assert (tmp_path / "a/test/css-test-000003.png").read_bytes() == (
+        tmp_path / "b/test/css-test-000003.png"
+    ).read_bytes()
     with pytest.raises(ValueError, match="already holds a benchmark"):
         make_css(tmp_path / "a", seed=5, n_train=8, n_val=4, n_test=4, size=32, progress=False)
     assert draw_scene(()).getextrema() == ((255, 255),) * 3

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import make_flickr8k, save_person_image
 
 from calibclip.data.captions import load_flickr8k, load_karpathy
 from calibclip.data.records import DatasetError
 from calibclip.datasets import load_dataset
+from fakes import make_flickr8k, save_person_image
 
 
 def test_flickr8k_official_layout(tmp_path: Path) -> None:

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import PEOPLE, make_person_dataset
 
 from calibclip.data.person import load_cuhkpedes, load_icfgpedes, load_person, load_rstpreid
 from calibclip.data.records import DatasetError
 from calibclip.datasets import canonical_dataset, load_dataset
+from fakes import PEOPLE, make_person_dataset
 
 
-@pytest.mark.parametrize("fmt,loader", [("cuhkpedes", load_cuhkpedes), ("icfgpedes", load_icfgpedes),
-                                        ("rstpreid", load_rstpreid)])
+@pytest.mark.parametrize(
+    "fmt,loader", [("cuhkpedes", load_cuhkpedes), ("icfgpedes", load_icfgpedes), ("rstpreid", load_rstpreid)]
+)
 def test_loads_test_split(fmt: str, loader, tmp_path: Path) -> None:
     root = make_person_dataset(tmp_path / fmt, fmt, images_per_id=2)
     ds = loader(root, "test")
@@ -23,8 +24,9 @@ def test_loads_test_split(fmt: str, loader, tmp_path: Path) -> None:
     assert ds.name == fmt and ds.split == "test" and ds.info["task"] == "person"
     assert len(ds.images) == 2 * len(test_ids) and len(ds.captions) == 4 * len(test_ids)
     assert sorted(set(ds.image_ids.tolist())) == test_ids
-    assert all(p.is_file() and p.parent.parent.name in ("imgs", "cam0", "cam1") or p.parent.name == "imgs"
-               for p in ds.images)
+    assert all(
+        p.is_file() and p.parent.parent.name in ("imgs", "cam0", "cam1") or p.parent.name == "imgs" for p in ds.images
+    )
     # every caption's id is the id of the image it was written for
     np.testing.assert_array_equal(ds.caption_ids, ds.image_ids[ds.caption_image])
     assert ds.captions[0].startswith("a person with a yellow shirt")
@@ -50,7 +52,9 @@ def test_missing_annotation_lists_what_was_found(tmp_path: Path) -> None:
 
 def test_wrong_dataset_is_recognised(tmp_path: Path) -> None:
     make_person_dataset(tmp_path, "rstpreid")
-    with pytest.raises(DatasetError, match=r"looks like RSTPReid \(data_captions.json is present\): use --dataset rstpreid"):
+    with pytest.raises(
+        DatasetError, match=r"looks like RSTPReid \(data_captions.json is present\): use --dataset rstpreid"
+    ):
         load_icfgpedes(tmp_path)
 
 

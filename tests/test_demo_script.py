@@ -20,11 +20,22 @@ def _gallery(tmp_path: Path) -> Path:
     return images
 
 
-def test_demo_builds_the_index_once(tmp_path: Path, color_model: str, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture) -> None:
+def test_demo_builds_the_index_once(
+    tmp_path: Path, color_model: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     images, index = _gallery(tmp_path), tmp_path / "idx"
-    args = ["--checkpoint", color_model, "--image_dir", str(images), "--index", str(index),
-            "--query", "red top and blue trousers", "--topk", "2"]
+    args = [
+        "--checkpoint",
+        color_model,
+        "--image_dir",
+        str(images),
+        "--index",
+        str(index),
+        "--query",
+        "red top and blue trousers",
+        "--topk",
+        "2",
+    ]
     assert run_script("demo.py", args, monkeypatch) == 0
     first = capsys.readouterr()
     assert "indexed 3 new or changed images" in first.err and (index / "meta.sqlite").exists()
@@ -40,23 +51,36 @@ def test_demo_builds_the_index_once(tmp_path: Path, color_model: str, monkeypatc
     assert "applied to" in out[0] and not any(line.endswith("b.png") for line in out[1:])  # reference left out
 
 
-def test_demo_errors_are_one_line(tmp_path: Path, color_model: str, monkeypatch: pytest.MonkeyPatch,
-                                  capsys: pytest.CaptureFixture) -> None:
+def test_demo_errors_are_one_line(
+    tmp_path: Path, color_model: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     images = _gallery(tmp_path)
-    assert run_script("demo.py", ["--checkpoint", str(tmp_path / "missing.pt"), "--image_dir", str(images),
-                                  "--query", "x"], monkeypatch) == 2
+    assert (
+        run_script(
+            "demo.py",
+            ["--checkpoint", str(tmp_path / "missing.pt"), "--image_dir", str(images), "--query", "x"],
+            monkeypatch,
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.pt not found" in err[0] and "Traceback" not in err[0]
-    assert run_script("demo.py", ["--checkpoint", color_model, "--image_dir", str(tmp_path / "nope"),
-                                  "--query", "x"], monkeypatch) == 2
+    assert (
+        run_script(
+            "demo.py", ["--checkpoint", color_model, "--image_dir", str(tmp_path / "nope"), "--query", "x"], monkeypatch
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope is not a folder" in err[0]
 
 
 @pytest.mark.parametrize("script", ["demo.py", "evaluate.py", "batch_evaluate.py"])
 def test_seed_scripts_outside_the_environment_say_what_to_do(script: str) -> None:
-    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['x', '--help']; "
-            f"runpy.run_path({str(REPO / 'scripts' / script)!r}, run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['x', '--help']; "
+        f"runpy.run_path({str(REPO / 'scripts' / script)!r}, run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and ". .venv/bin/activate" in proc.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -144,8 +144,11 @@ def test_model_name_downloads_into_cache(server, tmp_path: Path, monkeypatch: py
     """create_model("RN50") end to end: URL table -> cache (CALIBCLIP_CACHE) -> TorchScript-free state dict load."""
     base, handler = server
     torch.manual_seed(0)
-    tiny = CLIP(CLIPConfig(embed_dim=32, vision_layers=(1, 1, 1, 1), vision_width=8, image_size=64,
-                           text_width=64, text_layers=1)).eval()
+    tiny = CLIP(
+        CLIPConfig(
+            embed_dim=32, vision_layers=(1, 1, 1, 1), vision_width=8, image_size=64, text_width=64, text_layers=1
+        )
+    ).eval()
     ckpt = tmp_path / "src.pt"
     torch.save(tiny.state_dict(), ckpt)
     url = _publish(base, handler, ckpt.read_bytes(), name="RN50.pt")
@@ -164,7 +167,6 @@ def test_official_table_carries_sha256() -> None:
     assert set(download.OPENAI_URLS) >= {"RN50", "ViT-B/16", "ViT-L/14@336px"}
     for url in download.OPENAI_URLS.values():
         assert url.startswith("https://") and len(download.expected_sha256(url)) == 64
-
 
 
 def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from fakes import ColorEncoder, make_flickr8k, make_person_dataset
 
 from calibclip.cli.main import main
 from calibclip.models import registry
 from calibclip.models.base import Encoder
+from fakes import ColorEncoder, make_flickr8k, make_person_dataset
 
 torch.set_num_threads(1)
 
@@ -50,8 +50,20 @@ def test_evaluate_person_json(fmt: str, tmp_path: Path, color_model: str, capsys
 def test_evaluate_flickr8k_report_and_cache(tmp_path: Path, color_model: str, capsys: pytest.CaptureFixture) -> None:
     root = make_flickr8k(tmp_path / "f8k")
     out_dir = tmp_path / "report"
-    args = ["evaluate", "--dataset", "flickr8k", "--data-root", str(root), "--split", "dev", "--model", color_model,
-            "--output-dir", str(out_dir), "--json"]
+    args = [
+        "evaluate",
+        "--dataset",
+        "flickr8k",
+        "--data-root",
+        str(root),
+        "--split",
+        "dev",
+        "--model",
+        color_model,
+        "--output-dir",
+        str(out_dir),
+        "--json",
+    ]
     assert main(args) == 0
     out = last_json(capsys.readouterr().out)
     assert list(out["metrics"]) == [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
@@ -86,8 +98,26 @@ def test_batch_evaluate(tmp_path: Path, color_model: str, capsys: pytest.Capture
     roots = [make_person_dataset(tmp_path / f, f) for f in ("cuhkpedes", "icfgpedes", "rstpreid")]
     f8k = make_flickr8k(tmp_path / "f8k")
     out_dir = tmp_path / "batch"
-    assert main(["batch-evaluate", "--model", color_model, "--datasets", "cuhkpedes", "icfgpedes", "rstp", "flickr8k",
-                 "--data-roots", *map(str, roots), str(f8k), "--output-dir", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "batch-evaluate",
+                "--model",
+                color_model,
+                "--datasets",
+                "cuhkpedes",
+                "icfgpedes",
+                "rstp",
+                "flickr8k",
+                "--data-roots",
+                *map(str, roots),
+                str(f8k),
+                "--output-dir",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out_dir / "results.json").read_text())
     assert [r["dataset"] for r in rows] == ["cuhkpedes", "icfgpedes", "rstpreid", "flickr8k"]
     csv_lines = (out_dir / "results.csv").read_text().splitlines()
@@ -96,8 +126,23 @@ def test_batch_evaluate(tmp_path: Path, color_model: str, capsys: pytest.Capture
     assert (out_dir / "recall.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main(["batch-evaluate", "--model", color_model, "--datasets", "nope", "--data-roots", "x", "--output-dir", "y"])
-    assert main(["batch-evaluate", "--model", color_model, "--datasets", "cuhkpedes", "icfgpedes",
-                 "--data-roots", str(roots[0]), "--output-dir", str(out_dir)]) == 2
+    assert (
+        main(
+            [
+                "batch-evaluate",
+                "--model",
+                color_model,
+                "--datasets",
+                "cuhkpedes",
+                "icfgpedes",
+                "--data-roots",
+                str(roots[0]),
+                "--output-dir",
+                str(out_dir),
+            ]
+        )
+        == 2
+    )
     assert "one folder per dataset" in capsys.readouterr().err
 
 
@@ -108,8 +153,22 @@ def test_evaluate_errors_are_actionable(tmp_path: Path, color_model: str, capsys
     assert main(["evaluate", "--model", color_model]) == 2
     assert "--dataset and --data-root" in capsys.readouterr().err
     root = make_person_dataset(tmp_path / "p", "cuhkpedes")
-    assert main(["evaluate", "--dataset", "cuhkpedes", "--data-root", str(root), "--model", color_model,
-                 "--combining", "sum"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "cuhkpedes",
+                "--data-root",
+                str(root),
+                "--model",
+                color_model,
+                "--combining",
+                "sum",
+            ]
+        )
+        == 2
+    )
     assert "fashioniq, cirr, css and pseudo-cir" in capsys.readouterr().err
 
 
@@ -128,8 +187,9 @@ def test_seed_evaluator_api(tmp_path: Path, color_model: str) -> None:
     assert result["rank1"] == pytest.approx(want["R@1"]) and result["mINP"] == pytest.approx(want["mINP"])
 
 
-def test_composed_dispatch(tmp_path: Path, color_model: str, capsys: pytest.CaptureFixture,
-                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_composed_dispatch(
+    tmp_path: Path, color_model: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fashioniq/cirr/css go to calibclip.composed.evaluate_composed with the CLI's settings."""
     from calibclip import composed
 
@@ -140,8 +200,25 @@ def test_composed_dispatch(tmp_path: Path, color_model: str, capsys: pytest.Capt
         return {"R@1": 12.5, "R@5": 50.0, "R@10": 75.0, "R@50": 100.0}
 
     monkeypatch.setattr(composed, "evaluate_composed", fake)
-    assert main(["evaluate", "--dataset", "css", "--data-root", str(tmp_path), "--model", color_model,
-                 "--combining", "text", "--batch-size", "7", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "css",
+                "--data-root",
+                str(tmp_path),
+                "--model",
+                color_model,
+                "--combining",
+                "text",
+                "--batch-size",
+                "7",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = last_json(capsys.readouterr().out)
     assert out["metrics"]["R@1"] == 12.5 and out["split"] == "test"
     assert seen["dataset"] == "css" and seen["combining"] == "text" and seen["batch_size"] == 7
@@ -153,8 +230,9 @@ def test_composed_dispatch(tmp_path: Path, color_model: str, capsys: pytest.Capt
 def test_flickr8k_dev_default_model(flickr8k_root: Path, capsys: pytest.CaptureFixture) -> None:
     """The acceptance command: `calibclip evaluate --dataset flickr8k --data-root ../shared/data/flickr8k
     --split dev --json` with the default model (starter)."""
-    assert main(["evaluate", "--dataset", "flickr8k", "--data-root", str(flickr8k_root), "--split", "dev",
-                 "--json"]) == 0
+    assert (
+        main(["evaluate", "--dataset", "flickr8k", "--data-root", str(flickr8k_root), "--split", "dev", "--json"]) == 0
+    )
     out = last_json(capsys.readouterr().out)
     assert out["model"] == "starter" and out["split"] == "dev"
     assert out["metrics"]["t2i_R@1"] > 5.0 and out["metrics"]["t2i_R@10"] > out["metrics"]["t2i_R@1"]
@@ -166,13 +244,15 @@ def test_report_curves_and_tables(tmp_path: Path) -> None:
     curves = recall_curves({"R@10": 3.0, "R@1": 1.0, "Rsubset@2": 4.0, "dress_R@50": 2.0, "mAP": 9.0, "avg": 5.0})
     assert curves == {"R": [(1, 1.0), (10, 3.0)], "Rsubset": [(2, 4.0)], "dress": [(50, 2.0)]}
     assert markdown_table([{"a": 1.234, "b": "x"}], ["a", "b", "c"]).splitlines()[2] == "| 1.23 | x |  |"
-    paths = write_report({"dataset": "cirr", "split": "val", "model": "m", "metrics": {"R@1": 10.0, "Rsubset@1": 30.0}},
-                         tmp_path)
+    paths = write_report(
+        {"dataset": "cirr", "split": "val", "model": "m", "metrics": {"R@1": 10.0, "Rsubset@1": 30.0}}, tmp_path
+    )
     assert json.loads(paths["json"].read_text())["metrics"]["Rsubset@1"] == 30.0 and paths["plot"].stat().st_size
 
 
-def test_clip_checkpoint_person_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture) -> None:
+def test_clip_checkpoint_person_protocol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """A (tiny, random) CLIP checkpoint on a person dataset is rebuilt at the config's 384x128 with
     the 'reid' direct-resize transform, and evaluates end to end through the CLI."""
     from calibclip.evaluation.runner import load_encoder
@@ -180,18 +260,43 @@ def test_clip_checkpoint_person_protocol(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setenv("CALIBCLIP_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    cfg = CLIPConfig(embed_dim=16, vision_layers=1, vision_width=64, vision_patch_size=32, text_width=64,
-                     text_layers=1, image_size=(224, 224))
+    cfg = CLIPConfig(
+        embed_dim=16,
+        vision_layers=1,
+        vision_width=64,
+        vision_patch_size=32,
+        text_width=64,
+        text_layers=1,
+        image_size=(224, 224),
+    )
     ckpt = tmp_path / "tiny-clip.pt"
     torch.save(CLIP(cfg).state_dict(), ckpt)
     enc = load_encoder(str(ckpt), "person", device="cpu", clip_image_size=[384, 128])
     assert enc.config()["image_size"] == [384, 128]
     assert enc.preprocess.mode == "resize" and enc.preprocess.size == (384, 128)
-    assert load_encoder(str(ckpt), "captions", device="cpu", clip_image_size=[384, 128]).config()["image_size"] == [224, 224]
+    assert load_encoder(str(ckpt), "captions", device="cpu", clip_image_size=[384, 128]).config()["image_size"] == [
+        224,
+        224,
+    ]
     root = make_person_dataset(tmp_path / "rstp", "rstpreid", images_per_id=1)
     repo = Path(__file__).resolve().parents[1]
-    assert main(["evaluate", "--config", str(repo / "configs/rstp.yaml"), "--data-root", str(root),
-                 "--checkpoint", str(ckpt), "--device", "cpu", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--config",
+                str(repo / "configs/rstp.yaml"),
+                "--data-root",
+                str(root),
+                "--checkpoint",
+                str(ckpt),
+                "--device",
+                "cpu",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = last_json(capsys.readouterr().out)
     assert out["dataset"] == "rstpreid" and out["model"] == str(ckpt)
     assert set(out["metrics"]) == {"R@1", "R@5", "R@10", "mAP", "mINP"} and out["metrics"]["R@10"] == 100.0

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import torch
 from PIL import Image
-from fakes import TokenEncoder as FakeEncoder
 
 from calibclip.cli.main import main
 from calibclip.models.registry import register_model
+from fakes import TokenEncoder as FakeEncoder
 
 torch.set_num_threads(1)
 register_model("fake-explain", lambda **kw: FakeEncoder(**kw), "test-only fake encoder", pretrained="random")
@@ -27,8 +27,22 @@ def make_image(path) -> None:
 def test_explain_writes_png_and_json(tmp_path, capsys) -> None:
     img, out = tmp_path / "img.png", tmp_path / "x.png"
     make_image(img)
-    rc = main(["explain", "--model", "fake-explain", "--image", str(img), "--text", "a man with a red backpack",
-               "--out", str(out), "--json", "--set", "decay_factor=0.25"])
+    rc = main(
+        [
+            "explain",
+            "--model",
+            "fake-explain",
+            "--image",
+            str(img),
+            "--text",
+            "a man with a red backpack",
+            "--out",
+            str(out),
+            "--json",
+            "--set",
+            "decay_factor=0.25",
+        ]
+    )
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert data["config"]["decay_factor"] == 0.25

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import ColorEncoder, make_person_dataset
 
 from calibclip.data.cache import FeatureCache
 from calibclip.datasets import load_dataset
 from calibclip.evaluation import evaluate_retrieval
+from fakes import ColorEncoder, make_person_dataset
 
 
 @pytest.fixture

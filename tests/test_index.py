@@ -21,7 +21,6 @@ from calibclip.cli.main import main
 from calibclip.data.scan import scan_images
 from calibclip.index import Index, Storage
 from calibclip.index.search import normalize
-
 from fakes import PhotoEncoder as FakeEncoder
 from test_index_helpers import make_photo_folder
 
@@ -74,8 +73,9 @@ def test_stored_vectors_are_the_encoder_features(photos, built):
 def test_scan_survives_symlink_loops(photos):
     root, good, bad = photos
     scan = scan_images(root)
-    assert sorted(f.relpath for f in scan.files) == sorted(set(good) | {"corrupt.jpg", "notes.png", "zero.jpg",
-                                                                        "sub/bomb.png"})
+    assert sorted(f.relpath for f in scan.files) == sorted(
+        set(good) | {"corrupt.jpg", "notes.png", "zero.jpg", "sub/bomb.png"}
+    )
     assert scan.problems["loop_a.jpg"][0] == "unreadable" and "loop" in scan.problems["loop_a.jpg"][1]
 
 
@@ -189,8 +189,12 @@ def test_incremental_add_modify_touch_delete(photos, tmp_path):
     assert after["astronaut.png"] != before["astronaut.png"]
     assert "zero.jpg" not in {s.relpath for s in second.skipped()}
     rels = sorted(after)
-    np.testing.assert_allclose(second.features("raw", [after[p] for p in rels]),
-                               fresh_features(enc, [root / p for p in rels]), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        second.features("raw", [after[p] for p in rels]),
+        fresh_features(enc, [root / p for p in rels]),
+        rtol=2e-3,
+        atol=2e-3,
+    )
     # search never returns the deleted image; the mtime of the touched file is recorded
     assert "horse.tiff" not in [x.relpath for x in second.search(text="a horse", k=len(second))]
     assert second.get_image(after["coffee.jpg"]).mtime_ns == (root / "coffee.jpg").stat().st_mtime_ns
@@ -237,9 +241,11 @@ def test_kill9_during_indexing_then_resume(photos, tmp_path, capsys):
     out = tmp_path / "ix"
     script = KILL_SCRIPT.format(src=str(root), out=str(out))
     log = open(tmp_path / "stderr.txt", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "CALIBCLIP_NO_PROGRESS": "1",
-                                                                  "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
-                            stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, "CALIBCLIP_NO_PROGRESS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])},
+        stderr=log,
+    )
     deadline = time.time() + 60
     rows = 0
     while time.time() < deadline and proc.poll() is None:
@@ -269,8 +275,9 @@ def test_kill9_during_indexing_then_resume(photos, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["count"], info["skipped"]) == (len(good), len(bad))
     ids = [resumed.find(p) for p in good]
-    np.testing.assert_allclose(resumed.features("raw", ids), fresh_features(FakeEncoder(), [root / p for p in good]),
-                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        resumed.features("raw", ids), fresh_features(FakeEncoder(), [root / p for p in good]), rtol=2e-3, atol=2e-3
+    )
 
 
 # --- calibrated search ------------------------------------------------------------------------------------
@@ -278,8 +285,16 @@ def test_kill9_during_indexing_then_resume(photos, tmp_path, capsys):
 def calibrated(photos, tmp_path_factory) -> Index:
     root, _, _ = photos
     out = tmp_path_factory.mktemp("calibrated") / "ix"
-    return Index.build(root, out, model=FakeEncoder(), batch_size=4, workers=0, calibrate=True,
-                       calibration={"top_k": 5}, progress=False)
+    return Index.build(
+        root,
+        out,
+        model=FakeEncoder(),
+        batch_size=4,
+        workers=0,
+        calibrate=True,
+        calibration={"top_k": 5},
+        progress=False,
+    )
 
 
 def test_calibrated_search_equals_full_fused_ranking(calibrated):
@@ -296,8 +311,9 @@ def test_calibrated_search_equals_full_fused_ranking(calibrated):
 
 def test_calibration_noop_gives_plain_ranking(photos, tmp_path):
     root, _, _ = photos
-    ix = Index.build(root, tmp_path / "ix", model=FakeEncoder(), workers=0, calibrate=True,
-                     calibration={"lam": 1.0}, progress=False)
+    ix = Index.build(
+        root, tmp_path / "ix", model=FakeEncoder(), workers=0, calibrate=True, calibration={"lam": 1.0}, progress=False
+    )
     for text in ("a cat", "the rocket on the launch pad at night"):
         assert [r.id for r in ix.search(text=text, k=6, calibrate=True)] == [r.id for r in ix.search(text=text, k=6)]
 
@@ -328,12 +344,22 @@ def test_library_messages_name_parameters_not_cli_flags(built, tmp_path):
 def synthetic_index(out: Path, vectors: np.ndarray, start: int = 0) -> None:
     st = Storage(out, writable=True)
     if st.get("format") is None:
-        st.initialise(vectors.shape[1], ["raw"], {"model": "synthetic", "model_spec": None, "fingerprint": "synthetic",
-                                                  "precision": "fp32", "root": str(out)})
+        st.initialise(
+            vectors.shape[1],
+            ["raw"],
+            {
+                "model": "synthetic",
+                "model_spec": None,
+                "fingerprint": "synthetic",
+                "precision": "fp32",
+                "root": str(out),
+            },
+        )
     for s in range(0, len(vectors), 1000):
         chunk = vectors[s : s + 1000]
-        recs = [{"path": f"img{start + s + i:06d}.jpg", "size": 1, "mtime_ns": 1, "sha256": "-"}
-                for i in range(len(chunk))]
+        recs = [
+            {"path": f"img{start + s + i:06d}.jpg", "size": 1, "mtime_ns": 1, "sha256": "-"} for i in range(len(chunk))
+        ]
         st.commit_batch({"raw": chunk}, recs)
     st.close()
 

@@ -9,8 +9,9 @@ import shutil
 import struct
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import skimage.data
@@ -83,8 +84,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
     """A valid PNG header declaring a huge image (decompression bomb), with a tiny IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _small(name: str, side: int = 96) -> Image.Image:

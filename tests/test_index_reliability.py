@@ -59,8 +59,20 @@ def run_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
 
 
 def index_args(images: Path, ix: Path, model: str = "fake-test") -> list[str]:
-    return ["index", str(images), "--out", str(ix), "--model", model, "--workers", "0", "--quiet", "--json",
-            "--batch-size", "16"]
+    return [
+        "index",
+        str(images),
+        "--out",
+        str(ix),
+        "--model",
+        model,
+        "--workers",
+        "0",
+        "--quiet",
+        "--json",
+        "--batch-size",
+        "16",
+    ]
 
 
 # --- item 1 ----------------------------------------------------------------------------------------------
@@ -108,7 +120,9 @@ def test_non_utf8_names_web(tmp_path: Path, toy: None, capsys: pytest.CaptureFix
     Image.new("RGB", (40, 32), (5, 250, 5)).save(os.fsdecode(os.fsencode(str(images)) + b"/" + LATIN1))
     ix = tmp_path / "ix"
     run_json(capsys, index_args(images, ix))
-    client = TestClient(create_app(WebConfig(index_dirs=[str(ix)], upload_dir=str(tmp_path / "up"))), base_url="http://localhost")
+    client = TestClient(
+        create_app(WebConfig(index_dirs=[str(ix)], upload_dir=str(tmp_path / "up"))), base_url="http://localhost"
+    )
     res = client.post("/api/search", json={"text": "green", "k": 4})
     assert res.status_code == 200, res.text
     items = res.json()["results"]
@@ -154,16 +168,23 @@ def _set_meta(ix: Path, key: str, value) -> None:
         db.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(value), key))
 
 
-@pytest.mark.parametrize("damage, expect", [
-    (lambda ix: _vectors(ix).write_bytes(_vectors(ix).read_bytes()[:50]), "raw.g0.f16 holds 50 bytes"),
-    (lambda ix: _vectors(ix).unlink(), "raw.g0.f16 is missing"),
-    (lambda ix: _set_meta(ix, "rows", 60), "holds 192 bytes, the index committed 60 rows"),
-    (lambda ix: _set_meta(ix, "rows", 3), "images point at vector row 5 but only 3 rows are committed"),
-    (lambda ix: _set_meta(ix, "dim", 32), "the index committed 6 rows of 64 bytes"),
-    (lambda ix: _set_meta(ix, "dim", "16"), "metadata 'dim' is '16'"),
-    (lambda ix: (ix / "meta.sqlite-wal").unlink(missing_ok=True) or (ix / "meta.sqlite").write_bytes(b"x" * 4096),
-     "meta.sqlite cannot be read"),
-])
+@pytest.mark.parametrize(
+    "damage, expect",
+    [
+        (lambda ix: _vectors(ix).write_bytes(_vectors(ix).read_bytes()[:50]), "raw.g0.f16 holds 50 bytes"),
+        (lambda ix: _vectors(ix).unlink(), "raw.g0.f16 is missing"),
+        (lambda ix: _set_meta(ix, "rows", 60), "holds 192 bytes, the index committed 60 rows"),
+        (lambda ix: _set_meta(ix, "rows", 3), "images point at vector row 5 but only 3 rows are committed"),
+        (lambda ix: _set_meta(ix, "dim", 32), "the index committed 6 rows of 64 bytes"),
+        (lambda ix: _set_meta(ix, "dim", "16"), "metadata 'dim' is '16'"),
+        (
+            lambda ix: (
+                (ix / "meta.sqlite-wal").unlink(missing_ok=True) or (ix / "meta.sqlite").write_bytes(b"x" * 4096)
+            ),
+            "meta.sqlite cannot be read",
+        ),
+    ],
+)
 def test_damaged_index_one_line(tmp_path: Path, toy: None, capsys, damage, expect: str) -> None:
     """info reported a healthy index / search gave IndexError, DatabaseError, mmap or matmul tracebacks."""
     ix = _index(tmp_path, capsys)

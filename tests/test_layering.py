@@ -10,8 +10,16 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "calibclip"
 #: Room -> level; rooms on one level may not import each other either.
 LEVELS = {
-    "utils": 0, "models": 1, "data": 2, "index": 3, "calibration": 3, "composed": 4, "evaluation": 4,
-    "training": 4, "web": 5, "cli": 6,
+    "utils": 0,
+    "models": 1,
+    "data": 2,
+    "index": 3,
+    "calibration": 3,
+    "composed": 4,
+    "evaluation": 4,
+    "training": 4,
+    "web": 5,
+    "cli": 6,
 }
 #: Top-level modules outside the rooms and the room they belong to.
 TOP = {"datasets.py": "data", "__init__.py": None, "__main__.py": "cli"}
@@ -40,8 +48,11 @@ def imported_rooms(path: Path, root: Path = SRC) -> list[tuple[int, str]]:
             else:
                 names = [node.module or ""]
             if names[0] == "calibclip":  # `from calibclip import X`: only submodules count
-                names = [f"calibclip.{a.name}" for a in node.names
-                         if (root / a.name).is_dir() or (root / f"{a.name}.py").is_file()]
+                names = [
+                    f"calibclip.{a.name}"
+                    for a in node.names
+                    if (root / a.name).is_dir() or (root / f"{a.name}.py").is_file()
+                ]
         for name in names:
             parts = name.split(".")
             if parts[0] != "calibclip" or len(parts) < 2:
@@ -59,7 +70,7 @@ def violations(root: Path = SRC) -> list[str]:
         room = room_of(path, root)
         if room is None:
             continue
-        for line, target in imported_rooms(path, root):
+        for _line, target in imported_rooms(path, root):
             if LEVELS[target] > LEVELS[room]:
                 bad.append(f"{path.relative_to(root).as_posix()}: {room} imports {target}")
     return bad
@@ -88,12 +99,15 @@ def test_the_checker_sees_violations(tmp_path: Path) -> None:
     (root / "models").mkdir(parents=True)
     (root / "cli").mkdir()
     (root / "models" / "probe.py").write_text(
-        "import calibclip.data.images\n\ndef f():\n    from calibclip.cli.main import main\n    from ..index import Index\n"
+        "import calibclip.data.images\n\ndef f():\n    from calibclip.cli.main import main\n"
+        "    from ..index import Index\n"
         "    from calibclip import models, __version__\n"
     )
     (root / "cli" / "ok.py").write_text("from calibclip.models import registry\nfrom .. import datasets\n")
     (root / "datasets.py").write_text("from calibclip.web import app\n")
     assert violations(root) == [
-        "datasets.py: data imports web", "models/probe.py: models imports data", "models/probe.py: models imports cli",
+        "datasets.py: data imports web",
+        "models/probe.py: models imports data",
+        "models/probe.py: models imports cli",
         "models/probe.py: models imports index",
     ]

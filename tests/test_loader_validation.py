@@ -25,14 +25,17 @@ def _edit_json(path: Path, fn) -> None:
 
 
 # --- person retrieval (CUHK-PEDES format) ---------------------------------------------------------------------
-@pytest.mark.parametrize("mutate, expect", [
-    (lambda d: [{**d[0], "captions": 5}, *d[1:]], r'entry 0 has "captions" number'),        # was TypeError
-    (lambda d: [d[0], 7, *d[2:]], r"entry 1 is a number, not an object"),
-    (lambda d: [{**d[0], "id": "abc"}, *d[1:]], r'entry 0 has "id" string'),                  # was ValueError: int()
-    (lambda d: [{**d[0], "file_path": "../../../etc/hostname"}, *d[1:]], r"leads outside the data root"),
-    (lambda d: [{**d[0], "file_path": "/etc/hostname"}, *d[1:]], r"leads outside the data root"),
-    (lambda d: {"images": d}, r"expected a non-empty JSON list of annotations, got object"),
-])
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda d: [{**d[0], "captions": 5}, *d[1:]], r'entry 0 has "captions" number'),  # was TypeError
+        (lambda d: [d[0], 7, *d[2:]], r"entry 1 is a number, not an object"),
+        (lambda d: [{**d[0], "id": "abc"}, *d[1:]], r'entry 0 has "id" string'),  # was ValueError: int()
+        (lambda d: [{**d[0], "file_path": "../../../etc/hostname"}, *d[1:]], r"leads outside the data root"),
+        (lambda d: [{**d[0], "file_path": "/etc/hostname"}, *d[1:]], r"leads outside the data root"),
+        (lambda d: {"images": d}, r"expected a non-empty JSON list of annotations, got object"),
+    ],
+)
 def test_person_record_types(tmp_path: Path, mutate, expect) -> None:
     root = make_person_dataset(tmp_path / "cuhk", "cuhkpedes")
     ann = root / "reid_raw.json"
@@ -52,16 +55,31 @@ def test_person_not_utf8_names_file(tmp_path: Path) -> None:
 
 
 # --- Karpathy JSON and Flickr8k --------------------------------------------------------------------------------
-@pytest.mark.parametrize("mutate, expect", [
-    (lambda d: d["images"], r"expected a JSON object with an 'images' list, got list"),    # was AttributeError
-    (lambda d: {**d, "images": "0.jpg"}, r"'images' is string"),                          # was AttributeError
-    (lambda d: {**d, "images": [{k: v for k, v in d["images"][0].items() if k != "sentences"}, *d["images"][1:]]},
-     r"entry 0 of 'images' lacks field\(s\) \['sentences'\]"),                           # was KeyError
-    (lambda d: {**d, "images": [*d["images"][:1], {**d["images"][1], "sentences": [{"raw": 3}]}, *d["images"][2:]]},
-     r"entry 1 of 'images' has sentence 0"),
-    (lambda d: {**d, "images": [{**d["images"][0], "filename": "../../etc/hostname"}, *d["images"][1:]]},
-     r"leads outside the data root"),
-])
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda d: d["images"], r"expected a JSON object with an 'images' list, got list"),  # was AttributeError
+        (lambda d: {**d, "images": "0.jpg"}, r"'images' is string"),  # was AttributeError
+        (
+            lambda d: {
+                **d,
+                "images": [{k: v for k, v in d["images"][0].items() if k != "sentences"}, *d["images"][1:]],
+            },
+            r"entry 0 of 'images' lacks field\(s\) \['sentences'\]",
+        ),  # was KeyError
+        (
+            lambda d: {
+                **d,
+                "images": [*d["images"][:1], {**d["images"][1], "sentences": [{"raw": 3}]}, *d["images"][2:]],
+            },
+            r"entry 1 of 'images' has sentence 0",
+        ),
+        (
+            lambda d: {**d, "images": [{**d["images"][0], "filename": "../../etc/hostname"}, *d["images"][1:]]},
+            r"leads outside the data root",
+        ),
+    ],
+)
 def test_karpathy_record_types(tmp_path: Path, mutate, expect) -> None:
     root = make_karpathy(tmp_path)
     ann = root / "dataset_flickr30k.json"
@@ -91,8 +109,10 @@ def test_flickr8k_token_file_not_utf8_names_file(tmp_path: Path) -> None:
 
 
 # --- YAML configs -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("content, expect", [(b"model: [unclosed\n", r"not valid YAML at line \d"),
-                                             (b"model:\n  name: caf\xe9\n", "not UTF-8")])
+@pytest.mark.parametrize(
+    "content, expect",
+    [(b"model: [unclosed\n", r"not valid YAML at line \d"), (b"model:\n  name: caf\xe9\n", "not UTF-8")],
+)
 def test_yaml_config_errors_name_file(tmp_path: Path, content: bytes, expect: str) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_bytes(content)
@@ -115,8 +135,16 @@ def make_cirr(root: Path, n: int = 4) -> Path:
     for name in names:
         (root / "dev").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (40 * len(name) % 255, 0, 0)).save(root / "dev" / f"{name}.png")
-    pairs = [{"pairid": i, "reference": names[i], "target_hard": names[(i + 1) % n], "caption": f"change {i}",
-              "img_set": {"members": names}} for i in range(n)]
+    pairs = [
+        {
+            "pairid": i,
+            "reference": names[i],
+            "target_hard": names[(i + 1) % n],
+            "caption": f"change {i}",
+            "img_set": {"members": names},
+        }
+        for i in range(n)
+    ]
     (root / "captions").mkdir(parents=True)
     (root / "image_splits").mkdir()
     (root / "captions" / "cap.rc2.val.json").write_text(json.dumps(pairs))
@@ -129,16 +157,22 @@ def test_cirr_valid_synthetic(tmp_path: Path) -> None:
     assert len(ds) == 4 and ds.has_targets and ds.subsets.shape == (4, 4)
 
 
-@pytest.mark.parametrize("which, mutate, expect", [
-    ("captions", lambda d: {"0": d[0]}, r"expected a JSON list of .* got object"),              # was AttributeError
-    ("captions", lambda d: [{**d[0], "caption": ["x"]}, *d[1:]], r'entry 0 has "caption" list'),
-    ("captions", lambda d: [d[0], {k: v for k, v in d[1].items() if k != "pairid"}, *d[2:]],
-     r"entry 1 lacks field\(s\) \['pairid'\]"),
-    ("captions", lambda d: [{**d[0], "img_set": 3}, *d[1:]], r'entry 0 has "img_set" 3'),
-    ("splits", lambda d: list(d), r"expected a JSON object mapping image names"),
-    ("splits", lambda d: {**d, "dev-0-0-img0": "../../../../etc/hostname"}, r"leads outside the data root"),
-    ("splits", lambda d: {**d, "dev-0-0-img0": "/etc/hostname"}, r"leads outside the data root"),
-])
+@pytest.mark.parametrize(
+    "which, mutate, expect",
+    [
+        ("captions", lambda d: {"0": d[0]}, r"expected a JSON list of .* got object"),  # was AttributeError
+        ("captions", lambda d: [{**d[0], "caption": ["x"]}, *d[1:]], r'entry 0 has "caption" list'),
+        (
+            "captions",
+            lambda d: [d[0], {k: v for k, v in d[1].items() if k != "pairid"}, *d[2:]],
+            r"entry 1 lacks field\(s\) \['pairid'\]",
+        ),
+        ("captions", lambda d: [{**d[0], "img_set": 3}, *d[1:]], r'entry 0 has "img_set" 3'),
+        ("splits", lambda d: list(d), r"expected a JSON object mapping image names"),
+        ("splits", lambda d: {**d, "dev-0-0-img0": "../../../../etc/hostname"}, r"leads outside the data root"),
+        ("splits", lambda d: {**d, "dev-0-0-img0": "/etc/hostname"}, r"leads outside the data root"),
+    ],
+)
 @pytest.mark.parametrize("check_images", [True, False])
 def test_cirr_record_types_and_escapes(tmp_path: Path, which: str, mutate, expect: str, check_images: bool) -> None:
     root = make_cirr(tmp_path / "cirr")
@@ -156,18 +190,22 @@ def make_fashioniq(root: Path) -> Path:
         Image.new("RGB", (8, 8)).save(root / "images" / f"{n}.jpg")
     (root / "captions").mkdir()
     (root / "image_splits").mkdir()
-    (root / "captions" / "cap.dress.val.json").write_text(json.dumps(
-        [{"candidate": "B001", "target": "B002", "captions": ["is red", "longer"]}]))
+    (root / "captions" / "cap.dress.val.json").write_text(
+        json.dumps([{"candidate": "B001", "target": "B002", "captions": ["is red", "longer"]}])
+    )
     (root / "image_splits" / "split.dress.val.json").write_text(json.dumps(names))
     return root
 
 
-@pytest.mark.parametrize("which, content, expect", [
-    ("split", ["B001", "../../etc/hostname"], r"entry 1 is string '../../etc/hostname', refused"),
-    ("split", {"B001": 1}, r"expected a JSON list of image names"),
-    ("captions", [{"candidate": "B001", "target": "B002", "captions": "is red"}], r'entry 0 has "captions" string'),
-    ("captions", [["B001", "B002"]], r"entry 0 is a list, not an object"),
-])
+@pytest.mark.parametrize(
+    "which, content, expect",
+    [
+        ("split", ["B001", "../../etc/hostname"], r"entry 1 is string '../../etc/hostname', refused"),
+        ("split", {"B001": 1}, r"expected a JSON list of image names"),
+        ("captions", [{"candidate": "B001", "target": "B002", "captions": "is red"}], r'entry 0 has "captions" string'),
+        ("captions", [["B001", "B002"]], r"entry 0 is a list, not an object"),
+    ],
+)
 @pytest.mark.parametrize("check_images", [True, False])
 def test_fashioniq_record_types_and_escapes(tmp_path: Path, which, content, expect, check_images) -> None:
     root = make_fashioniq(tmp_path / "fiq")

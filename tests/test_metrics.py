@@ -171,11 +171,16 @@ def test_scan_threads_split_rows_exactly(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @settings(max_examples=60, deadline=None)
 @given(
-    n_q=st.integers(1, 30), n_g=st.integers(1, 40), n_ids=st.integers(1, 40), levels=st.sampled_from([None, 1, 2, 5]),
-    scan=st.sampled_from([0, 1, 3, 1000]), seed=st.integers(0, 2**31 - 1),
+    n_q=st.integers(1, 30),
+    n_g=st.integers(1, 40),
+    n_ids=st.integers(1, 40),
+    levels=st.sampled_from([None, 1, 2, 5]),
+    scan=st.sampled_from([0, 1, 3, 1000]),
+    seed=st.integers(0, 2**31 - 1),
 )
-def test_property_matches_full_sort_reference(n_q: int, n_g: int, n_ids: int, levels: int | None, scan: int,
-                                              seed: int) -> None:
+def test_property_matches_full_sort_reference(
+    n_q: int, n_g: int, n_ids: int, levels: int | None, scan: int, seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     sim, q_ids, g_ids = random_case(rng, n_q, n_g, min(n_ids, n_g), levels)
     old = metrics_module.SCAN_MAX_POSITIVES

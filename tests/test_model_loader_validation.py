@@ -25,11 +25,27 @@ TEXTS = ["a photo of a cat", "two dogs playing in the snow!", ""]
 def _hf_clip(tmp_path: Path, mlp_mult: int = 4, vocab_size: int = 49408, width: int = 64):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.CLIPConfig(
-        text_config=dict(hidden_size=width, intermediate_size=mlp_mult * width, num_hidden_layers=2,
-                         num_attention_heads=2, vocab_size=vocab_size, max_position_embeddings=77,
-                         hidden_act="quick_gelu", eos_token_id=49407, bos_token_id=49406, pad_token_id=0),
-        vision_config=dict(hidden_size=width, intermediate_size=mlp_mult * width, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=16, hidden_act="quick_gelu"),
+        text_config=dict(
+            hidden_size=width,
+            intermediate_size=mlp_mult * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            eos_token_id=49407,
+            bos_token_id=49406,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=mlp_mult * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+            hidden_act="quick_gelu",
+        ),
         projection_dim=32,
     )
     torch.manual_seed(0)
@@ -61,14 +77,17 @@ def _copy_with_config(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("edit, expect", [
-    (lambda c: c["vision_config"].update(num_attention_heads=0), r"vision_config.num_attention_heads is 0"),
-    (lambda c: c["text_config"].update(num_attention_heads=0), r"text_config.num_attention_heads is 0"),
-    (lambda c: c["text_config"].update(num_attention_heads=-2), r"num_attention_heads is -2"),
-    (lambda c: c["vision_config"].update(num_attention_heads=3), r"not divisible by 3 heads"),
-    (lambda c: c.update(vision_config=[1, 2]), r"vision_config is a list"),          # was AttributeError
-    (lambda c: c.update(vision_config="ViT-B/32"), r"vision_config is a str"),       # was AttributeError
-])
+@pytest.mark.parametrize(
+    "edit, expect",
+    [
+        (lambda c: c["vision_config"].update(num_attention_heads=0), r"vision_config.num_attention_heads is 0"),
+        (lambda c: c["text_config"].update(num_attention_heads=0), r"text_config.num_attention_heads is 0"),
+        (lambda c: c["text_config"].update(num_attention_heads=-2), r"num_attention_heads is -2"),
+        (lambda c: c["vision_config"].update(num_attention_heads=3), r"not divisible by 3 heads"),
+        (lambda c: c.update(vision_config=[1, 2]), r"vision_config is a list"),  # was AttributeError
+        (lambda c: c.update(vision_config="ViT-B/32"), r"vision_config is a str"),  # was AttributeError
+    ],
+)
 def test_hf_config_errors(hf_dir: Path, tmp_path: Path, edit, expect: str) -> None:
     bad = _copy_with_config(hf_dir, tmp_path / "bad", edit)
     with pytest.raises(CheckpointError, match=expect):
@@ -123,9 +142,19 @@ def test_mlp_ratio_4_9231_like_bigg(tmp_path: Path) -> None:
     hidden = int(width * 4.9231)  # 315
     from calibclip.models.clip import CLIPConfig
 
-    src = CLIP(CLIPConfig(embed_dim=32, vision_layers=1, vision_width=width, vision_patch_size=16,
-                          image_size=(32, 32), text_width=width, text_layers=1, vision_mlp_width=hidden,
-                          text_mlp_width=hidden))
+    src = CLIP(
+        CLIPConfig(
+            embed_dim=32,
+            vision_layers=1,
+            vision_width=width,
+            vision_patch_size=16,
+            image_size=(32, 32),
+            text_width=width,
+            text_layers=1,
+            vision_mlp_width=hidden,
+            text_mlp_width=hidden,
+        )
+    )
     path = tmp_path / "bigg_like.pt"
     torch.save(src.state_dict(), path)
     model = calibclip.create_model(path)

@@ -54,7 +54,8 @@ def test_cli_commands_make_no_outward_connection(tmp_path: Path, toy_models: Non
     photo = tmp_path / "q.png"
     Image.new("RGB", (32, 32), (200, 40, 40)).save(photo)
     commands = [
-        ["version"], ["models"],
+        ["version"],
+        ["models"],
         ["index", str(images), "--out", ix, "--model", "fake-test", "--workers", "0", "--quiet", "--json"],
         ["index", str(images), "--out", ix, "--workers", "0", "--quiet"],
         ["info", ix, "--json", "--skipped"],
@@ -79,8 +80,9 @@ def test_cli_commands_make_no_outward_connection(tmp_path: Path, toy_models: Non
     assert _no_outward_network.attempts == []
 
 
-def test_explicit_download_announced_and_only_outward_attempt(tmp_path: Path, monkeypatch, capsys,
-                                                             _no_outward_network: NetGuard) -> None:
+def test_explicit_download_announced_and_only_outward_attempt(
+    tmp_path: Path, monkeypatch, capsys, _no_outward_network: NetGuard
+) -> None:
     monkeypatch.setenv("CALIBCLIP_CACHE", str(tmp_path / "cache"))  # nothing cached
     monkeypatch.delenv("CALIBCLIP_OFFLINE", raising=False)
     photo = tmp_path / "q.png"
@@ -89,12 +91,12 @@ def test_explicit_download_announced_and_only_outward_attempt(tmp_path: Path, mo
     err = capsys.readouterr().err
     assert "downloading the ViT-B/32 weights from https://openaipublic.azureedge.net/" in err
     assert "CALIBCLIP_OFFLINE=1" in err and "Are you offline" in err and "Traceback" not in err
-    assert _no_outward_network.attempts and all("openaipublic.azureedge.net" in a for a in
-                                                _no_outward_network.attempts)
+    assert _no_outward_network.attempts and all("openaipublic.azureedge.net" in a for a in _no_outward_network.attempts)
 
 
-def test_offline_refuses_download_before_connecting(tmp_path: Path, monkeypatch, capsys,
-                                                    _no_outward_network: NetGuard) -> None:
+def test_offline_refuses_download_before_connecting(
+    tmp_path: Path, monkeypatch, capsys, _no_outward_network: NetGuard
+) -> None:
     monkeypatch.setenv("CALIBCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CALIBCLIP_OFFLINE", "1")
     photo = tmp_path / "q.png"
@@ -105,8 +107,9 @@ def test_offline_refuses_download_before_connecting(tmp_path: Path, monkeypatch,
     assert _no_outward_network.attempts == []
 
 
-def test_model_mismatch_refused_before_any_download(tmp_path: Path, monkeypatch, capsys,
-                                                    _no_outward_network: NetGuard) -> None:
+def test_model_mismatch_refused_before_any_download(
+    tmp_path: Path, monkeypatch, capsys, _no_outward_network: NetGuard
+) -> None:
     """`search --model ViT-B/32` on an index of another model: the mismatch error, with no download attempt."""
     registry.register_model("fake-test", lambda **kw: FakeEncoder(), pretrained="random")
     try:
@@ -116,8 +119,10 @@ def test_model_mismatch_refused_before_any_download(tmp_path: Path, monkeypatch,
         assert main(["index", str(images), "--out", ix, "--model", "fake-test", "--workers", "0", "--quiet"]) == 0
         capsys.readouterr()
         monkeypatch.setenv("CALIBCLIP_CACHE", str(tmp_path / "cache"))
-        for argv in (["search", ix, "--text", "a dog", "--model", "ViT-B/32"],
-                     ["index", str(images), "--out", ix, "--model", "ViT-B/32", "--quiet"]):
+        for argv in (
+            ["search", ix, "--text", "a dog", "--model", "ViT-B/32"],
+            ["index", str(images), "--out", ix, "--model", "ViT-B/32", "--quiet"],
+        ):
             assert main(argv) == 2
             captured = capsys.readouterr()
             err = captured.err.strip().splitlines()
@@ -133,8 +138,7 @@ def test_info_json_of_guarded_run_is_plain(tmp_path: Path, toy_models: None, cap
     """`info --json` works under the guard (no hidden look-ups, e.g. of the host name)."""
     make_photo_folder(tmp_path / "img")
     ix = str(tmp_path / "ix")
-    assert main(["index", str(tmp_path / "img"), "--out", ix, "--model", "fake-test", "--workers", "0",
-                 "--quiet"]) == 0
+    assert main(["index", str(tmp_path / "img"), "--out", ix, "--model", "fake-test", "--workers", "0", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["info", ix, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "fake-test"

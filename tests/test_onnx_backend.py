@@ -18,10 +18,27 @@ from calibclip.models.onnx_backend import OnnxEncoder
 TEXTS = ["a dog runs on the grass", "hello", "two men playing guitars on a stage at night under red lights", ""]
 
 TINY = {
-    "vit": dict(embed_dim=48, image_size=64, vision_layers=2, vision_width=64, vision_patch_size=16, text_width=64,
-                text_layers=2, text_heads=2, vision_heads=2),
-    "resnet": dict(embed_dim=48, image_size=64, vision_layers=(1, 1, 1, 1), vision_width=32, text_width=64,
-                   text_layers=2, text_heads=2, vision_heads=2),
+    "vit": dict(
+        embed_dim=48,
+        image_size=64,
+        vision_layers=2,
+        vision_width=64,
+        vision_patch_size=16,
+        text_width=64,
+        text_layers=2,
+        text_heads=2,
+        vision_heads=2,
+    ),
+    "resnet": dict(
+        embed_dim=48,
+        image_size=64,
+        vision_layers=(1, 1, 1, 1),
+        vision_width=32,
+        text_width=64,
+        text_layers=2,
+        text_heads=2,
+        vision_heads=2,
+    ),
 }
 
 
@@ -161,15 +178,23 @@ def test_starter_int8_flickr8k_dev_recall(flickr8k_root: Path, tmp_path: Path, m
 
     monkeypatch.setenv("CALIBCLIP_CACHE", str(tmp_path))
     config = {"model": {}, "evaluation": {"cache": False}}
-    fp32 = run_evaluation("flickr8k", flickr8k_root, config, split="dev", encoder=create_model("starter"),
-                          progress=False)["metrics"]
-    int8 = run_evaluation("flickr8k", flickr8k_root, config, split="dev", progress=False,
-                          encoder=create_model("starter", backend="onnx", precision="int8"))["metrics"]
+    fp32 = run_evaluation(
+        "flickr8k", flickr8k_root, config, split="dev", encoder=create_model("starter"), progress=False
+    )["metrics"]
+    int8 = run_evaluation(
+        "flickr8k",
+        flickr8k_root,
+        config,
+        split="dev",
+        progress=False,
+        encoder=create_model("starter", backend="onnx", precision="int8"),
+    )["metrics"]
     assert abs(int8["t2i_R@1"] - fp32["t2i_R@1"]) <= 0.3, (int8, fp32)
 
 
-def test_cli_backend_onnx_search_matches_torch(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_backend_onnx_search_matches_torch(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
     import sys
 
@@ -190,8 +215,10 @@ def test_cli_backend_onnx_search_matches_torch(tmp_path: Path, capsys: pytest.Ca
     registry.register_model("tiny-onnx-test", tiny, pretrained="random")
     make_photo_folder(tmp_path / "img")
     ix = str(tmp_path / "ix")
-    assert main(["index", str(tmp_path / "img"), "--out", ix, "--model", "tiny-onnx-test", "--workers", "0",
-                 "--quiet"]) == 0
+    assert (
+        main(["index", str(tmp_path / "img"), "--out", ix, "--model", "tiny-onnx-test", "--workers", "0", "--quiet"])
+        == 0
+    )
     capsys.readouterr()
     results = {}
     for backend in ("torch", "onnx"):

@@ -44,7 +44,9 @@ def make_flickr8k(root: Path) -> Path:
         Image.fromarray(arr).save(images / name, quality=90)
         names.append(name)
         for k in range(5):
-            lines.append(f"{name}#{k}\tA {colour} {thing} {['outside', 'in the park', 'at night', 'near water', 'today'][k]} .")
+            lines.append(
+                f"{name}#{k}\tA {colour} {thing} {['outside', 'in the park', 'at night', 'near water', 'today'][k]} ."
+            )
     (text / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
     (text / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:12]) + "\n")
     (text / "Flickr_8k.devImages.txt").write_text("\n".join(names[12:]) + "\n")
@@ -59,13 +61,20 @@ def flickr(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_rule_on_hand_made_features() -> None:
     # image 0's visual neighbours: 1 (closest), 2, 3 (a near-duplicate); captions: 1 is described like 0, 2 is not
     img = torch.tensor([[1.0, 0.0, 0.0], [0.95, 0.31, 0.0], [0.9, 0.0, 0.44], [1.0, 0.0, 0.001], [0.0, 0.0, 1.0]])
-    cap = torch.tensor([
-        [1.0, 0.0, 0.0], [0.9, 0.1, 0.0],      # image 0: "dog", "dog, a bit of grass"
-        [1.0, 0.05, 0.0], [0.95, 0.0, 0.0],    # image 1: described like image 0
-        [0.0, 1.0, 0.0], [0.1, 0.9, 0.1],      # image 2: described differently
-        [1.0, 0.0, 0.0], [1.0, 0.0, 0.0],      # image 3 (near-duplicate of 0)
-        [0.0, 0.0, 1.0], [0.0, 0.1, 1.0],      # image 4
-    ])
+    cap = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],
+            [0.9, 0.1, 0.0],  # image 0: "dog", "dog, a bit of grass"
+            [1.0, 0.05, 0.0],
+            [0.95, 0.0, 0.0],  # image 1: described like image 0
+            [0.0, 1.0, 0.0],
+            [0.1, 0.9, 0.1],  # image 2: described differently
+            [1.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0],  # image 3 (near-duplicate of 0)
+            [0.0, 0.0, 1.0],
+            [0.0, 0.1, 1.0],  # image 4
+        ]
+    )
     owner = np.repeat(np.arange(5), 2)
     trip = build_triplets(img, cap, owner, neighbours=2)
     assert [t["target"] for t in trip] == [0, 1, 2, 3, 4]
@@ -89,10 +98,12 @@ def test_rule_on_hand_made_features() -> None:
 def test_make_pseudo_cir_is_deterministic_and_writes_annotations_only(tmp_path: Path, flickr: Path) -> None:
     enc = FakeEncoder()
     out1, out2 = tmp_path / "a", tmp_path / "b"
-    s = make_pseudo_cir(enc, "flickr8k", flickr, "dev", out1, cache=FeatureCache(tmp_path / "c1"), neighbours=3,
-                        progress=False)
-    make_pseudo_cir(enc, "flickr8k", flickr, "val", out2, cache=FeatureCache(tmp_path / "c2"), neighbours=3,
-                    progress=False)
+    s = make_pseudo_cir(
+        enc, "flickr8k", flickr, "dev", out1, cache=FeatureCache(tmp_path / "c1"), neighbours=3, progress=False
+    )
+    make_pseudo_cir(
+        enc, "flickr8k", flickr, "val", out2, cache=FeatureCache(tmp_path / "c2"), neighbours=3, progress=False
+    )
     assert s["triplets"] == 6 and s["images"] == 6 and s["split"] == "dev"
     assert [p.name for p in out1.iterdir()] == ["pseudo-cir.dev.json"]  # no images copied, val = dev
     assert (out1 / "pseudo-cir.dev.json").read_bytes() == (out2 / "pseudo-cir.dev.json").read_bytes()
@@ -110,8 +121,18 @@ def test_make_pseudo_cir_is_deterministic_and_writes_annotations_only(tmp_path: 
     assert [ds.image_names[i] for i in ds.target] == [t["target"] for t in data["triplets"]]
     assert (ds.reference != ds.target).all()
     # the first N images only
-    s3 = make_pseudo_cir(enc, "flickr8k", flickr, "train", out1, cache=FeatureCache(tmp_path / "c1"), neighbours=3,
-                         references_per_target=2, max_images=8, progress=False)
+    s3 = make_pseudo_cir(
+        enc,
+        "flickr8k",
+        flickr,
+        "train",
+        out1,
+        cache=FeatureCache(tmp_path / "c1"),
+        neighbours=3,
+        references_per_target=2,
+        max_images=8,
+        progress=False,
+    )
     assert s3["images"] == 8 and s3["triplets"] == 16
     assert len(load_pseudo_cir(out1, "train").images) == 8
 
@@ -131,17 +152,39 @@ def test_loader_errors(tmp_path: Path, flickr: Path) -> None:
         make_pseudo_cir(FakeEncoder(), "coco", flickr, "dev", out, progress=False)
 
 
-def test_evaluate_and_train_on_pseudo_cir(tmp_path: Path, flickr: Path, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_and_train_on_pseudo_cir(
+    tmp_path: Path, flickr: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setattr(registry, "create_model", lambda *a, **k: FakeEncoder())
     out, cache_dir = tmp_path / "pcir", tmp_path / "cache"
     for split in ("train", "dev"):
-        assert main(["make-pseudo-cir", "--dataset", "flickr8k", "--data-root", str(flickr), "--split", split,
-                     "--out", str(out), "--neighbours", "4", "--cache-dir", str(cache_dir), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "make-pseudo-cir",
+                    "--dataset",
+                    "flickr8k",
+                    "--data-root",
+                    str(flickr),
+                    "--split",
+                    split,
+                    "--out",
+                    str(out),
+                    "--neighbours",
+                    "4",
+                    "--cache-dir",
+                    str(cache_dir),
+                    "--json",
+                ]
+            )
+            == 0
+        )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["triplets"] == 6
     enc, cache = FakeEncoder(), FeatureCache(cache_dir)
-    results = {c: evaluate_composed(enc, "pseudo-cir", out, "dev", c, None, cache, progress=False)
-               for c in ("sum", "image", "text")}
+    results = {
+        c: evaluate_composed(enc, "pseudo-cir", out, "dev", c, None, cache, progress=False)
+        for c in ("sum", "image", "text")
+    }
     assert all(list(m) == ["R@1", "R@5", "R@10", "R@50"] for m in results.values())
     # image-only never returns the reference (removed), so it cannot score 100 unless the target is its top neighbour
     ds = load_pseudo_cir(out, "dev")
@@ -157,12 +200,34 @@ def test_evaluate_and_train_on_pseudo_cir(tmp_path: Path, flickr: Path, monkeypa
     train = load_pseudo_cir(out, "train")
     tf = extract_features(enc, train, cache, variants=True, progress=False)
     assert tf.variants.shape == (12, 5, 32)
-    assert torch.allclose(tf.variants[3, 2], torch.from_numpy(enc.encode(texts=[train.info["variants"][3][2]])[0]),
-                          atol=1e-5)
-    summary = train_combiner(enc, out, tmp_path / "run", TrainConfig(dataset="pseudo-cir", epochs=2, batch_size=8),
-                             cache=cache, progress=False)
+    assert torch.allclose(
+        tf.variants[3, 2], torch.from_numpy(enc.encode(texts=[train.info["variants"][3][2]])[0]), atol=1e-5
+    )
+    summary = train_combiner(
+        enc,
+        out,
+        tmp_path / "run",
+        TrainConfig(dataset="pseudo-cir", epochs=2, batch_size=8),
+        cache=cache,
+        progress=False,
+    )
     assert summary["config"]["val_split"] == "dev" and summary["train_pairs"] == 12
-    assert main(["evaluate", "--dataset", "pseudo-cir", "--data-root", str(out), "--split", "dev", "--combining",
-                 "text", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "pseudo-cir",
+                "--data-root",
+                str(out),
+                "--split",
+                "dev",
+                "--combining",
+                "text",
+                "--json",
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["dataset"] == "pseudo-cir" and got["metrics"]["R@1"] == pytest.approx(results["text"]["R@1"])

@@ -15,9 +15,12 @@ SCRIPT = REPO / "scripts" / "quickstart.sh"
 
 #: The photo each quickstart query must put first (the script's own claims).
 EXPECTED_TOP = {
-    "a tabby cat": "chelsea.png", "a man with a camera": "camera.png",
-    "a woman in a military uniform": "grace_hopper.jpg", "a motorcycle": "motorcycle_left.png",
-    "stars in the night sky": "hubble_deep_field.jpg", "a pile of coins": "coins.png",
+    "a tabby cat": "chelsea.png",
+    "a man with a camera": "camera.png",
+    "a woman in a military uniform": "grace_hopper.jpg",
+    "a motorcycle": "motorcycle_left.png",
+    "stars in the night sky": "hubble_deep_field.jpg",
+    "a pile of coins": "coins.png",
 }
 
 
@@ -32,8 +35,12 @@ def test_script_is_valid_and_tells_the_next_command() -> None:
 
 @pytest.mark.slow
 def test_quickstart_queries_succeed_on_its_photos(tmp_path: Path) -> None:
-    env = {**os.environ, "CALIBCLIP_QUICKSTART_USE_ACTIVE_ENV": "1", "CALIBCLIP_QUICKSTART_DIR": str(tmp_path / "qs"),
-           "CALIBCLIP_CACHE": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "CALIBCLIP_QUICKSTART_USE_ACTIVE_ENV": "1",
+        "CALIBCLIP_QUICKSTART_DIR": str(tmp_path / "qs"),
+        "CALIBCLIP_CACHE": str(tmp_path / "cache"),
+    }
     proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=1800, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
@@ -44,7 +51,7 @@ def test_quickstart_queries_succeed_on_its_photos(tmp_path: Path) -> None:
     composed = out.split("composed query:", 1)[1]
     first = [line for line in composed.splitlines() if re.match(r"\s+1\s", line)][0]
     assert first.endswith("motorcycle_left.png")
-    calibrated = out.split('plain vs calibrated text query', 1)[1]
+    calibrated = out.split("plain vs calibrated text query", 1)[1]
     tops = [line for line in calibrated.splitlines() if re.match(r"\s+1\s", line)][:2]
     assert tops[1].endswith("rocket.jpg")  # the calibrated ranking puts the rocket first
     assert out.rstrip().splitlines()[-3].strip() == ". .venv/bin/activate"

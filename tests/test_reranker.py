@@ -9,7 +9,12 @@ import torch
 
 from calibclip.calibration.rerank import fuse_scores, place_topk
 from calibclip.calibration.reranker import (
-    CrossModalReranker, RerankerConfig, Reranking, listwise_loss, load_reranker, render_match,
+    CrossModalReranker,
+    RerankerConfig,
+    Reranking,
+    listwise_loss,
+    load_reranker,
+    render_match,
 )
 
 
@@ -25,8 +30,19 @@ def tiny_clip():
     from calibclip.models.clip import CLIP, CLIPConfig
 
     torch.manual_seed(0)
-    return CLIP(CLIPConfig(embed_dim=16, image_size=(64, 64), text_width=32, text_layers=1, text_heads=2,
-                           vision_heads=2, vision_layers=1, vision_width=32, vision_patch_size=16)).eval()
+    return CLIP(
+        CLIPConfig(
+            embed_dim=16,
+            image_size=(64, 64),
+            text_width=32,
+            text_layers=1,
+            text_heads=2,
+            vision_heads=2,
+            vision_layers=1,
+            vision_width=32,
+            vision_patch_size=16,
+        )
+    ).eval()
 
 
 def test_scores_independent_of_other_candidates():
@@ -95,8 +111,10 @@ def test_rerank_matrix_matches_pairwise_scoring():
     out = rr.rerank_matrix(sim, text, pad, gallery, chunk=1)
     for q in range(2):
         top = torch.topk(sim[q], 3).indices
-        expect = sim[q, top].double() + model.score_candidates(text[q : q + 1], pad[q : q + 1],
-                                                               gallery[top][None].float())[0][0].double()
+        expect = (
+            sim[q, top].double()
+            + model.score_candidates(text[q : q + 1], pad[q : q + 1], gallery[top][None].float())[0][0].double()
+        )
         assert torch.allclose(out[q, top], expect, atol=1e-5)
         others = torch.tensor([i for i in range(5) if i not in top.tolist()])
         assert out[q, others].max() < out[q, top].min()
@@ -180,12 +198,17 @@ def test_listwise_training_learns_a_match():
 
 
 def test_evaluate_with_reranking_only_moves_top_k(tmp_path):
-    from fakes import make_flickr8k
-
     from calibclip.data.cache import FeatureCache
     from calibclip.datasets import load_dataset
-    from calibclip.evaluation.evaluator import dataset_features, dataset_metrics, dataset_token_views, \
-        evaluate_retrieval, rerank_similarity, similarity_matrix
+    from calibclip.evaluation.evaluator import (
+        dataset_features,
+        dataset_metrics,
+        dataset_token_views,
+        evaluate_retrieval,
+        rerank_similarity,
+        similarity_matrix,
+    )
+    from fakes import make_flickr8k
 
     enc = tiny_clip()
     ds = load_dataset("flickr8k", make_flickr8k(tmp_path / "f8k", n_images=8), "dev")
@@ -203,8 +226,12 @@ def test_evaluate_with_reranking_only_moves_top_k(tmp_path):
     new_top = torch.topk(out, 3, dim=1).indices
     assert all(set(a) == set(b) for a, b in zip(top.tolist(), new_top.tolist()))  # same candidates on top
     rest_order = torch.argsort(out, dim=1, descending=True)[:, 3:]
-    assert torch.equal(rest_order, torch.argsort(sim.double() - 10 * torch.zeros_like(sim.double()).scatter_(
-        1, top, -1.0), dim=1, descending=True)[:, 3:])  # the others keep their order
+    assert torch.equal(
+        rest_order,
+        torch.argsort(
+            sim.double() - 10 * torch.zeros_like(sim.double()).scatter_(1, top, -1.0), dim=1, descending=True
+        )[:, 3:],
+    )  # the others keep their order
     assert not torch.equal(out.argsort(dim=1), sim.double().argsort(dim=1))
     assert set(dataset_metrics(out, ds)) == set(plain)
     # cached token views are reused (same folder, same arrays)
@@ -228,16 +255,26 @@ def test_explain_match_maps_words_to_regions(tmp_path):
 def test_evaluate_cli_rerank_flag(tmp_path, capsys):
     """`calibclip evaluate --rerank PATH` re-ranks with a saved re-ranker and reports the same keys;
     a re-ranker of another encoder and a missing packaged one are one-line errors."""
-    from fakes import make_flickr8k
-
     from calibclip.cli.main import main
+    from fakes import make_flickr8k
 
     enc = tiny_clip()
     path = tmp_path / "clip.pt"
     torch.save(enc.state_dict(), path)
     root = make_flickr8k(tmp_path / "f8k", n_images=8)
-    base = ["evaluate", "--dataset", "flickr8k", "--data-root", str(root), "--split", "dev", "--model", str(path),
-            "--json", "--no-cache"]
+    base = [
+        "evaluate",
+        "--dataset",
+        "flickr8k",
+        "--data-root",
+        str(root),
+        "--split",
+        "dev",
+        "--model",
+        str(path),
+        "--json",
+        "--no-cache",
+    ]
     assert main(base) == 0
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     from calibclip.models.registry import create_model
@@ -248,8 +285,9 @@ def test_evaluate_cli_rerank_flag(tmp_path, capsys):
     assert main(base + ["--rerank", str(tmp_path / "rr")]) == 0
     reranked = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(reranked["metrics"]) == set(plain["metrics"])
-    assert {k: v for k, v in reranked["metrics"].items() if k.startswith("i2t")} == \
-        {k: v for k, v in plain["metrics"].items() if k.startswith("i2t")}
+    assert {k: v for k, v in reranked["metrics"].items() if k.startswith("i2t")} == {
+        k: v for k, v in plain["metrics"].items() if k.startswith("i2t")
+    }
     other = _trained_like(RerankerConfig(token_dim=32, width=16, num_heads=2, encoder_name="starter"))
     other.save(tmp_path / "other")
     assert main(base + ["--rerank", str(tmp_path / "other")]) == 2
@@ -261,16 +299,16 @@ def test_evaluate_cli_rerank_flag(tmp_path, capsys):
 def test_trainer_reranker_target(tmp_path):
     """One trainer, a `reranker` target: the frozen dual encoder's top-K is re-ranked by a re-ranker
     trained with the listwise loss; best/last load with `load_reranker`; evaluate --rerank uses them."""
-    from test_train import make_person_set, make_tiny_clip, write_config
-
     from calibclip.cli.main import main
     from calibclip.training.config import load_train_settings
     from calibclip.training.trainer import train
+    from test_train import make_person_set, make_tiny_clip, write_config
 
     people = make_person_set(tmp_path / "people")
     clip = make_tiny_clip(tmp_path / "clip")
-    cfg = write_config(tmp_path / "cfg.yaml", training={"target": "reranker", "epochs": 2, "lr": 1e-3,
-                                                        "max_train_images": 40})
+    cfg = write_config(
+        tmp_path / "cfg.yaml", training={"target": "reranker", "epochs": 2, "lr": 1e-3, "max_train_images": 40}
+    )
     import yaml
 
     raw = yaml.safe_load(cfg.read_text())
@@ -282,5 +320,23 @@ def test_trainer_reranker_target(tmp_path):
     model = load_reranker(tmp_path / "out" / "best")
     assert model.config.top_k == 4 and model.config.width == 16 and model.config.num_layers == 1
     assert any(float(p.abs().sum()) > 0 for p in model.head.parameters())  # it trained (the head starts at zero)
-    assert main(["evaluate", "--dataset", "cuhkpedes", "--data-root", str(people), "--split", "val",
-                 "--model", str(clip), "--rerank", str(tmp_path / "out" / "best"), "--no-cache", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "cuhkpedes",
+                "--data-root",
+                str(people),
+                "--split",
+                "val",
+                "--model",
+                str(clip),
+                "--rerank",
+                str(tmp_path / "out" / "best"),
+                "--no-cache",
+                "--json",
+            ]
+        )
+        == 0
+    )

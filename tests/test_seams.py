@@ -11,13 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fakes import (
-    NAMES,
-    ColorEncoder,
-    TokenEncoder,
-    register_fake_model,
-    save_person_image,
-)
 from PIL import Image
 
 from calibclip.calibration import CalibrationConfig, Calibrator
@@ -29,6 +22,13 @@ from calibclip.data.records import RetrievalDataset
 from calibclip.evaluation.metrics import caption_metrics
 from calibclip.index import Index
 from calibclip.models import registry
+from fakes import (
+    NAMES,
+    ColorEncoder,
+    TokenEncoder,
+    register_fake_model,
+    save_person_image,
+)
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -70,9 +70,16 @@ def load_toy(root: str | Path, split: str = "test") -> RetrievalDataset:
     entries = json.loads((root / "toy.json").read_text())
     images = [root / "img" / name for name in entries]
     caps = [(i, c) for i, name in enumerate(entries) for c in entries[name]]
-    return RetrievalDataset(name="toy", split=split, root=root, images=images, image_ids=np.arange(len(images)),
-                            captions=[c for _, c in caps], caption_ids=np.array([i for i, _ in caps]),
-                            caption_image=np.array([i for i, _ in caps]))
+    return RetrievalDataset(
+        name="toy",
+        split=split,
+        root=root,
+        images=images,
+        image_ids=np.arange(len(images)),
+        captions=[c for _, c in caps],
+        caption_ids=np.array([i for i, _ in caps]),
+        caption_image=np.array([i for i, _ in caps]),
+    )
 
 
 def independent_metrics(root: Path, reverse: bool = False) -> dict[str, float]:
@@ -87,15 +94,30 @@ def independent_metrics(root: Path, reverse: bool = False) -> dict[str, float]:
 def test_toy_dataset_registered_from_the_test_evaluates_through_the_cli(
     tmp_path: Path, tables: None, color_model: str, capsys: pytest.CaptureFixture
 ) -> None:
-    data_registry.register_dataset("toy", load_toy, task="captions", aliases=("toy-set",),
-                                   description="test-only colour captions")
+    data_registry.register_dataset(
+        "toy", load_toy, task="captions", aliases=("toy-set",), description="test-only colour captions"
+    )
     root = make_toy_captions(tmp_path / "toy")
     assert main(["evaluate", "--dataset", "toy-set", "--data-root", str(root), "--model", color_model, "--json"]) == 0
     result = last_json(capsys.readouterr().out)
     assert (result["dataset"], result["split"], result["model"]) == ("toy", "test", color_model)
     assert result["metrics"] == independent_metrics(root)
-    assert main(["batch-evaluate", "--datasets", "toy", "--data-roots", str(root), "--model", color_model,
-                 "--output-dir", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "batch-evaluate",
+                "--datasets",
+                "toy",
+                "--data-roots",
+                str(root),
+                "--model",
+                color_model,
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "out" / "results.json").read_text())[0]["metrics"] == result["metrics"]
     data_registry.unregister_dataset("toy")
     with pytest.raises(SystemExit):  # the CLI's choices come from the table
@@ -113,8 +135,17 @@ def test_dataset_table_api_and_errors(tables: None) -> None:
 
     assert canonical_dataset(" RSTP ") == "rstpreid" and dataset_task("cuhk-pedes") == "person"
     assert get_dataset("fashioniq").default_split == "val" and get_dataset("css").headline == "R@1"
-    assert DATASETS == ("cuhkpedes", "icfgpedes", "rstpreid", "flickr8k", "karpathy", "fashioniq", "cirr", "css",
-                        "pseudo-cir")
+    assert DATASETS == (
+        "cuhkpedes",
+        "icfgpedes",
+        "rstpreid",
+        "flickr8k",
+        "karpathy",
+        "fashioniq",
+        "cirr",
+        "css",
+        "pseudo-cir",
+    )
     data_registry.register_dataset("extra", load_toy, task="captions")
     assert calibclip.datasets.DATASETS[-1] == "extra"
     with pytest.raises(ValueError, match=r"unknown dataset 'nope'; expected one of \['cuhkpedes'"):
@@ -200,8 +231,24 @@ def test_toy_calibration_method_registered_from_the_test_runs_through_the_cli(
 
     # the index records the method; Index.calibrator and `search --calibrate` use it
     ix = str(tmp_path / "ix")
-    assert main(["index", str(root / "img"), "--out", ix, "--model", color_model, "--calibrate",
-                 "--calibration-method", "reversed", "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(root / "img"),
+                "--out",
+                ix,
+                "--model",
+                color_model,
+                "--calibrate",
+                "--calibration-method",
+                "reversed",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["index", str(root / "img"), "--out", ix, "--json", "--quiet"]) == 0  # update keeps it
     assert last_json(capsys.readouterr().out)["unchanged"] == len(PAIRS)
@@ -232,14 +279,20 @@ def test_create_calibrator_settings_precedence() -> None:
     recorded = {"config": CalibrationConfig(decay_factor=0.3).to_dict()}
     assert cal_methods.create_calibrator(enc, settings={"top_k": 9}, recorded=recorded).config.decay_factor == 0.3
     cal = cal_methods.create_calibrator(enc)
-    q, g = {"raw": torch.randn(3, 8), "calibrated": torch.randn(3, 8)}, {"raw": torch.randn(5, 8),
-                                                                         "calibrated": torch.randn(5, 8)}
+    q, g = (
+        {"raw": torch.randn(3, 8), "calibrated": torch.randn(3, 8)},
+        {"raw": torch.randn(5, 8), "calibrated": torch.randn(5, 8)},
+    )
     cand = torch.tensor([[4, 0], [1, 2], [3, 3]])
     full = cal.scores(q, g)
     small = cal_methods.create_calibrator(enc, settings={"top_k": 2}).rerank(q, g, cand)
     two = cal_methods.create_calibrator(enc, settings={"top_k": 2})
-    sims = [torch.einsum("qd,qkd->qk", torch.nn.functional.normalize(q[n], dim=-1),
-                         torch.nn.functional.normalize(g[n], dim=-1)[cand]) for n in ("raw", "calibrated")]
+    sims = [
+        torch.einsum(
+            "qd,qkd->qk", torch.nn.functional.normalize(q[n], dim=-1), torch.nn.functional.normalize(g[n], dim=-1)[cand]
+        )
+        for n in ("raw", "calibrated")
+    ]
     assert torch.allclose(small, two.fuse(*sims)) and full.shape == (3, 5)
     with pytest.raises(ValueError, match="cannot be unregistered"):
         cal_methods.unregister_calibration_method("calibclip")
@@ -285,7 +338,11 @@ def test_toy_encoder_registered_from_the_test_indexes_and_searches_through_the_c
 
     assert main(["models", "--json"]) == 0
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
-    assert listed["toy-colour"] == {"name": "toy-colour", "pretrained": "random", "description": "test-only colour encoder"}
+    assert listed["toy-colour"] == {
+        "name": "toy-colour",
+        "pretrained": "random",
+        "description": "test-only colour encoder",
+    }
     assert listed["starter"]["pretrained"] == "built-in" and listed["ViT-B/16"]["pretrained"] == "download"
     root = make_toy_captions(tmp_path / "toy")
     ix = str(tmp_path / "ix")
@@ -309,8 +366,17 @@ def test_encoder_hooks_are_declared_with_defaults(tables: None) -> None:
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0]]
     assert batch.special_mask.tolist() == [[True, False, False, False, True, False]]
     assert enc.token_strings(ids[0, :5].tolist()) == tokenizer.token_strings(ids[0, :5].tolist())
-    clip = CLIP(CLIPConfig(embed_dim=16, vision_layers=1, vision_width=32, vision_patch_size=16, image_size=32,
-                           text_width=32, text_layers=1))
+    clip = CLIP(
+        CLIPConfig(
+            embed_dim=16,
+            vision_layers=1,
+            vision_width=32,
+            vision_patch_size=16,
+            image_size=32,
+            text_width=32,
+            text_layers=1,
+        )
+    )
     assert clip.token_strings(ids[0, :5].tolist()) == tokenizer.token_strings(ids[0, :5].tolist())
     registry.register_model("toy-clip", lambda **kw: clip, pretrained="random", aliases=("toy-alias",))
     assert registry.create_model("toy-alias").spec == "toy-clip"  # the registered name, not the alias
@@ -324,8 +390,17 @@ def test_index_built_from_a_checkpoint_path_reopens_from_another_directory(
     from calibclip.models.clip import CLIP, CLIPConfig
 
     torch.manual_seed(0)
-    tiny = CLIP(CLIPConfig(embed_dim=32, vision_layers=2, vision_width=64, vision_patch_size=16, image_size=32,
-                           text_width=64, text_layers=2)).eval()
+    tiny = CLIP(
+        CLIPConfig(
+            embed_dim=32,
+            vision_layers=2,
+            vision_width=64,
+            vision_patch_size=16,
+            image_size=32,
+            text_width=64,
+            text_layers=2,
+        )
+    ).eval()
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
     torch.save(tiny.state_dict(), ckpt_dir / "clip.pt")

@@ -12,7 +12,6 @@ import torch
 
 from calibclip.cli.main import main
 from calibclip.models import registry
-
 from fakes import PhotoEncoder as FakeEncoder
 from test_index_helpers import make_photo_folder
 
@@ -41,8 +40,23 @@ def cli_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
 def test_index_info_search_cli(tmp_path, capsys, fake_models):
     good, bad = make_photo_folder(tmp_path / "img")
     ix = str(tmp_path / "ix")
-    report = cli_json(capsys, ["index", str(tmp_path / "img"), "--out", ix, "--model", "fake-test",
-                               "--batch-size", "4", "--workers", "1", "--json", "--quiet"])
+    report = cli_json(
+        capsys,
+        [
+            "index",
+            str(tmp_path / "img"),
+            "--out",
+            ix,
+            "--model",
+            "fake-test",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert report["count"] == len(good) and report["skipped"] == len(bad)
 
     again = cli_json(capsys, ["index", str(tmp_path / "img"), "--out", ix, "--json", "--quiet"])  # recorded model
@@ -115,8 +129,16 @@ def test_flickr8k_caption_rank_matches_evaluation(flickr8k_root, tmp_path, capsy
     full = load_flickr8k(flickr8k_root, "dev")
     n = 100
     qi = np.flatnonzero(full.caption_image < n)[::5][:20]
-    ds = RetrievalDataset("flickr8k", "dev", full.root, full.images[:n], np.arange(n), [full.captions[i] for i in qi],
-                          full.caption_image[qi], full.caption_image[qi])
+    ds = RetrievalDataset(
+        "flickr8k",
+        "dev",
+        full.root,
+        full.images[:n],
+        np.arange(n),
+        [full.captions[i] for i in qi],
+        full.caption_image[qi],
+        full.caption_image[qi],
+    )
     encoder = create_model("starter")
     texts, images = dataset_features(encoder, ds, cache=FeatureCache(tmp_path / "cache"), workers=1, progress=False)
     eval_ranks, _ = positive_ranks(similarity_matrix(texts, images), ds.caption_ids, ds.image_ids)

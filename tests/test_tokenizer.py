@@ -79,8 +79,17 @@ def test_matches_openai_reference_tokenizer() -> None:
 
 
 def test_clip_tokenize_gives_trimmed_text_batch() -> None:
-    model = CLIP(CLIPConfig(embed_dim=16, vision_layers=1, vision_width=64, vision_patch_size=16, image_size=32,
-                            text_width=64, text_layers=1))
+    model = CLIP(
+        CLIPConfig(
+            embed_dim=16,
+            vision_layers=1,
+            vision_width=64,
+            vision_patch_size=16,
+            image_size=32,
+            text_width=64,
+            text_layers=1,
+        )
+    )
     batch = model.tokenize(["a photo of a cat", "", "dog"])
     assert batch.input_ids.shape == (3, 7)  # SOT + 5 words + EOT
     assert batch.attention_mask.tolist() == [[1] * 7, [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]]

@@ -66,8 +66,9 @@ def test_train_writes_run_and_resume_is_exact(tmp_path: Path, css_root: Path) ->
 def test_fashioniq_training_uses_caption_variants(tmp_path: Path, fashioniq_root: Path) -> None:
     root = write_fashioniq_subset(fashioniq_root, tmp_path / "fiq", n_pairs=12)
     enc, cache = FakeEncoder(), FeatureCache(tmp_path / "cache")
-    summary = train_combiner(enc, root, tmp_path / "run", _config(dataset="fashioniq", epochs=2), cache=cache,
-                             progress=False)
+    summary = train_combiner(
+        enc, root, tmp_path / "run", _config(dataset="fashioniq", epochs=2), cache=cache, progress=False
+    )
     assert summary["train_pairs"] == 36 and summary["headline"] == "avg"
     assert {"dress_R@10", "toptee_R@50", "avg"} <= set(summary["best"])
     from calibclip.composed.evaluate import extract_features
@@ -80,22 +81,65 @@ def test_fashioniq_training_uses_caption_variants(tmp_path: Path, fashioniq_root
     assert torch.allclose(feats.variants[0, 3], torch.from_numpy(want), atol=1e-5)
 
 
-def test_cli_cirr_train_then_evaluate(tmp_path: Path, cirr_root: Path, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture) -> None:
+def test_cli_cirr_train_then_evaluate(
+    tmp_path: Path, cirr_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     root = write_cirr_subset(cirr_root, tmp_path / "cirr", n_pairs=20)
     monkeypatch.setattr(registry, "create_model", lambda *a, **k: FakeEncoder())
     run = tmp_path / "run"
-    rc = main(["train-combiner", "--dataset", "cirr", "--data-root", str(root), "--out", str(run), "--epochs", "2",
-               "--batch-size", "16", "--lr", "1e-3", "--proj-mult", "1", "--hidden-mult", "2",
-               "--cache-dir", str(tmp_path / "cache"), "--json"])
+    rc = main(
+        [
+            "train-combiner",
+            "--dataset",
+            "cirr",
+            "--data-root",
+            str(root),
+            "--out",
+            str(run),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--proj-mult",
+            "1",
+            "--hidden-mult",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--json",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["headline"] == "avg" and summary["train_pairs"] == 40
     assert set(summary["best"]) == {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "avg"}
     sub = tmp_path / "sub"
-    m = evaluate_composed(FakeEncoder(), "cirr", root, "test1", "combiner", str(run / "best.pt"),
-                          FeatureCache(tmp_path / "cache"), 16, 0, sub, progress=False)
+    m = evaluate_composed(
+        FakeEncoder(),
+        "cirr",
+        root,
+        "test1",
+        "combiner",
+        str(run / "best.pt"),
+        FeatureCache(tmp_path / "cache"),
+        16,
+        0,
+        sub,
+        progress=False,
+    )
     assert m == {} and len(list(sub.glob("*.json"))) == 2
-    rc = main(["train-combiner", "--dataset", "cirr", "--data-root", str(tmp_path / "nothing"), "--out",
-               str(tmp_path / "r2"), "--no-cache"])
+    rc = main(
+        [
+            "train-combiner",
+            "--dataset",
+            "cirr",
+            "--data-root",
+            str(tmp_path / "nothing"),
+            "--out",
+            str(tmp_path / "r2"),
+            "--no-cache",
+        ]
+    )
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from fakes import make_flickr8k
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +28,23 @@ def test_tune_tool_grid_and_measurement(tmp_path: Path, color_model: str) -> Non
     out = tmp_path / "tune.json"
     threads = torch.get_num_threads()
     try:
-        assert tool.main(["--data-root", str(root), "--model", color_model, "--out", str(out), "--threads", "1",
-                          "--set", "top_k=3"]) == 0
+        assert (
+            tool.main(
+                [
+                    "--data-root",
+                    str(root),
+                    "--model",
+                    color_model,
+                    "--out",
+                    str(out),
+                    "--threads",
+                    "1",
+                    "--set",
+                    "top_k=3",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())

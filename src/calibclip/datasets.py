@@ -43,15 +43,32 @@ from calibclip.data.registry import (
 from calibclip.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 __all__ = [
-    "DatasetSpec", "EvalLoader", "build_dataloader", "build_transforms", "canonical_dataset",
-    "dataset_names", "dataset_task", "get_dataset", "list_datasets", "load_dataset", "register_dataset",
+    "DatasetSpec",
+    "EvalLoader",
+    "build_dataloader",
+    "build_transforms",
+    "canonical_dataset",
+    "dataset_names",
+    "dataset_task",
+    "get_dataset",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
     "unregister_dataset",
     # the CalibCLIP reference repository's names (calibclip.data.compat)
-    "DATASET_REGISTRY", "BaseRetrievalDataset", "CUHKPEDESDataset", "ICFGPEDESDataset", "RSTPDataset",
-    "SimpleTokenizer", "TestTransforms", "TrainTransforms", "build_dataset", "reference_transforms", "tokenize",
+    "DATASET_REGISTRY",
+    "BaseRetrievalDataset",
+    "CUHKPEDESDataset",
+    "ICFGPEDESDataset",
+    "RSTPDataset",
+    "SimpleTokenizer",
+    "TestTransforms",
+    "TrainTransforms",
+    "build_dataset",
+    "reference_transforms",
+    "tokenize",
     "wrap",
 ]
-
 
 
 def __getattr__(name: str) -> Any:
@@ -96,8 +113,12 @@ def load_dataset(name: str, root: str | Path, split: str = "test") -> RetrievalD
 
 
 def build_transforms(
-    img_size: tuple[int, int] | int | bool | None = None, mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None, mode: str | None = None, *, is_train: bool | None = None,
+    img_size: tuple[int, int] | int | bool | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    mode: str | None = None,
+    *,
+    is_train: bool | None = None,
     image_size: tuple[int, int] | int | None = None,
 ) -> ImageTransform | TrainTransforms:
     """Image transform of the seed API (IRRA-style) and of the CalibCLIP reference repository.
@@ -172,18 +193,37 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from torch.utils.data import DataLoader
 
-        items = wrap(self.dataset, image_size=self.image_size, tokenizer=self.tokenizer,
-                     max_length=self.max_length, transform=self.transform)
-        loader = DataLoader(items, batch_size=self.batch_size, shuffle=self.shuffle, num_workers=self.workers,
-                            collate_fn=items.collate_fn)
+        items = wrap(
+            self.dataset,
+            image_size=self.image_size,
+            tokenizer=self.tokenizer,
+            max_length=self.max_length,
+            transform=self.transform,
+        )
+        loader = DataLoader(
+            items,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            num_workers=self.workers,
+            collate_fn=items.collate_fn,
+        )
         return iter(loader)
 
 
 def build_dataloader(
-    dataset: str | RetrievalDataset, data_root: str | Path | None = None, split: str = "test",
-    batch_size: int = 64, workers: int = 0, transform: ImageTransform | None = None, *,
-    json_path: str | Path | None = None, image_size: tuple[int, int] = (384, 128), num_workers: int | None = None,
-    tokenizer: Callable[..., Any] | None = None, max_length: int = 77, shuffle: bool = False,
+    dataset: str | RetrievalDataset,
+    data_root: str | Path | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    workers: int = 0,
+    transform: ImageTransform | None = None,
+    *,
+    json_path: str | Path | None = None,
+    image_size: tuple[int, int] = (384, 128),
+    num_workers: int | None = None,
+    tokenizer: Callable[..., Any] | None = None,
+    max_length: int = 77,
+    shuffle: bool = False,
 ) -> EvalLoader:
     """Seed API (and the CalibCLIP reference's keywords): an `EvalLoader` for ``dataset``.
 
@@ -218,7 +258,12 @@ def build_dataloader(
                 f"{dataset.info.get('annotation')}); put the file there and pass json_path=None"
             )
     return EvalLoader(
-        dataset, batch_size=batch_size, workers=workers if num_workers is None else num_workers, transform=transform,
-        image_size=(int(image_size[0]), int(image_size[1])), tokenizer=tokenizer, max_length=max_length,
+        dataset,
+        batch_size=batch_size,
+        workers=workers if num_workers is None else num_workers,
+        transform=transform,
+        image_size=(int(image_size[0]), int(image_size[1])),
+        tokenizer=tokenizer,
+        max_length=max_length,
         shuffle=shuffle,
     )

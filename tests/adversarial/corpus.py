@@ -117,8 +117,21 @@ def good_folder(root: Path, n: int = 3) -> list[str]:
 
 
 def index_json(images: Path, out: Path, *extra: str) -> tuple[Run, dict[str, Any] | None]:
-    run = cli("index", str(images), "--out", str(out), "--model", "fake-test", "--workers", "0", "--quiet",
-              "--json", "--batch-size", "4", *extra)
+    run = cli(
+        "index",
+        str(images),
+        "--out",
+        str(out),
+        "--model",
+        "fake-test",
+        "--workers",
+        "0",
+        "--quiet",
+        "--json",
+        "--batch-size",
+        "4",
+        *extra,
+    )
     try:
         return run, json.loads(run.out.strip().splitlines()[-1]) if run.code == 0 else None
     except (ValueError, IndexError):
@@ -177,8 +190,18 @@ def _non_utf8_folder(images: Path) -> tuple[int, int]:
 
 
 def _unicode_names(images: Path) -> tuple[int, int]:
-    for i, name in enumerate(["名前.png", "emoji_😀.png", "space name.png", "new\nline.png", "tab\tname.png",
-                              "quote'\".png", "back\\slash.png", "-leading-dash.png"]):
+    for i, name in enumerate(
+        [
+            "名前.png",
+            "emoji_😀.png",
+            "space name.png",
+            "new\nline.png",
+            "tab\tname.png",
+            "quote'\".png",
+            "back\\slash.png",
+            "-leading-dash.png",
+        ]
+    ):
         photo(images / name, (30 * i, 90, 150))
     return 8, 0
 
@@ -333,8 +356,9 @@ def _nan_vectors(tmp: Path) -> tuple[str, str]:
     images = tmp / "img"
     good_folder(images, 3)
     Image.new("RGB", (40, 40), (255, 255, 255)).save(images / "white.png")
-    r = cli("index", str(images), "--out", str(tmp / "ix"), "--model", "fake-nan", "--workers", "0", "--quiet",
-            "--json")
+    r = cli(
+        "index", str(images), "--out", str(tmp / "ix"), "--model", "fake-nan", "--workers", "0", "--quiet", "--json"
+    )
     if r.code != 0:
         return ("crashed" if not r.one_line_error else "lost"), r.err[-200:]
     report = json.loads(r.out)
@@ -355,11 +379,22 @@ INDEX_CASES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "non-UTF-8 folder name": _index_case(_non_utf8_folder),
     "unicode, spaces, newline, quotes in names": _index_case(_unicode_names),
     "240-char name, 30-deep folders": _index_case(_long_name),
-    **{f"{k.replace('_', ' ')}": _index_case(_bad_files(k)) for k in (
-        "truncated_header", "truncated_data", "zero_bytes", "text_as_image", "png_bomb", "wrong_extension",
-        "html_error_page")},
-    **{f"symlink: {k.replace('_', ' ')}": _index_case(_links(k)) for k in (
-        "broken", "loop", "dir_loop", "outside", "duplicate", "to_device")},
+    **{
+        f"{k.replace('_', ' ')}": _index_case(_bad_files(k))
+        for k in (
+            "truncated_header",
+            "truncated_data",
+            "zero_bytes",
+            "text_as_image",
+            "png_bomb",
+            "wrong_extension",
+            "html_error_page",
+        )
+    },
+    **{
+        f"symlink: {k.replace('_', ' ')}": _index_case(_links(k))
+        for k in ("broken", "loop", "dir_loop", "outside", "duplicate", "to_device")
+    },
     "FIFO named .jpg": _index_case(_fifo),
     "folder named .jpg": _index_case(_dir_named_like_image),
     "file deleted after the scan": _deleted_mid_run("after_scan"),
@@ -384,8 +419,9 @@ def _vector_files(ix: Path) -> list[Path]:
     return sorted(p for p in (ix / "vectors").rglob("*") if p.is_file())
 
 
-def _corruption(damage: Callable[[Path], None], check_only: bool = False,
-                expect: str = "") -> Callable[[Path], tuple[str, str]]:
+def _corruption(
+    damage: Callable[[Path], None], check_only: bool = False, expect: str = ""
+) -> Callable[[Path], tuple[str, str]]:
     """Damage a healthy index; `info` (or `info --check` when the damage is only visible to a full scan)
     must report it (exit 2, one line) and `search` must refuse with one line, never a traceback."""
 
@@ -484,8 +520,9 @@ CORRUPTION_CASES: dict[str, Callable[[Path], tuple[str, str]]] = {
 # ------------------------------------------------------------------------------------------------------------
 # cli: hostile arguments (one-line errors, exit 2)
 # ------------------------------------------------------------------------------------------------------------
-def _cli_case(argv: Callable[[Path], list[str]], expect: str | None = None,
-             code: int = 2) -> Callable[[Path], tuple[str, str]]:
+def _cli_case(
+    argv: Callable[[Path], list[str]], expect: str | None = None, code: int = 2
+) -> Callable[[Path], tuple[str, str]]:
     """Hostile arguments: exit ``code`` (2: a one-line error containing ``expect``), never a traceback."""
 
     def run(tmp: Path) -> tuple[str, str]:
@@ -508,35 +545,45 @@ def _cli_case(argv: Callable[[Path], list[str]], expect: str | None = None,
 CLI_CASES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "search --image id:999999": _cli_case(lambda ix: ["search", str(ix), "--image", "id:999999"], "id:999999"),
     "search --nprobe -5": _cli_case(lambda ix: ["search", str(ix), "--text", "x", "--nprobe", "-5", "--ann", "ivf"]),
-    "search --ef-search -1": _cli_case(lambda ix: ["search", str(ix), "--text", "x", "--ef-search", "-1",
-                                                   "--ann", "hnsw"]),
+    "search --ef-search -1": _cli_case(
+        lambda ix: ["search", str(ix), "--text", "x", "--ef-search", "-1", "--ann", "hnsw"]
+    ),
     "search --top-k 0": _cli_case(lambda ix: ["search", str(ix), "--text", "x", "--top-k", "0"]),
     "search --top-k abc": _cli_case(lambda ix: ["search", str(ix), "--text", "x", "--top-k", "abc"]),
     "search --text non-UTF-8 bytes": _cli_case(lambda ix: ["search", str(ix), "--text", "\udcff\udcfe dog"], "UTF-8"),
     "search --text whitespace only": _cli_case(lambda ix: ["search", str(ix), "--text", "   \t "], "empty"),
     "search --text 10,000 words (truncated, answered)": _cli_case(
-        lambda ix: ["search", str(ix), "--text", "dog " * 10000], code=0),
+        lambda ix: ["search", str(ix), "--text", "dog " * 10000], code=0
+    ),
     "search --text with NUL and control characters": _cli_case(
-        lambda ix: ["search", str(ix), "--text", "dog\x00\x1b[31m cat"], code=0),
+        lambda ix: ["search", str(ix), "--text", "dog\x00\x1b[31m cat"], code=0
+    ),
     "search --image missing file": _cli_case(lambda ix: ["search", str(ix), "--image", "/nonexistent.jpg"]),
     "search --image a text file": _cli_case(lambda ix: ["search", str(ix), "--image", str(ix / "meta.sqlite")]),
     "search --ann bogus": _cli_case(lambda ix: ["search", str(ix), "--text", "x", "--ann", "bogus"]),
     "search a folder that is no index": _cli_case(lambda ix: ["search", str(ix.parent / "img"), "--text", "x"]),
-    "search --model of another index": _cli_case(lambda ix: ["search", str(ix), "--text", "x", "--model", "starter"],
-                                                 "was built with model"),
+    "search --model of another index": _cli_case(
+        lambda ix: ["search", str(ix), "--text", "x", "--model", "starter"], "was built with model"
+    ),
     "search --calibrate without calibrated vectors": _cli_case(
-        lambda ix: ["search", str(ix), "--text", "x", "--calibrate"]),
-    "index --out is a file": _cli_case(lambda ix: ["index", str(ix.parent / "img"), "--out",
-                                                   str(ix / "meta.sqlite"), "--model", "fake-test"]),
-    "index --batch-size 0": _cli_case(lambda ix: ["index", str(ix.parent / "img"), "--out", str(ix),
-                                                  "--batch-size", "0"]),
+        lambda ix: ["search", str(ix), "--text", "x", "--calibrate"]
+    ),
+    "index --out is a file": _cli_case(
+        lambda ix: ["index", str(ix.parent / "img"), "--out", str(ix / "meta.sqlite"), "--model", "fake-test"]
+    ),
+    "index --batch-size 0": _cli_case(
+        lambda ix: ["index", str(ix.parent / "img"), "--out", str(ix), "--batch-size", "0"]
+    ),
     "index missing folder": _cli_case(lambda ix: ["index", str(ix.parent / "nope"), "--out", str(ix)]),
     "info on a missing folder": _cli_case(lambda ix: ["info", str(ix.parent / "nope")]),
     "evaluate without dataset": _cli_case(lambda ix: ["evaluate", "--model", "fake-test"]),
-    "evaluate on a folder that is no Flickr8k": _cli_case(lambda ix: ["evaluate", "--dataset", "flickr8k",
-                                                                      "--data-root", str(ix.parent)], "Flickr8k"),
-    "explain with an unknown model": _cli_case(lambda ix: ["explain", "--image", str(ix.parent / "img" / "good_0.png"),
-                                                           "--model", "no-such-model"], "unknown model"),
+    "evaluate on a folder that is no Flickr8k": _cli_case(
+        lambda ix: ["evaluate", "--dataset", "flickr8k", "--data-root", str(ix.parent)], "Flickr8k"
+    ),
+    "explain with an unknown model": _cli_case(
+        lambda ix: ["explain", "--image", str(ix.parent / "img" / "good_0.png"), "--model", "no-such-model"],
+        "unknown model",
+    ),
     "serve a missing index": _cli_case(lambda ix: ["serve", str(ix.parent / "nope")]),
     "serve --workers 0": _cli_case(lambda ix: ["serve", str(ix), "--workers", "0"]),
 }
@@ -629,14 +676,17 @@ def _flickr_tokens(raw: bytes) -> Callable[[Path], tuple[str, Path, str]]:
     return make
 
 
-def _cirr(mutate_caps: Callable[[list], Any] | None = None,
-          mutate_split: Callable[[dict], Any] | None = None) -> Callable[[Path], tuple[str, Path, str]]:
+def _cirr(
+    mutate_caps: Callable[[list], Any] | None = None, mutate_split: Callable[[dict], Any] | None = None
+) -> Callable[[Path], tuple[str, Path, str]]:
     def make(tmp: Path) -> tuple[str, Path, str]:
         from test_loader_validation import make_cirr
 
         root = make_cirr(tmp / "cirr")
-        for mutate, rel in ((mutate_caps, "captions/cap.rc2.val.json"),
-                            (mutate_split, "image_splits/split.rc2.val.json")):
+        for mutate, rel in (
+            (mutate_caps, "captions/cap.rc2.val.json"),
+            (mutate_split, "image_splits/split.rc2.val.json"),
+        ):
             if mutate is not None:
                 path = root / rel
                 path.write_text(json.dumps(mutate(json.loads(path.read_text()))))
@@ -662,19 +712,22 @@ LOADER_CASES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "CUHK file is an object": _loader_case(_person(lambda d: {"annotations": d})),
     "CUHK file is truncated JSON": _loader_case(_person(lambda d: d, raw=b'[{"id": 1, "split"')),
     "CUHK file is Latin-1": _loader_case(_person(lambda d: d, raw=b'[{"captions": ["caf\xe9"]}]')),
-    "CUHK file_path escapes the root": _loader_case(_person(
-        lambda d: [{**d[0], "file_path": "../../../../etc/hostname"}, *d[1:]])),
+    "CUHK file_path escapes the root": _loader_case(
+        _person(lambda d: [{**d[0], "file_path": "../../../../etc/hostname"}, *d[1:]])
+    ),
     "Karpathy file is a list": _loader_case(_karpathy(lambda d: d["images"])),
     "Karpathy images is a string": _loader_case(_karpathy(lambda d: {**d, "images": "x.jpg"})),
-    "Karpathy image without sentences": _loader_case(_karpathy(
-        lambda d: {**d, "images": [{k: v for k, v in d["images"][0].items() if k != "sentences"}]})),
+    "Karpathy image without sentences": _loader_case(
+        _karpathy(lambda d: {**d, "images": [{k: v for k, v in d["images"][0].items() if k != "sentences"}]})
+    ),
     "Karpathy file is not JSON": _loader_case(_karpathy(lambda d: d, raw=b"<html>")),
     "Karpathy file is UTF-16": _loader_case(_karpathy(lambda d: d, raw='{"images": []}'.encode("utf-16"))),
     "Flickr8k token file is Latin-1": _loader_case(_flickr_tokens(b"x.jpg#0\tcaf\xe9\n")),
     "CIRR captions file is a dict": _loader_case(_cirr(mutate_caps=lambda d: {"pairs": d})),
     "CIRR caption is a list": _loader_case(_cirr(mutate_caps=lambda d: [{**d[0], "caption": ["x"]}, *d[1:]])),
-    "CIRR split path ../../etc/hostname": _loader_case(_cirr(
-        mutate_split=lambda d: {**d, next(iter(d)): "../../../../etc/hostname"})),
+    "CIRR split path ../../etc/hostname": _loader_case(
+        _cirr(mutate_split=lambda d: {**d, next(iter(d)): "../../../../etc/hostname"})
+    ),
     "CIRR split path absolute": _loader_case(_cirr(mutate_split=lambda d: {**d, next(iter(d)): "/etc/hostname"})),
     "FashionIQ split name ../../etc/hostname": _loader_case(_fiq(["B001", "../../etc/hostname"])),
     "FashionIQ split is an object": _loader_case(_fiq({"B001": 1})),
@@ -696,8 +749,17 @@ def _tiny_clip() -> Any:
     from calibclip.models.clip import CLIP, CLIPConfig
 
     torch.manual_seed(0)
-    return CLIP(CLIPConfig(embed_dim=16, vision_layers=1, vision_width=64, vision_patch_size=16, image_size=(32, 32),
-                           text_width=64, text_layers=1)).eval()
+    return CLIP(
+        CLIPConfig(
+            embed_dim=16,
+            vision_layers=1,
+            vision_width=64,
+            vision_patch_size=16,
+            image_size=(32, 32),
+            text_width=64,
+            text_layers=1,
+        )
+    ).eval()
 
 
 def _ckpt_case(make: Callable[[Path], Path], expect: str = "") -> Callable[[Path], tuple[str, str]]:
@@ -794,10 +856,14 @@ def _hf_dir(edit: Callable[[dict], None]) -> Callable[[Path], Path]:
         d.mkdir()
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in openai_to_hf(_tiny_clip().state_dict()).items()},
-                  str(d / "model.safetensors"))
-        cfg = {"vision_config": {"num_attention_heads": 1, "hidden_act": "quick_gelu"},
-               "text_config": {"num_attention_heads": 1, "hidden_act": "quick_gelu"}}
+        save_file(
+            {k: v.contiguous() for k, v in openai_to_hf(_tiny_clip().state_dict()).items()},
+            str(d / "model.safetensors"),
+        )
+        cfg = {
+            "vision_config": {"num_attention_heads": 1, "hidden_act": "quick_gelu"},
+            "text_config": {"num_attention_heads": 1, "hidden_act": "quick_gelu"},
+        }
         edit(cfg)
         (d / "config.json").write_text(json.dumps(cfg))
         return d
@@ -814,14 +880,18 @@ CHECKPOINT_CASES: dict[str, Callable[[Path], tuple[str, str]]] = {
     "truncated .safetensors": _ckpt_case(_truncated_safetensors),
     "text file (Git LFS pointer)": _ckpt_case(_text, "looks like text"),
     "vocabulary smaller than the tokenizer's": _ckpt_case(_small_vocab, "vocabulary"),
-    "HF config num_attention_heads 0": _ckpt_case(_hf_dir(lambda c: c["vision_config"].update(num_attention_heads=0)),
-                                                  "num_attention_heads"),
+    "HF config num_attention_heads 0": _ckpt_case(
+        _hf_dir(lambda c: c["vision_config"].update(num_attention_heads=0)), "num_attention_heads"
+    ),
     "HF config vision_config a list": _ckpt_case(_hf_dir(lambda c: c.update(vision_config=[1])), "vision_config"),
     "HF config vision_config a string": _ckpt_case(_hf_dir(lambda c: c.update(vision_config="x")), "vision_config"),
 }
 
 ALL_CASES: dict[str, dict[str, Callable[[Path], tuple[str, str]]]] = {
-    "index": INDEX_CASES, "corruption": CORRUPTION_CASES, "cli": CLI_CASES, "loaders": LOADER_CASES,
+    "index": INDEX_CASES,
+    "corruption": CORRUPTION_CASES,
+    "cli": CLI_CASES,
+    "loaders": LOADER_CASES,
     "checkpoints": CHECKPOINT_CASES,
 }
 

@@ -1,7 +1,7 @@
 """CalibCLIP calibration (training-free): Contrastive Visual Enhancer (`cve`), Discriminative
 Concept Calibrator (`dcc`), top-K re-ranking (`rerank`) and explanations (`explain`), over the
 token view of any `calibclip.models.base.Encoder`; the calibration-method table and its factory
-`create_calibrator` (`methods`). See README "CalibCLIP calibration".
+`create_calibrator` (`methods`). See docs/calibration.md.
 
 Names are imported lazily, so reading the method table (``calibclip --help``) does not load torch.
 """
@@ -26,8 +26,17 @@ _LAZY = {
 }
 
 __all__ = [
-    "CalibCLIP", "CalibrationConfig", "CalibrationMethod", "Calibrator", "ImageExplanation", "TextExplanation",
-    "build_calibclip", "calibration_methods", "create_calibrator", "fuse_scores", "register_calibration_method",
+    "CalibCLIP",
+    "CalibrationConfig",
+    "CalibrationMethod",
+    "Calibrator",
+    "ImageExplanation",
+    "TextExplanation",
+    "build_calibclip",
+    "calibration_methods",
+    "create_calibrator",
+    "fuse_scores",
+    "register_calibration_method",
 ]
 
 

@@ -84,7 +84,9 @@ class Calibrator:
         calibrated = view.pooled.clone()
         rows = torch.nonzero(sel.masked.any(1), as_tuple=False).flatten()
         if rows.numel():
-            masked_batch = batch.select(rows.cpu()).drop_tokens(sel.masked[rows].to(batch.input_ids.device), pad_id=enc.pad_id)
+            masked_batch = batch.select(rows.cpu()).drop_tokens(
+                sel.masked[rows].to(batch.input_ids.device), pad_id=enc.pad_id
+            )
             masked = enc.encode_text(masked_batch)
             calibrated[rows] = combine(view.pooled[rows], masked, self.config)
         return view, sel, calibrated
@@ -102,6 +104,7 @@ class Calibrator:
     def scores(self, queries: dict[str, torch.Tensor], gallery: dict[str, torch.Tensor]) -> torch.Tensor:
         """Fused scores from ``{"raw", "calibrated"}`` query and gallery features (cosine
         similarities of the L2-normalised raw and calibrated features, then `fuse`)."""
+
         def sim(name: str) -> torch.Tensor:
             q = F.normalize(torch.as_tensor(queries[name]).float(), dim=-1)
             g = F.normalize(torch.as_tensor(gallery[name]).float(), dim=-1)
@@ -131,4 +134,3 @@ class Calibrator:
     def explain_image(self, pixels: torch.Tensor) -> list[ImageExplanation]:
         """Per image: grid, attention map and per-token treatment (see `ImageExplanation`)."""
         return explain_images(self, pixels)
-

@@ -76,8 +76,16 @@ class CalibrationConfig:
     #: Fields that change neither image nor text features (only the fused ranking).
     RANKING_FIELDS = ("top_k", "lam")
     VISUAL_FIELDS = (
-        "visual", "dominant_ratio", "max_dominant_frac", "neighbourhood", "target_ratio", "spike_contrast",
-        "suppress_factor", "decay_factor", "retain_factor", "visual_strength",
+        "visual",
+        "dominant_ratio",
+        "max_dominant_frac",
+        "neighbourhood",
+        "target_ratio",
+        "spike_contrast",
+        "suppress_factor",
+        "decay_factor",
+        "retain_factor",
+        "visual_strength",
     )
     TEXT_FIELDS = ("textual", "word_ratio", "max_masked_words", "max_mask_frac", "min_words", "text_mix")
 

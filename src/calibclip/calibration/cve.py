@@ -102,8 +102,15 @@ def classify_tokens(attention: torch.Tensor, grid: tuple[int, int], cfg: Calibra
         [1.0, 1.0, float(cfg.retain_factor), float(cfg.decay_factor), float(cfg.suppress_factor)], device=a.device
     )
     factor = table[treatment]
-    return {"share": share, "neighbour_mean": mean, "contrast": contrast, "dominant": dominant, "target": target,
-            "treatment": treatment, "factor": factor}
+    return {
+        "share": share,
+        "neighbour_mean": mean,
+        "contrast": contrast,
+        "dominant": dominant,
+        "target": target,
+        "treatment": treatment,
+        "factor": factor,
+    }
 
 
 def enhance(view: ImageTokens, cfg: CalibrationConfig) -> CVEResult:

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from calibclip.calibration.cve import TREATMENTS
-from calibclip.models.tokenizer import EOT_TOKEN, SOT_TOKEN
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,9 +46,16 @@ class TextExplanation:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "text": self.text, "tokens": self.tokens, "attention": self.attention, "share": self.share,
-            "special": self.special, "dominant": self.dominant, "masked": self.masked,
-            "dominant_words": self.dominant_words, "masked_words": self.masked_words, "masked_text": self.masked_text,
+            "text": self.text,
+            "tokens": self.tokens,
+            "attention": self.attention,
+            "share": self.share,
+            "special": self.special,
+            "dominant": self.dominant,
+            "masked": self.masked,
+            "dominant_words": self.dominant_words,
+            "masked_words": self.masked_words,
+            "masked_text": self.masked_text,
         }
 
 
@@ -74,9 +80,14 @@ class ImageExplanation:
             return np.round(x.astype(np.float64), 6).tolist()
 
         return {
-            "grid": list(self.grid), "attention": r(self.attention), "share": r(self.share),
-            "neighbour_mean": r(self.neighbour_mean), "contrast": r(self.contrast),
-            "treatment": self.treatment.tolist(), "factor": r(self.factor), "weights": r(self.weights),
+            "grid": list(self.grid),
+            "attention": r(self.attention),
+            "share": r(self.share),
+            "neighbour_mean": r(self.neighbour_mean),
+            "contrast": r(self.contrast),
+            "treatment": self.treatment.tolist(),
+            "factor": r(self.factor),
+            "weights": r(self.weights),
             "counts": self.counts(),
         }
 
@@ -105,31 +116,51 @@ def explain_texts(cal: Calibrator, texts: list[str]) -> list[TextExplanation]:
         real = batch.attention_mask[i].bool().cpu()
         ids = batch.input_ids[i].cpu()[real].tolist()
         tokens = token_strings(cal.encoder, ids)
-        row = {name: t[i].detach().cpu()[real] for name, t in (
-            ("special", batch.special_mask), ("masked", sel.masked), ("attention", view.attention),
-            ("share", sel.share), ("dominant", sel.dominant))}
+        row = {
+            name: t[i].detach().cpu()[real]
+            for name, t in (
+                ("special", batch.special_mask),
+                ("masked", sel.masked),
+                ("attention", view.attention),
+                ("share", sel.share),
+                ("dominant", sel.dominant),
+            )
+        }
         special, masked = row["special"].bool(), row["masked"]
-        out.append(TextExplanation(
-            text=text, tokens=tokens, attention=row["attention"].float().tolist(),
-            share=row["share"].float().tolist(), special=special.tolist(), dominant=row["dominant"].tolist(),
-            masked=masked.tolist(),
-            masked_text=join_tokens([t for t, s, m in zip(tokens, special.tolist(), masked.tolist()) if not s and not m]),
-        ))
+        out.append(
+            TextExplanation(
+                text=text,
+                tokens=tokens,
+                attention=row["attention"].float().tolist(),
+                share=row["share"].float().tolist(),
+                special=special.tolist(),
+                dominant=row["dominant"].tolist(),
+                masked=masked.tolist(),
+                masked_text=join_tokens(
+                    [t for t, s, m in zip(tokens, special.tolist(), masked.tolist()) if not s and not m]
+                ),
+            )
+        )
     return out
 
 
 def explain_images(cal: Calibrator, pixels: torch.Tensor) -> list[ImageExplanation]:
     view, res = cal.image_calibration(pixels)
     h, w = res.grid
+
     def grid(t: torch.Tensor, i: int) -> np.ndarray:
         return t[i].detach().float().cpu().numpy().reshape(h, w)
 
     labels = np.asarray(TREATMENTS)
     return [
         ImageExplanation(
-            grid=(h, w), attention=grid(view.attention, i), share=grid(res.share, i),
-            neighbour_mean=grid(res.neighbour_mean, i), contrast=grid(res.contrast, i),
-            treatment=labels[res.treatment[i].cpu().numpy().reshape(h, w)], factor=grid(res.factor, i),
+            grid=(h, w),
+            attention=grid(view.attention, i),
+            share=grid(res.share, i),
+            neighbour_mean=grid(res.neighbour_mean, i),
+            contrast=grid(res.contrast, i),
+            treatment=labels[res.treatment[i].cpu().numpy().reshape(h, w)],
+            factor=grid(res.factor, i),
             weights=grid(res.weights, i),
         )
         for i in range(view.pooled.shape[0])
@@ -137,7 +168,10 @@ def explain_images(cal: Calibrator, pixels: torch.Tensor) -> list[ImageExplanati
 
 
 def render(
-    image: Image.Image, text: TextExplanation | None, explanation: ImageExplanation, out: str | Path,
+    image: Image.Image,
+    text: TextExplanation | None,
+    explanation: ImageExplanation,
+    out: str | Path,
     title: str = "",
 ) -> Path:
     """One PNG: the image, its attention heatmap, the treatment map, and the query with its
@@ -165,12 +199,18 @@ def render(
     codes = np.vectorize(list(TREATMENTS).index)(explanation.treatment).astype(float)
     codes[codes == 0] = np.nan
     cmap = ListedColormap(["#ffffff"] + [TREATMENT_COLOURS[t] for t in TREATMENTS[1:]])
-    panels[2].imshow(codes, cmap=cmap, vmin=-0.5, vmax=len(TREATMENTS) - 0.5, alpha=0.55, extent=extent,
-                     interpolation="nearest")
+    panels[2].imshow(
+        codes, cmap=cmap, vmin=-0.5, vmax=len(TREATMENTS) - 0.5, alpha=0.55, extent=extent, interpolation="nearest"
+    )
     counts = explanation.counts()
     panels[2].legend(
         handles=[Patch(color=TREATMENT_COLOURS[t], label=f"{t} ({counts[t]})") for t in TREATMENTS[1:]],
-        loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=4, fontsize=7, frameon=False, handlelength=1.0,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.01),
+        ncol=4,
+        fontsize=7,
+        frameon=False,
+        handlelength=1.0,
     )
     panels[2].set_title("CVE treatment")
     for ax in panels:
@@ -199,8 +239,14 @@ def render(
             x += box.width
             if x > 0.97:
                 x, y = 0.0, y - 0.45
-        ax.text(0.0, -0.05, "red: masked (dropped before re-encoding)   amber: dominant, kept", transform=ax.transAxes,
-                fontsize=8, color="#555555")
+        ax.text(
+            0.0,
+            -0.05,
+            "red: masked (dropped before re-encoding)   amber: dominant, kept",
+            transform=ax.transAxes,
+            fontsize=8,
+            color="#555555",
+        )
     if title:
         fig.suptitle(title, fontsize=10)
     out = Path(out)

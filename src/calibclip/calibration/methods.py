@@ -94,7 +94,11 @@ _METHODS: dict[str, MethodSpec] = {}
 
 
 def register_calibration_method(
-    name: str, factory: MethodFactory | None = None, *, description: str = "", trained: bool = False,
+    name: str,
+    factory: MethodFactory | None = None,
+    *,
+    description: str = "",
+    trained: bool = False,
     replace: bool = False,
 ) -> Any:
     """Register a calibration method; usable as a call or as a class/function decorator.
@@ -113,6 +117,7 @@ def register_calibration_method(
     Raises:
         ValueError: the name is taken (and not ``replace``).
     """
+
     def add(fn: MethodFactory) -> MethodSpec:
         if name in _METHODS and not replace:
             raise ValueError(f"calibration method {name!r} is already registered; pass replace=True to override")
@@ -121,6 +126,7 @@ def register_calibration_method(
         return spec
 
     if factory is None:
+
         def decorator(fn: MethodFactory) -> MethodFactory:
             add(fn)
             return fn
@@ -158,8 +164,11 @@ def calibration_methods() -> list[str]:
 
 
 def create_calibrator(
-    encoder: Encoder, method: str | None = None, config: CalibrationConfig | None = None,
-    settings: Mapping[str, Any] | None = None, recorded: Mapping[str, Any] | None = None,
+    encoder: Encoder,
+    method: str | None = None,
+    config: CalibrationConfig | None = None,
+    settings: Mapping[str, Any] | None = None,
+    recorded: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> CalibrationMethod:
     """Build the calibrator of ``encoder``: the one place calibrators are constructed.
@@ -208,7 +217,8 @@ def _calibclip(encoder: Encoder, config: CalibrationConfig) -> CalibrationMethod
 
 
 register_calibration_method(
-    DEFAULT_METHOD, _calibclip,
+    DEFAULT_METHOD,
+    _calibclip,
     description="CalibCLIP, training-free: Contrastive Visual Enhancer + Discriminative Concept Calibrator, "
     "top-K fusion of raw and calibrated similarities",
 )

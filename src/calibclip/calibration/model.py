@@ -200,7 +200,8 @@ def build_calibclip(
             wrong.append(f"{key}={want!r} given but the checkpoint has {key}={have!r}")
     if wrong:
         raise ValueError(
-            f"build_calibclip({str(pretrained)!r}): architecture mismatch: " + "; ".join(wrong)
+            f"build_calibclip({str(pretrained)!r}): architecture mismatch: "
+            + "; ".join(wrong)
             + ". Pass the checkpoint's values (or None to skip a check)."
         )
     if config is None:

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 
 
-def fuse_scores(sim_raw: torch.Tensor | np.ndarray, sim_cal: torch.Tensor | np.ndarray, top_k: int, lam: float) -> torch.Tensor:
+def fuse_scores(
+    sim_raw: torch.Tensor | np.ndarray, sim_cal: torch.Tensor | np.ndarray, top_k: int, lam: float
+) -> torch.Tensor:
     """Fused float64 scores ``[Q, G]`` (numpy in, numpy out; torch in, torch out).
 
     Row by row: the ``K = min(top_k, G)`` largest ``sim_raw`` get

@@ -67,21 +67,25 @@ class RerankerConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "token_dim": self.token_dim >= 1, "width": self.width >= 1, "num_layers": self.num_layers >= 1,
+            "token_dim": self.token_dim >= 1,
+            "width": self.width >= 1,
+            "num_layers": self.num_layers >= 1,
             "num_heads": self.num_heads >= 1 and self.width % max(self.num_heads, 1) == 0,
-            "dropout": 0.0 <= self.dropout < 1.0, "mlp_ratio": self.mlp_ratio > 0,
-            "max_text_tokens": self.max_text_tokens >= 2, "top_k": self.top_k >= 1,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "mlp_ratio": self.mlp_ratio > 0,
+            "max_text_tokens": self.max_text_tokens >= 2,
+            "top_k": self.top_k >= 1,
             "fusion_weight": math.isfinite(self.fusion_weight),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
-                f"invalid re-ranker settings {bad}: {({k: getattr(self, k) for k in bad})} "
+                f"invalid re-ranker settings {bad}: { ({k: getattr(self, k) for k in bad}) } "
                 "(width must be divisible by num_heads; dropout in [0, 1); sizes >= 1)"
             )
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "RerankerConfig":
+    def from_dict(cls, values: dict[str, Any]) -> RerankerConfig:
         """Config from a mapping; unknown keys are a ValueError naming them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -92,7 +96,7 @@ class RerankerConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def replace(self, **changes: Any) -> "RerankerConfig":
+    def replace(self, **changes: Any) -> RerankerConfig:
         return RerankerConfig.from_dict({**self.to_dict(), **changes})
 
 
@@ -113,7 +117,11 @@ class _Block(nn.Module):
         self.drop = nn.Dropout(p)
 
     def forward(
-        self, x: torch.Tensor, pad: torch.Tensor, image: torch.Tensor, need_weights: bool = False,
+        self,
+        x: torch.Tensor,
+        pad: torch.Tensor,
+        image: torch.Tensor,
+        need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = self.ln_self(x)
         x = x + self.drop(self.self_attn(y, y, y, key_padding_mask=pad, need_weights=False)[0])
@@ -177,7 +185,11 @@ class CrossModalReranker(nn.Module):
 
     # --- scoring -----------------------------------------------------------------------------
     def match(
-        self, text: torch.Tensor, pad: torch.Tensor, image: torch.Tensor, pairs: torch.Tensor | None = None,
+        self,
+        text: torch.Tensor,
+        pad: torch.Tensor,
+        image: torch.Tensor,
+        pairs: torch.Tensor | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Match scores of (query, image) pairs.
@@ -206,7 +218,11 @@ class CrossModalReranker(nn.Module):
         return score, weights
 
     def score_candidates(
-        self, text: torch.Tensor, pad: torch.Tensor, image: torch.Tensor, need_weights: bool = False,
+        self,
+        text: torch.Tensor,
+        pad: torch.Tensor,
+        image: torch.Tensor,
+        need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores ``[Q, K]`` of K candidates per query, ``image`` ``[Q, K, N, width]``, in one forward."""
         q, k = image.shape[:2]
@@ -340,14 +356,20 @@ class Reranking:
     def text_inputs(self, texts: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (strings or a `TextBatch`) -> ``(pooled [Q, D], projected [Q, T, width], pad [Q, T])``."""
         enc = self.encoder
-        batch = texts if hasattr(texts, "input_ids") else enc.tokenize([texts] if isinstance(texts, str) else list(texts))
+        batch = (
+            texts if hasattr(texts, "input_ids") else enc.tokenize([texts] if isinstance(texts, str) else list(texts))
+        )
         view = enc.text_tokens(batch.to(enc.device))
         x, pad = self.reranker.project_text(view.tokens.float(), view.batch.attention_mask.to(view.tokens.device))
         return view.pooled.float(), x, pad
 
     @torch.inference_mode()
     def rescore(
-        self, sim_topk: torch.Tensor, text: torch.Tensor, pad: torch.Tensor, candidates: torch.Tensor,
+        self,
+        sim_topk: torch.Tensor,
+        text: torch.Tensor,
+        pad: torch.Tensor,
+        candidates: torch.Tensor,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fused scores ``[Q, K]`` of K candidates per query (``sim_topk`` their cosine similarities,
@@ -358,7 +380,11 @@ class Reranking:
 
     @torch.inference_mode()
     def rerank_matrix(
-        self, sim: torch.Tensor, text: torch.Tensor, pad: torch.Tensor, gallery_tokens: torch.Tensor | Any,
+        self,
+        sim: torch.Tensor,
+        text: torch.Tensor,
+        pad: torch.Tensor,
+        gallery_tokens: torch.Tensor | Any,
         chunk: int = 64,
     ) -> torch.Tensor:
         """Full ``[Q, G]`` scores (float64): each row's ``top_k`` best by ``sim`` get the fused score and
@@ -374,14 +400,15 @@ class Reranking:
         for s in range(0, sim.shape[0], chunk):
             rows = sim[s : s + chunk]
             top = torch.topk(rows, k, dim=1)
-            cand = torch.as_tensor(gallery_tokens[top.indices.flatten().numpy()]).reshape(*top.indices.shape, -1,
-                                                                                         self.reranker.config.width)
+            cand = torch.as_tensor(gallery_tokens[top.indices.flatten().numpy()]).reshape(
+                *top.indices.shape, -1, self.reranker.config.width
+            )
             fused, _ = self.rescore(top.values, text[s : s + chunk], pad[s : s + chunk], cand)
             out.append(place_topk(rows.double(), top.indices, fused.cpu()))
         return torch.cat(out) if out else torch.zeros(0, sim.shape[1], dtype=torch.float64)
 
     @torch.inference_mode()
-    def explain(self, text: str, pixels: torch.Tensor) -> "MatchExplanation":
+    def explain(self, text: str, pixels: torch.Tensor) -> MatchExplanation:
         """Which query words attended to which image regions, for one query and one image
         (``pixels`` ``[1, 3, H, W]``): the last block's cross-attention, mean over heads."""
         from calibclip.calibration.explain import token_strings
@@ -400,8 +427,12 @@ class Reranking:
         h, w = view.grid
         maps = weights[0, :length].float().cpu().reshape(length, h, w)  # type: ignore[index]
         return MatchExplanation(
-            text=text, tokens=[t for t, k in zip(words, keep) if k], maps=maps[torch.tensor(keep, dtype=torch.bool)],
-            grid=(h, w), similarity=float(sim), match=float(match[0]),
+            text=text,
+            tokens=[t for t, k in zip(words, keep) if k],
+            maps=maps[torch.tensor(keep, dtype=torch.bool)],
+            grid=(h, w),
+            similarity=float(sim),
+            match=float(match[0]),
             fused=float(self.reranker.fuse(sim, match.double())[0]),
         )
 
@@ -420,13 +451,20 @@ class MatchExplanation:
     fused: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "tokens": self.tokens, "grid": list(self.grid),
-                "attention": [[round(float(v), 5) for v in m.flatten()] for m in self.maps],
-                "similarity": self.similarity, "match": self.match, "fused": self.fused}
+        return {
+            "text": self.text,
+            "tokens": self.tokens,
+            "grid": list(self.grid),
+            "attention": [[round(float(v), 5) for v in m.flatten()] for m in self.maps],
+            "similarity": self.similarity,
+            "match": self.match,
+            "fused": self.fused,
+        }
 
 
-def render_match(image: Any, explanation: MatchExplanation, out: str | os.PathLike, max_words: int = 8,
-                 title: str = "") -> Path:
+def render_match(
+    image: Any, explanation: MatchExplanation, out: str | os.PathLike, max_words: int = 8, title: str = ""
+) -> Path:
     """A PNG with one panel per query word (up to ``max_words``): the image under that word's
     cross-attention heatmap."""
     import matplotlib
@@ -447,11 +485,20 @@ def render_match(image: Any, explanation: MatchExplanation, out: str | os.PathLi
         if i >= len(words):
             continue
         ax.imshow(arr, extent=(0, width, height, 0))
-        ax.imshow(explanation.maps[i].numpy(), cmap="inferno", alpha=0.6, extent=(0, width, height, 0),
-                  interpolation="nearest")
+        ax.imshow(
+            explanation.maps[i].numpy(),
+            cmap="inferno",
+            alpha=0.6,
+            extent=(0, width, height, 0),
+            interpolation="nearest",
+        )
         ax.set_title(words[i], fontsize=11)
-    fig.suptitle(title or f"re-ranker cross-attention | cosine {explanation.similarity:.3f}, match "
-                 f"{explanation.match:+.3f}, fused {explanation.fused:.3f}", fontsize=10)
+    fig.suptitle(
+        title
+        or f"re-ranker cross-attention | cosine {explanation.similarity:.3f}, match "
+        f"{explanation.match:+.3f}, fused {explanation.fused:.3f}",
+        fontsize=10,
+    )
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
@@ -482,7 +529,9 @@ def create_reranking(encoder: Any, source: str | os.PathLike | None = None, top_
     if source is None or str(source) == "packaged":
         path = packaged_reranker_path(encoder.name)
         if path is None:
-            raise ValueError(f"no re-ranker ships with {encoder.name}; train one (calibclip train with "
-                             "training.target: reranker) and pass its folder")
+            raise ValueError(
+                f"no re-ranker ships with {encoder.name}; train one (calibclip train with "
+                "training.target: reranker) and pass its folder"
+            )
         source = path
     return Reranking(encoder, load_reranker(source, device=encoder.device), top_k=top_k)

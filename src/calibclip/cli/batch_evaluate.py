@@ -12,12 +12,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     choices = dataset_choices()
 
     p = sub.add_parser(
-        "batch-evaluate", help="evaluate one model on several datasets into one table",
+        "batch-evaluate",
+        help="evaluate one model on several datasets into one table",
         description="Evaluate one model on several datasets (the i-th --data-roots entry is the folder of the "
         "i-th --datasets entry); writes results.{md,csv,json} and recall.png to --output-dir.",
     )
-    p.add_argument("--datasets", nargs="+", required=True, choices=choices, metavar="DATASET",
-                   help=f"datasets ({', '.join(choices)})")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        required=True,
+        choices=choices,
+        metavar="DATASET",
+        help=f"datasets ({', '.join(choices)})",
+    )
     p.add_argument("--data-roots", nargs="+", required=True, metavar="DIR", help="one folder per dataset")
     add_common_arguments(p)
     return p
@@ -45,13 +52,28 @@ def run(args: argparse.Namespace) -> int:
         if task not in encoders:
             m = cfg["model"]
             encoders[task] = load_encoder(model, task, m["device"], m["precision"], m.get("clip_image_size"))
-        result = run_evaluation(dataset, root, cfg, model=model, split=args.split, encoder=encoders[task],  # type: ignore[arg-type]
-                                calibrate=args.calibrate, calibration_method=args.calibration_method,
-                                rerank=args.rerank, rerank_top_k=args.rerank_top_k)
+        result = run_evaluation(
+            dataset,
+            root,
+            cfg,
+            model=model,
+            split=args.split,
+            encoder=encoders[task],  # type: ignore[arg-type]
+            calibrate=args.calibrate,
+            calibration_method=args.calibration_method,
+            rerank=args.rerank,
+            rerank_top_k=args.rerank_top_k,
+        )
         results.append(result)
-        print(f"{result['dataset']} ({result['split']}): " + ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()))
+        print(
+            f"{result['dataset']} ({result['split']}): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items())
+        )
     paths = write_batch_report(results, args.output_dir)
     columns = ["dataset", "split", *dict.fromkeys(k for r in results for k in r["metrics"])]
-    print(markdown_table([{"dataset": r["dataset"], "split": r["split"], **r["metrics"]} for r in results], columns), end="")
+    print(
+        markdown_table([{"dataset": r["dataset"], "split": r["split"], **r["metrics"]} for r in results], columns),
+        end="",
+    )
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -12,12 +12,20 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 def add_backend_argument(p: argparse.ArgumentParser, precision: bool = False) -> None:
     """Add ``--backend torch|onnx`` (and, with ``precision=True``, ``--precision fp32|int8`` for commands
     whose model otherwise follows the index)."""
-    p.add_argument("--backend", choices=("torch", "onnx"), default=None,
-                   help="inference backend: torch or onnx (ONNX Runtime; exported once per model into "
-                   "$CALIBCLIP_CACHE/onnx). Default $CALIBCLIP_BACKEND, else torch")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default=None,
+        help="inference backend: torch or onnx (ONNX Runtime; exported once per model into "
+        "$CALIBCLIP_CACHE/onnx). Default $CALIBCLIP_BACKEND, else torch",
+    )
     if precision:
-        p.add_argument("--precision", choices=("fp32", "int8"), default=None,
-                       help="int8: dynamic int8 quantisation (needs --backend onnx); default: the index's precision")
+        p.add_argument(
+            "--precision",
+            choices=("fp32", "int8"),
+            default=None,
+            help="int8: dynamic int8 quantisation (needs --backend onnx); default: the index's precision",
+        )
 
 
 def apply_backend(args: argparse.Namespace) -> None:

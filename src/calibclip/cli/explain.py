@@ -17,9 +17,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="image file to explain")
     p.add_argument("--text", default=None, help="query text to explain (optional)")
     p.add_argument("--model", default="starter", help="registered model name or checkpoint path (default: starter)")
-    p.add_argument("--config", default=None, help="YAML with calibration settings (a `calibration:` section or a flat mapping) over the model's defaults")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one calibration setting, e.g. --set decay_factor=0.3 (repeatable)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML with calibration settings (a `calibration:` section or a flat mapping) over the model's defaults",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one calibration setting, e.g. --set decay_factor=0.3 (repeatable)",
+    )
     p.add_argument("--out", default=None, help="write the rendering to this PNG file")
     p.add_argument("--json", action="store_true", help="print the explanation data as JSON")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
@@ -60,8 +70,14 @@ def run(args: argparse.Namespace) -> int:
             text_feats = cal.text_features([args.text])
             for name in ("raw", "calibrated"):
                 sims[name] = float(F.cosine_similarity(text_feats[name].float(), image_feats[name].float()).item())
-    data = {"model": model.name, "image": str(image_path), "config": cfg.to_dict(), "image_explanation": image_exp.to_dict(),
-            "text_explanation": text_exp.to_dict() if text_exp else None, "similarity": sims}
+    data = {
+        "model": model.name,
+        "image": str(image_path),
+        "config": cfg.to_dict(),
+        "image_explanation": image_exp.to_dict(),
+        "text_explanation": text_exp.to_dict() if text_exp else None,
+        "similarity": sims,
+    }
     if args.out:
         title = f"{model.name} | {image_path.name}"
         if sims:
@@ -71,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(data))
         return 0
     counts = image_exp.counts()
-    print(f"image {image_path.name}: grid {image_exp.grid[0]}x{image_exp.grid[1]}, "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(
+        f"image {image_path.name}: grid {image_exp.grid[0]}x{image_exp.grid[1]}, "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
     if text_exp is not None:
         print(f"query: {text_exp.text!r}")
         print(f"  dominant words: {text_exp.dominant_words or '-'}; masked: {text_exp.masked_words or '-'}")

@@ -13,9 +13,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("index_dir", metavar="INDEX", help="index folder or store spec (" + store_spec_help() + ")")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--skipped", action="store_true", help="list the files that could not be indexed, with reasons")
-    p.add_argument("--check", action="store_true",
-                   help="full verification: database integrity, every vector finite, norms, and a re-hash of a "
-                   "sample of the indexed files (exit 2 when the index is damaged)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="full verification: database integrity, every vector finite, norms, and a re-hash of a "
+        "sample of the indexed files (exit 2 when the index is damaged)",
+    )
     add_store_options(p)
     return p
 
@@ -71,7 +74,12 @@ def check(args: argparse.Namespace) -> None:
             f"index {args.index_dir} is damaged: {'; '.join(damage)}. Rebuild it (delete the folder, then "
             f"`calibclip index IMAGES_DIR --out {args.index_dir}`) or restore it from a backup"
         )
-    note = f"; {len(stale)} sampled files changed since indexing (re-run `calibclip index` to update): " + ", ".join(
-        stale[:3]) if stale else ""
-    print(f"check: ok (database intact, every vector finite, norms match, sampled files re-hashed){note}",
-          file=sys.stderr)
+    note = (
+        f"; {len(stale)} sampled files changed since indexing (re-run `calibclip index` to update): "
+        + ", ".join(stale[:3])
+        if stale
+        else ""
+    )
+    print(
+        f"check: ok (database intact, every vector finite, norms match, sampled files re-hashed){note}", file=sys.stderr
+    )

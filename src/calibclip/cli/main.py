@@ -9,8 +9,20 @@ import sys
 
 #: Subcommand modules under `calibclip.cli`, in the order `--help` lists them.
 COMMANDS = (
-    "models", "version", "index", "search", "info", "evaluate", "batch_evaluate", "explain",
-    "train", "train_starter", "train_combiner", "make_css", "make_pseudo_cir", "serve",
+    "models",
+    "version",
+    "index",
+    "search",
+    "info",
+    "evaluate",
+    "batch_evaluate",
+    "explain",
+    "train",
+    "train_starter",
+    "train_combiner",
+    "make_css",
+    "make_pseudo_cir",
+    "serve",
 )
 
 
@@ -78,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    parser.add_argument("--debug", action="store_true",
-                        help="show the Python traceback of an error (accepted before or after the command)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error (accepted before or after the command)",
+    )
     args = parser.parse_args(argv)
     args.debug = debug
     if not getattr(args, "func", None):
@@ -104,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the boundary: anything else is a bug, reported in one line
         if debug:
             raise
-        print(f"calibclip {command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"calibclip {command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

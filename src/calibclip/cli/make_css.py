@@ -7,9 +7,12 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("make-css", help="generate a CSS-style composed-retrieval benchmark",
-                       description="Scenes of coloured shapes on a 3x3 grid with add/remove/change modifications; "
-                                   "the test split contains (colour, shape) pairs never seen in train/val.")
+    p = sub.add_parser(
+        "make-css",
+        help="generate a CSS-style composed-retrieval benchmark",
+        description="Scenes of coloured shapes on a 3x3 grid with add/remove/change modifications; "
+        "the test split contains (colour, shape) pairs never seen in train/val.",
+    )
     p.add_argument("--out", required=True, help="output folder (must not hold a benchmark already)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=3000, help="training queries (default 3000)")
@@ -17,8 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=800, help="test queries (default 800)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--mods-per-scene", type=int, default=4, help="modifications (queries) per reference scene")
-    p.add_argument("--no-reverse", action="store_true",
-                   help="do not add the inverse of every train query (target -> reference; on by default)")
+    p.add_argument(
+        "--no-reverse",
+        action="store_true",
+        help="do not add the inverse of every train query (target -> reference; on by default)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     return p
 
@@ -26,9 +32,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from calibclip.composed.css import make_css
 
-    info = make_css(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                    size=args.size, mods_per_scene=args.mods_per_scene, reverse_train=not args.no_reverse,
-                    progress=not args.json)
+    info = make_css(
+        args.out,
+        seed=args.seed,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        size=args.size,
+        mods_per_scene=args.mods_per_scene,
+        reverse_train=not args.no_reverse,
+        progress=not args.json,
+    )
     if args.json:
         print(json.dumps(info))
     else:

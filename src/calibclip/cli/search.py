@@ -138,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Index.open(args.index_dir, model=args.model, device=args.device, store_options=store_options(args)) as index:
         if isinstance(image, int) and image not in index:
-            raise ValueError(f"--image id:{image}: no image with that id in {args.index_dir} "
-                             f"(ids are shown by `calibclip search --json`)")
+            raise ValueError(
+                f"--image id:{image}: no image with that id in {args.index_dir} "
+                f"(ids are shown by `calibclip search --json`)"
+            )
         if args.calibrate and not index.has_calibrated:
             raise ValueError(
                 f"index {args.index_dir} has no calibrated vectors; re-run `calibclip index IMAGES_DIR "
@@ -169,8 +171,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:
         shown = [{**r.to_dict(), "path": display(r.path), "relpath": display(r.relpath)} for r in results]
-        out = {"query": {**query, "image": display(args.image) if args.image else None}, "results": shown,
-               "seconds": round(time.perf_counter() - t0, 4)}
+        out = {
+            "query": {**query, "image": display(args.image) if args.image else None},
+            "results": shown,
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
         print(json.dumps(out))
         return 0
     for r in results:

@@ -43,9 +43,20 @@ def run(args: argparse.Namespace) -> int:
         flip=not args.no_flip,
         workers=args.workers,
     )
-    command = "calibclip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train-starter"] else ""
+    command = (
+        "calibclip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train-starter"] else ""
+    )
     summary = train_starter(args.data_root, args.out, cfg, command=command)
-    print(json.dumps({"best_epoch": summary["best_epoch"], "dev": summary["dev"],
-                      "feature_seconds": round(summary["feature_seconds"], 1),
-                      "train_seconds": round(summary["train_seconds"], 1), "out": str(args.out)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "best_epoch": summary["best_epoch"],
+                "dev": summary["dev"],
+                "feature_seconds": round(summary["feature_seconds"], 1),
+                "train_seconds": round(summary["train_seconds"], 1),
+                "out": str(args.out),
+            },
+            indent=1,
+        )
+    )
     return 0

@@ -28,7 +28,21 @@ from calibclip.composed.evaluate import evaluate_composed
 from calibclip.composed.train import TrainConfig, train_combiner
 
 __all__ = [
-    "COMBININGS", "LOGIT_SCALE", "Combiner", "TrainConfig", "build_combining", "composed_defaults",
-    "default_combining", "element_wise_sum", "evaluate_composed", "image_only", "load_combiner", "make_css",
-    "normalized_sum", "packaged_combiner_for", "save_combiner", "text_only", "train_combiner",
+    "COMBININGS",
+    "LOGIT_SCALE",
+    "Combiner",
+    "TrainConfig",
+    "build_combining",
+    "composed_defaults",
+    "default_combining",
+    "element_wise_sum",
+    "evaluate_composed",
+    "image_only",
+    "load_combiner",
+    "make_css",
+    "normalized_sum",
+    "packaged_combiner_for",
+    "save_combiner",
+    "text_only",
+    "train_combiner",
 ]

@@ -32,8 +32,9 @@ def normalized_sum(image: torch.Tensor, text: torch.Tensor, text_weight: float =
 
     Raw feature norms differ between the towers (starter: image ~22-30, text ~12-13), so summing raw
     features lets the image dominate; normalising first gives both the weight the caller chooses."""
-    return F.normalize(F.normalize(_as_tensor(image), dim=-1) + text_weight * F.normalize(_as_tensor(text), dim=-1),
-                       dim=-1)
+    return F.normalize(
+        F.normalize(_as_tensor(image), dim=-1) + text_weight * F.normalize(_as_tensor(text), dim=-1), dim=-1
+    )
 
 
 def element_wise_sum(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,10 @@ def packaged_combiner_for(encoder: Any) -> Path | None:
 
 
 def build_combining(
-    name: str, combiner: str | Path | None = None, encoder: Any = None, device: str | torch.device = "cpu",
+    name: str,
+    combiner: str | Path | None = None,
+    encoder: Any = None,
+    device: str | torch.device = "cpu",
     text_weight: float | None = None,
 ) -> CombiningFn:
     """The combining function ``name`` (combiner | sum | image | text).
@@ -126,15 +130,18 @@ def build_combining(
         packaged = packaged_combiner_for(encoder)
         if packaged is None:
             which = f" for encoder {encoder_name(encoder)!r}" if encoder_name(encoder) else ""
-            raise ValueError(f"combining 'combiner' needs a trained Combiner checkpoint (e.g. --combiner "
-                             f"RUN_DIR/best.pt from `calibclip train-combiner`); none is packaged{which}. "
-                             "Or use --combining sum|image|text")
+            raise ValueError(
+                f"combining 'combiner' needs a trained Combiner checkpoint (e.g. --combiner "
+                f"RUN_DIR/best.pt from `calibclip train-combiner`); none is packaged{which}. "
+                "Or use --combining sum|image|text"
+            )
         return _combiner_fn(packaged, encoder, device, f"combiner (packaged {packaged.name})")
     return _combiner_fn(combiner, encoder, device, f"combiner ({combiner})")
 
 
-def default_combining(encoder: Any, combiner: str | Path | None = None,
-                      device: str | torch.device = "cpu") -> CombiningFn:
+def default_combining(
+    encoder: Any, combiner: str | Path | None = None, device: str | torch.device = "cpu"
+) -> CombiningFn:
     """What composed search uses: ``combiner`` if given, else the encoder's packaged Combiner, else
     the normalised sum with the encoder's measured text weight."""
     if combiner is not None or packaged_combiner_for(encoder) is not None:

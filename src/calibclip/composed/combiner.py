@@ -37,8 +37,15 @@ CHECKPOINT_FORMAT = "calibclip-combiner/1"
 class Combiner(nn.Module):
     """Fuses reference-image and text features into an L2-normalised query feature."""
 
-    def __init__(self, feature_dim: int, projection_dim: int, hidden_dim: int, dropout: float = 0.5,
-                 logit_scale: float = LOGIT_SCALE, normalize_inputs: bool = False):
+    def __init__(
+        self,
+        feature_dim: int,
+        projection_dim: int,
+        hidden_dim: int,
+        dropout: float = 0.5,
+        logit_scale: float = LOGIT_SCALE,
+        normalize_inputs: bool = False,
+    ):
         super().__init__()
         self.normalize_inputs = bool(normalize_inputs)
         self.feature_dim, self.projection_dim, self.hidden_dim = feature_dim, projection_dim, hidden_dim
@@ -51,7 +58,10 @@ class Combiner(nn.Module):
         self.dropout_hidden = nn.Dropout(dropout)
         self.output_layer = nn.Linear(hidden_dim, feature_dim)
         self.dynamic_scalar = nn.Sequential(
-            nn.Linear(2 * projection_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, 1),
+            nn.Linear(2 * projection_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, 1),
             nn.Sigmoid(),
         )
         if self.normalize_inputs:  # start at the normalised sum: the MLP branch adds nothing yet
@@ -64,9 +74,14 @@ class Combiner(nn.Module):
         return cls(feature_dim, int(round(feature_dim * proj_mult)), int(round(feature_dim * hidden_mult)), **kwargs)
 
     def config(self) -> dict[str, Any]:
-        return {"feature_dim": self.feature_dim, "projection_dim": self.projection_dim,
-                "hidden_dim": self.hidden_dim, "dropout": self.dropout_p, "logit_scale": self.logit_scale,
-                "normalize_inputs": self.normalize_inputs}
+        return {
+            "feature_dim": self.feature_dim,
+            "projection_dim": self.projection_dim,
+            "hidden_dim": self.hidden_dim,
+            "dropout": self.dropout_p,
+            "logit_scale": self.logit_scale,
+            "normalize_inputs": self.normalize_inputs,
+        }
 
     def mix(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalised combined feature and the text weight lambda ``[B, 1]``."""
@@ -83,8 +98,9 @@ class Combiner(nn.Module):
         """Raw image and text features ``[B, D]`` -> L2-normalised query features ``[B, D]``."""
         return F.normalize(self.mix(image, text)[0], dim=-1)
 
-    def loss(self, image: torch.Tensor, text: torch.Tensor, target: torch.Tensor,
-             target_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, image: torch.Tensor, text: torch.Tensor, target: torch.Tensor, target_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Batch-based contrastive loss: each query against every target of the batch.
         ``target_ids`` (gallery index of each target): another query's target that is the same
         image as this query's is not counted as a negative."""
@@ -98,8 +114,13 @@ class Combiner(nn.Module):
 
 def combiner_record(combiner: Combiner, encoder_fingerprint: str, **extra: Any) -> dict[str, Any]:
     """The plain dict saved as a ``.pt`` checkpoint (loadable with ``weights_only=True``)."""
-    return {"format": CHECKPOINT_FORMAT, "config": combiner.config(), "encoder_fingerprint": encoder_fingerprint,
-            "state_dict": {k: v.detach().cpu().clone() for k, v in combiner.state_dict().items()}, **extra}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": combiner.config(),
+        "encoder_fingerprint": encoder_fingerprint,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in combiner.state_dict().items()},
+        **extra,
+    }
 
 
 def save_combiner(path: str | Path, combiner: Combiner, encoder_fingerprint: str, **extra: Any) -> Path:
@@ -111,8 +132,12 @@ def save_combiner(path: str | Path, combiner: Combiner, encoder_fingerprint: str
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(combiner.config()),
-                "encoder_fingerprint": encoder_fingerprint, "extra": json.dumps(extra, default=str)}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "config": json.dumps(combiner.config()),
+            "encoder_fingerprint": encoder_fingerprint,
+            "extra": json.dumps(extra, default=str),
+        }
         save_file({k: v.detach().cpu().contiguous() for k, v in combiner.state_dict().items()}, str(tmp), metadata=meta)
     else:
         torch.save(combiner_record(combiner, encoder_fingerprint, **extra), tmp)
@@ -127,8 +152,10 @@ def read_combiner_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"Combiner checkpoint {path} not found; pass RUN_DIR/best.pt written by "
-                                "`calibclip train-combiner` (or a .safetensors Combiner file)")
+        raise FileNotFoundError(
+            f"Combiner checkpoint {path} not found; pass RUN_DIR/best.pt written by "
+            "`calibclip train-combiner` (or a .safetensors Combiner file)"
+        )
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -137,8 +164,12 @@ def read_combiner_checkpoint(path: str | Path) -> dict[str, Any]:
             state = {k: f.get_tensor(k) for k in f.keys()}
         if "config" not in meta:
             raise ValueError(f"{path} has no Combiner config in its metadata; it was not written by save_combiner")
-        return {"config": json.loads(meta["config"]), "state_dict": state,
-                "encoder_fingerprint": meta.get("encoder_fingerprint", ""), **json.loads(meta.get("extra", "{}"))}
+        return {
+            "config": json.loads(meta["config"]),
+            "state_dict": state,
+            "encoder_fingerprint": meta.get("encoder_fingerprint", ""),
+            **json.loads(meta.get("extra", "{}")),
+        }
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, ...
@@ -149,9 +180,7 @@ def read_combiner_checkpoint(path: str | Path) -> dict[str, Any]:
     return record
 
 
-def load_combiner(
-    path: str | Path, encoder: Any = None, device: str | torch.device = "cpu"
-) -> Combiner:
+def load_combiner(path: str | Path, encoder: Any = None, device: str | torch.device = "cpu") -> Combiner:
     """Load a Combiner in eval mode. ``encoder`` (an `Encoder` or a fingerprint string): refuse a
     checkpoint trained on another encoder's features."""
     record = read_combiner_checkpoint(path)
@@ -159,15 +188,22 @@ def load_combiner(
         want = encoder if isinstance(encoder, str) else encoder.fingerprint()
         have = record.get("encoder_fingerprint", "")
         if have and have != want:
-            raise ValueError(f"Combiner {path} was trained on features of encoder {have}, but the encoder in use is "
-                             f"{want}; use the same --model as for training or train a Combiner for this encoder")
+            raise ValueError(
+                f"Combiner {path} was trained on features of encoder {have}, but the encoder in use is "
+                f"{want}; use the same --model as for training or train a Combiner for this encoder"
+            )
     from calibclip.models.checkpoints import check_finite
 
     check_finite({k: v for k, v in record["state_dict"].items() if isinstance(v, torch.Tensor)}, f"Combiner {path}")
     cfg = record["config"]
-    combiner = Combiner(int(cfg["feature_dim"]), int(cfg["projection_dim"]), int(cfg["hidden_dim"]),
-                        float(cfg.get("dropout", 0.5)), float(cfg.get("logit_scale", LOGIT_SCALE)),
-                        bool(cfg.get("normalize_inputs", False)))
+    combiner = Combiner(
+        int(cfg["feature_dim"]),
+        int(cfg["projection_dim"]),
+        int(cfg["hidden_dim"]),
+        float(cfg.get("dropout", 0.5)),
+        float(cfg.get("logit_scale", LOGIT_SCALE)),
+        bool(cfg.get("normalize_inputs", False)),
+    )
     combiner.load_state_dict(record["state_dict"])
     combiner.encoder_fingerprint = record.get("encoder_fingerprint", "")
     return combiner.to(device).eval()
@@ -179,12 +215,18 @@ def export_combiner(src: str | Path, dst: str | Path, half: bool = True, **extra
     stored in the metadata (e.g. the training command)."""
     record = read_combiner_checkpoint(src)
     cfg = record["config"]
-    combiner = Combiner(int(cfg["feature_dim"]), int(cfg["projection_dim"]), int(cfg["hidden_dim"]),
-                        float(cfg.get("dropout", 0.5)), float(cfg.get("logit_scale", LOGIT_SCALE)),
-                        bool(cfg.get("normalize_inputs", False)))
+    combiner = Combiner(
+        int(cfg["feature_dim"]),
+        int(cfg["projection_dim"]),
+        int(cfg["hidden_dim"]),
+        float(cfg.get("dropout", 0.5)),
+        float(cfg.get("logit_scale", LOGIT_SCALE)),
+        bool(cfg.get("normalize_inputs", False)),
+    )
     combiner.load_state_dict(record["state_dict"])
     if half:
         combiner = combiner.half()
     keep = {k: record[k] for k in ("epoch", "metrics", "dataset", "encoder_name", "train_config") if k in record}
-    return save_combiner(Path(dst).with_suffix(".safetensors"), combiner, record.get("encoder_fingerprint", ""),
-                         **keep, **extra)
+    return save_combiner(
+        Path(dst).with_suffix(".safetensors"), combiner, record.get("encoder_fingerprint", ""), **keep, **extra
+    )

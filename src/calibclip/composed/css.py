@@ -37,8 +37,12 @@ from PIL import Image, ImageDraw
 from calibclip.utils import progress_bar
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
-    "yellow": (240, 210, 20), "purple": (140, 40, 170), "gray": (128, 128, 128),
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 170),
+    "gray": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -158,8 +162,16 @@ def _novel(*scenes: Scene) -> bool:
 
 
 def generate_split(
-    out: Path, split: str, n_queries: int, rng: random.Random, allow_held_out: bool, mods_per_scene: int = 4,
-    size: int = 128, pair_start: int = 0, reverse: bool = False, progress: bool = True,
+    out: Path,
+    split: str,
+    n_queries: int,
+    rng: random.Random,
+    allow_held_out: bool,
+    mods_per_scene: int = 4,
+    size: int = 128,
+    pair_start: int = 0,
+    reverse: bool = False,
+    progress: bool = True,
 ) -> dict[str, int]:
     """Write ``n_queries`` queries of one split (images + annotations); returns counts.
     ``reverse``: also add every query's inverse (target -> reference, e.g. "add ..." for
@@ -201,23 +213,47 @@ def generate_split(
         for (scene, text, inverse, kind), target in zip(mods, targets):
             if forward == n_queries:
                 break
-            pairs.append({
-                "pairid": pair_start + len(pairs), "reference": ref_name, "target_hard": target,
-                "target_soft": {target: 1.0}, "caption": text, "kind": kind, "novel": _novel(reference, scene),
-                "img_set": {"id": set_id, "members": members, "reference_rank": 0,
-                            "target_rank": members.index(target)},
-            })
+            pairs.append(
+                {
+                    "pairid": pair_start + len(pairs),
+                    "reference": ref_name,
+                    "target_hard": target,
+                    "target_soft": {target: 1.0},
+                    "caption": text,
+                    "kind": kind,
+                    "novel": _novel(reference, scene),
+                    "img_set": {
+                        "id": set_id,
+                        "members": members,
+                        "reference_rank": 0,
+                        "target_rank": members.index(target),
+                    },
+                }
+            )
             inverses.append(inverse)
             forward += 1
             bar.update(1)
         set_id += 1
     bar.close()
     if reverse:
-        pairs += [{"pairid": pair_start + len(pairs) + i, "reference": p["target_hard"], "target_hard": p["reference"],
-                   "target_soft": {p["reference"]: 1.0}, "caption": inv, "kind": f"inverse-{p['kind']}",
-                   "novel": p["novel"], "img_set": {"id": -1, "members": [p["target_hard"], p["reference"]],
-                                                    "reference_rank": 0, "target_rank": 1}}
-                  for i, (p, inv) in enumerate(zip(list(pairs), inverses))]
+        pairs += [
+            {
+                "pairid": pair_start + len(pairs) + i,
+                "reference": p["target_hard"],
+                "target_hard": p["reference"],
+                "target_soft": {p["reference"]: 1.0},
+                "caption": inv,
+                "kind": f"inverse-{p['kind']}",
+                "novel": p["novel"],
+                "img_set": {
+                    "id": -1,
+                    "members": [p["target_hard"], p["reference"]],
+                    "reference_rank": 0,
+                    "target_rank": 1,
+                },
+            }
+            for i, (p, inv) in enumerate(zip(list(pairs), inverses))
+        ]
     (out / "captions").mkdir(parents=True, exist_ok=True)
     (out / "image_splits").mkdir(parents=True, exist_ok=True)
     (out / "captions" / f"cap.rc2.{split}.json").write_text(json.dumps(pairs))
@@ -226,8 +262,15 @@ def generate_split(
 
 
 def make_css(
-    out: str | Path, seed: int = 0, n_train: int = 3000, n_val: int = 400, n_test: int = 800, size: int = 128,
-    mods_per_scene: int = 4, reverse_train: bool = True, progress: bool = True,
+    out: str | Path,
+    seed: int = 0,
+    n_train: int = 3000,
+    n_val: int = 400,
+    n_test: int = 800,
+    size: int = 128,
+    mods_per_scene: int = 4,
+    reverse_train: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Generate the benchmark under ``out`` (train/val without `HELD_OUT` pairs, test with every
     pair); returns and writes ``README.json`` with counts and settings."""
@@ -240,11 +283,21 @@ def make_css(
     counts = {}
     start = 0
     for split, n, held in (("train", n_train, False), ("val", n_val, False), ("test", n_test, True)):
-        counts[split] = generate_split(out, split, n, rng, held, mods_per_scene, size, start,
-                                       reverse_train and split == "train", progress)
+        counts[split] = generate_split(
+            out, split, n, rng, held, mods_per_scene, size, start, reverse_train and split == "train", progress
+        )
         start += counts[split]["queries"]
-    info = {"generator": "calibclip make-css", "seed": seed, "size": size, "mods_per_scene": mods_per_scene,
-            "held_out_pairs": sorted(" ".join(p) for p in HELD_OUT), "colours": list(COLOURS), "shapes": list(SHAPES),
-            "sizes": list(SIZES), "reverse_train": reverse_train, "splits": counts}
+    info = {
+        "generator": "calibclip make-css",
+        "seed": seed,
+        "size": size,
+        "mods_per_scene": mods_per_scene,
+        "held_out_pairs": sorted(" ".join(p) for p in HELD_OUT),
+        "colours": list(COLOURS),
+        "shapes": list(SHAPES),
+        "sizes": list(SIZES),
+        "reverse_train": reverse_train,
+        "splits": counts,
+    }
     (out / "README.json").write_text(json.dumps(info, indent=1))
     return info

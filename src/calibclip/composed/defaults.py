@@ -58,9 +58,12 @@ def composed_defaults(name: str | None, dataset: str | None = None) -> dict[str,
     if missing:
         raise ValueError(f"calibclip/configs/composed.yaml: the recipe for {key!r} lacks {missing}")
     key = f"{key}/{dataset}" if refined else key
-    return {"key": key, "sum_text_weight": float(own.get("sum_text_weight", base.get("sum_text_weight", 1.0))),
-            "combiner": own.get("combiner", base.get("combiner")),
-            "recipe": recipe}
+    return {
+        "key": key,
+        "sum_text_weight": float(own.get("sum_text_weight", base.get("sum_text_weight", 1.0))),
+        "combiner": own.get("combiner", base.get("combiner")),
+        "recipe": recipe,
+    }
 
 
 def weights_dir() -> Path:
@@ -76,6 +79,8 @@ def packaged_combiner(encoder: Any) -> Path | None:
         return None
     path = weights_dir() / str(file)
     if not path.is_file():
-        raise FileNotFoundError(f"calibclip/configs/composed.yaml names the packaged Combiner {file}, but {path} "
-                                "is missing; reinstall calibclip")
+        raise FileNotFoundError(
+            f"calibclip/configs/composed.yaml names the packaged Combiner {file}, but {path} "
+            "is missing; reinstall calibclip"
+        )
     return path

@@ -71,8 +71,13 @@ def query_texts(ds: ComposedDataset) -> list[str]:
 
 
 def extract_features(
-    encoder: Encoder, ds: ComposedDataset, cache: FeatureCache, batch_size: int = 32, workers: int = 0,
-    variants: bool = False, progress: bool = True,
+    encoder: Encoder,
+    ds: ComposedDataset,
+    cache: FeatureCache,
+    batch_size: int = 32,
+    workers: int = 0,
+    variants: bool = False,
+    progress: bool = True,
 ) -> ComposedFeatures:
     """Raw image and text features of ``ds`` through the feature cache. ``variants``: also the
     training text variants of every query (FashionIQ: the four caption variants; pseudo-CIR: every
@@ -83,13 +88,17 @@ def extract_features(
     if ds.name == "pseudo-cir":
         from calibclip.composed.pseudo_cir import SHARD_SIZE
 
-        image_tags = {"dataset": ds.info["source"], "split": ds.info["source_split"],
-                      "preprocess": encoder.preprocess.describe()}
+        image_tags = {
+            "dataset": ds.info["source"],
+            "split": ds.info["source_split"],
+            "preprocess": encoder.preprocess.describe(),
+        }
         cache = FeatureCache(cache.root, cache.enabled, SHARD_SIZE)
     else:
         image_tags = tags
-    images = cache.image_features(encoder, ds.images, batch_size=batch_size, workers=workers, progress=progress,
-                                  **image_tags)["raw"]
+    images = cache.image_features(
+        encoder, ds.images, batch_size=batch_size, workers=workers, progress=progress, **image_tags
+    )["raw"]
     texts = cache.text_features(encoder, query_texts(ds), progress=progress, **tags)["raw"]
     var = None
     if variants and ds.info.get("variants"):
@@ -119,7 +128,10 @@ def score_queries(combine: CombiningFn, feats: ComposedFeatures, ds: ComposedDat
 
 
 def metrics_from_features(
-    dataset: str, datasets: Sequence[ComposedDataset], features: Sequence[ComposedFeatures], combine: CombiningFn,
+    dataset: str,
+    datasets: Sequence[ComposedDataset],
+    features: Sequence[ComposedFeatures],
+    combine: CombiningFn,
 ) -> dict[str, float]:
     """The dataset's metrics for one combining function on precomputed features."""
     if dataset == "fashioniq":
@@ -146,9 +158,17 @@ def write_cirr_submission(
 
 
 def evaluate_composed(
-    encoder: Encoder, dataset: str, data_root: str | Path, split: str, combining: str = "combiner",
-    combiner: str | Path | None = None, cache: FeatureCache | None = None, batch_size: int = 32, workers: int = 0,
-    submission_dir: str | Path | None = None, progress: bool = True,
+    encoder: Encoder,
+    dataset: str,
+    data_root: str | Path,
+    split: str,
+    combining: str = "combiner",
+    combiner: str | Path | None = None,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    submission_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate composed retrieval; returns the metrics (percent).
 
@@ -160,18 +180,24 @@ def evaluate_composed(
     """
     dataset = composed_spec(dataset).name
     if dataset == "fashioniq" and split == "test":
-        raise ValueError("FashionIQ test has no target images (and no public evaluation server), so it cannot be "
-                         "scored; evaluate the val split")
+        raise ValueError(
+            "FashionIQ test has no target images (and no public evaluation server), so it cannot be "
+            "scored; evaluate the val split"
+        )
     cache = cache or FeatureCache()
     combine = build_combining(combining, combiner, encoder=encoder)
     datasets = load_composed(dataset, data_root, split)
     if not all(ds.has_targets for ds in datasets):
         if dataset != "cirr":
-            raise ValueError(f"{dataset} split {split!r} has no target images, so it cannot be scored locally; "
-                             "evaluate the val split")
+            raise ValueError(
+                f"{dataset} split {split!r} has no target images, so it cannot be scored locally; "
+                "evaluate the val split"
+            )
         if submission_dir is None:
-            raise ValueError("CIRR test1 has no public targets: pass a submission directory to write the two "
-                             "test-server JSON files (then upload them to the CIRR evaluation server)")
+            raise ValueError(
+                "CIRR test1 has no public targets: pass a submission directory to write the two "
+                "test-server JSON files (then upload them to the CIRR evaluation server)"
+            )
     features = [extract_features(encoder, ds, cache, batch_size, workers, progress=progress) for ds in datasets]
     if submission_dir is not None:
         if dataset != "cirr":

@@ -49,21 +49,30 @@ DUPLICATE_THRESHOLD = 0.98
 
 
 def source_image_features(
-    encoder: Encoder, source: RetrievalDataset, count: int, cache: FeatureCache, batch_size: int = 32,
-    workers: int = 0, progress: bool = True,
+    encoder: Encoder,
+    source: RetrievalDataset,
+    count: int,
+    cache: FeatureCache,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
 ) -> np.ndarray:
     """Raw features of the first ``count`` images of ``source``, cached under the same key as
     `calibclip evaluate --dataset flickr8k` uses (for the whole split), so either run fills it for the other."""
-    tags: dict[str, Any] = {"dataset": source.name, "split": source.split,
-                            "preprocess": encoder.preprocess.describe()}
-    return cache.image_features(encoder, source.images[:count], batch_size=batch_size, workers=workers,
-                                progress=progress, **tags)["raw"]
+    tags: dict[str, Any] = {"dataset": source.name, "split": source.split, "preprocess": encoder.preprocess.describe()}
+    return cache.image_features(
+        encoder, source.images[:count], batch_size=batch_size, workers=workers, progress=progress, **tags
+    )["raw"]
 
 
 @torch.inference_mode()
 def build_triplets(
-    image_feats: torch.Tensor, caption_feats: torch.Tensor, caption_image: np.ndarray, neighbours: int = 10,
-    references_per_target: int = 1, duplicate_threshold: float = DUPLICATE_THRESHOLD,
+    image_feats: torch.Tensor,
+    caption_feats: torch.Tensor,
+    caption_image: np.ndarray,
+    neighbours: int = 10,
+    references_per_target: int = 1,
+    duplicate_threshold: float = DUPLICATE_THRESHOLD,
 ) -> list[dict[str, Any]]:
     """The pseudo-CIR rule on features (module docstring). ``caption_image[j]``: image of caption ``j``.
 
@@ -78,8 +87,10 @@ def build_triplets(
     if n < 2:
         raise ValueError(f"pseudo-CIR needs at least 2 images, got {n}")
     if neighbours < 1 or not 1 <= references_per_target <= neighbours:
-        raise ValueError(f"need neighbours >= 1 and 1 <= references_per_target <= neighbours, got {neighbours}, "
-                         f"{references_per_target}")
+        raise ValueError(
+            f"need neighbours >= 1 and 1 <= references_per_target <= neighbours, got {neighbours}, "
+            f"{references_per_target}"
+        )
     img = F.normalize(torch.as_tensor(image_feats).float(), dim=-1)
     cap = F.normalize(torch.as_tensor(caption_feats).float(), dim=-1)
     owner = torch.as_tensor(caption_image, dtype=torch.long)
@@ -103,16 +114,32 @@ def build_triplets(
             mine, theirs = per_image[t], per_image[r]
             closeness = (cap[mine] @ cap[theirs].T).max(dim=1).values  # each T caption vs its closest R caption
             j = int(torch.argmin(closeness))  # first minimum: deterministic
-            triplets.append({"reference": r, "target": t, "caption": int(mine[j]), "visual_rank": slot + 1,
-                             "image_similarity": round(float(top_sim[t, slot]), 4),
-                             "caption_similarity": round(float(sem[t, slot]), 4)})
+            triplets.append(
+                {
+                    "reference": r,
+                    "target": t,
+                    "caption": int(mine[j]),
+                    "visual_rank": slot + 1,
+                    "image_similarity": round(float(top_sim[t, slot]), 4),
+                    "caption_similarity": round(float(sem[t, slot]), 4),
+                }
+            )
     return triplets
 
 
 def make_pseudo_cir(
-    encoder: Encoder, dataset: str, data_root: str | Path, split: str, out_dir: str | Path,
-    cache: FeatureCache | None = None, neighbours: int = 10, references_per_target: int = 1,
-    max_images: int | None = None, batch_size: int = 32, workers: int = 0, progress: bool = True,
+    encoder: Encoder,
+    dataset: str,
+    data_root: str | Path,
+    split: str,
+    out_dir: str | Path,
+    cache: FeatureCache | None = None,
+    neighbours: int = 10,
+    references_per_target: int = 1,
+    max_images: int | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Write ``OUT/pseudo-cir.<split>.json`` for one split of a captioned dataset.
 
@@ -148,33 +175,61 @@ def make_pseudo_cir(
     image_feats = source_image_features(encoder, source, count, cache, batch_size, workers, progress)
     keep = np.nonzero(source.caption_image < count)[0]
     captions = [source.captions[i] for i in keep]
-    caption_feats = cache.text_features(encoder, captions, progress=progress, dataset=source.name, split=split,
-                                        preprocess=encoder.preprocess.describe())["raw"]
+    caption_feats = cache.text_features(
+        encoder, captions, progress=progress, dataset=source.name, split=split, preprocess=encoder.preprocess.describe()
+    )["raw"]
     owner = source.caption_image[keep]
-    triplets = build_triplets(torch.from_numpy(image_feats), torch.from_numpy(caption_feats), owner, neighbours,
-                              references_per_target)
+    triplets = build_triplets(
+        torch.from_numpy(image_feats), torch.from_numpy(caption_feats), owner, neighbours, references_per_target
+    )
     names = [p.name for p in source.images[:count]]
     by_image: dict[int, list[str]] = {}
     for c, i in zip(captions, owner.tolist()):
         by_image.setdefault(i, []).append(c)
-    records = [{"pairid": n, "reference": names[t["reference"]], "target": names[t["target"]],
-                "caption": captions[t["caption"]], "target_captions": by_image[t["target"]],
-                **{k: t[k] for k in ("visual_rank", "image_similarity", "caption_similarity")}}
-               for n, t in enumerate(triplets)]
-    rule = {"neighbours": neighbours, "references_per_target": references_per_target,
-            "duplicate_threshold": DUPLICATE_THRESHOLD,
-            "reference": "least similar caption centroid among the visual neighbours",
-            "text": "target caption least similar to the reference's captions"}
-    data = {"format": PSEUDO_CIR_FORMAT, "source": dataset, "data_root": str(root), "source_split": split,
-            "images": count, "max_images": max_images, "encoder": encoder.fingerprint(), "encoder_name": encoder.name,
-            "rule": rule, "image_names": names, "triplets": records}
+    records = [
+        {
+            "pairid": n,
+            "reference": names[t["reference"]],
+            "target": names[t["target"]],
+            "caption": captions[t["caption"]],
+            "target_captions": by_image[t["target"]],
+            **{k: t[k] for k in ("visual_rank", "image_similarity", "caption_similarity")},
+        }
+        for n, t in enumerate(triplets)
+    ]
+    rule = {
+        "neighbours": neighbours,
+        "references_per_target": references_per_target,
+        "duplicate_threshold": DUPLICATE_THRESHOLD,
+        "reference": "least similar caption centroid among the visual neighbours",
+        "text": "target caption least similar to the reference's captions",
+    }
+    data = {
+        "format": PSEUDO_CIR_FORMAT,
+        "source": dataset,
+        "data_root": str(root),
+        "source_split": split,
+        "images": count,
+        "max_images": max_images,
+        "encoder": encoder.fingerprint(),
+        "encoder_name": encoder.name,
+        "rule": rule,
+        "image_names": names,
+        "triplets": records,
+    }
     path = pseudo_cir_file(out_dir, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
     ranks = np.array([t["visual_rank"] for t in triplets])
-    return {"file": str(path), "split": split, "images": count, "triplets": len(records),
-            "references": len({t["reference"] for t in triplets}),
-            "median_visual_rank": float(np.median(ranks)) if len(ranks) else None,
-            "seconds": round(time.perf_counter() - t0, 2), "rule": rule}
+    return {
+        "file": str(path),
+        "split": split,
+        "images": count,
+        "triplets": len(records),
+        "references": len({t["reference"] for t in triplets}),
+        "median_visual_rank": float(np.median(ranks)) if len(ranks) else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "rule": rule,
+    }

@@ -75,16 +75,26 @@ def resolve_config(config: TrainConfig, encoder_name: str | None) -> TrainConfig
     fields = tuple(k for k in RECIPE_KEYS if getattr(config, k) is None)
     types = (float, float, float, int, int, float, bool)
     values = {k: type_(defaults["recipe"][k]) for k, type_ in zip(RECIPE_KEYS, types) if k in fields}
-    return replace(config, **values, val_split=config.val_split or VAL_SPLIT.get(config.dataset, "val"),
-                   recipe=defaults["key"], recipe_fields=fields)
+    return replace(
+        config,
+        **values,
+        val_split=config.val_split or VAL_SPLIT.get(config.dataset, "val"),
+        recipe=defaults["key"],
+        recipe_fields=fields,
+    )
 
 
 def describe_recipe(config: TrainConfig) -> str:
     """One line: the settings in use and where they came from."""
-    settings = ", ".join(f"{k} {getattr(config, k)}" if isinstance(getattr(config, k), bool) else
-                         f"{k} {getattr(config, k):g}" for k in RECIPE_KEYS)
-    source = (f"recipe {config.recipe!r} of calibclip/configs/composed.yaml" if config.recipe_fields else
-              "all given on the command line")
+    settings = ", ".join(
+        f"{k} {getattr(config, k)}" if isinstance(getattr(config, k), bool) else f"{k} {getattr(config, k):g}"
+        for k in RECIPE_KEYS
+    )
+    source = (
+        f"recipe {config.recipe!r} of calibclip/configs/composed.yaml"
+        if config.recipe_fields
+        else "all given on the command line"
+    )
     given = [k for k in RECIPE_KEYS if k not in config.recipe_fields]
     extra = f" (given: {', '.join(given)})" if config.recipe_fields and given else ""
     return f"Combiner recipe: {settings}; from {source}{extra}"
@@ -122,8 +132,9 @@ def _write_logs(out: Path, history: list[dict[str, Any]], headline: str, baselin
     ax1.set(xlabel="epoch", ylabel="train loss", title="contrastive loss")
     ax2.plot(epochs, [row[headline] for row in history], marker="o", label="combiner")
     for name, metrics in baselines.items():
-        ax2.axhline(metrics[headline], linestyle="--", color={"sum": "C1", "image": "C2", "text": "C3"}[name],
-                    label=name)
+        ax2.axhline(
+            metrics[headline], linestyle="--", color={"sum": "C1", "image": "C2", "text": "C3"}[name], label=name
+        )
     ax2.set(xlabel="epoch", ylabel=f"val {headline} (%)", title="validation")
     ax2.legend()
     fig.tight_layout()
@@ -132,8 +143,14 @@ def _write_logs(out: Path, history: list[dict[str, Any]], headline: str, baselin
 
 
 def train_combiner(
-    encoder: Encoder, data_root: str | Path, out_dir: str | Path, config: TrainConfig,
-    cache: FeatureCache | None = None, image_batch_size: int = 32, workers: int = 0, progress: bool = True,
+    encoder: Encoder,
+    data_root: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig,
+    cache: FeatureCache | None = None,
+    image_batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume training) a Combiner; returns a summary with the best validation metrics,
     the baselines, the recipe used and timings. Re-running with the same ``out_dir`` resumes from ``last.pt``."""
@@ -156,23 +173,32 @@ def train_combiner(
     if not all(ds.has_targets for ds in train_sets + val_sets):
         raise ValueError(f"the {config.train_split}/{config.val_split} splits of {data_root} must have targets")
     t_feat = time.perf_counter()
-    train_feats = [extract_features(encoder, ds, cache, image_batch_size, workers, variants=True, progress=progress)
-                   for ds in train_sets]
-    val_feats = [extract_features(encoder, ds, cache, image_batch_size, workers, progress=progress)
-                 for ds in val_sets]
+    train_feats = [
+        extract_features(encoder, ds, cache, image_batch_size, workers, variants=True, progress=progress)
+        for ds in train_sets
+    ]
+    val_feats = [extract_features(encoder, ds, cache, image_batch_size, workers, progress=progress) for ds in val_sets]
     feature_time = time.perf_counter() - t0
     n_images = sum(len(ds.images) for ds in train_sets + val_sets)
     rate = n_images / max(time.perf_counter() - t_feat, 1e-9)
     if progress:
-        print(f"features: {n_images} images in {time.perf_counter() - t_feat:.1f} s ({rate:.1f} images/s, "
-              f"{workers} decoding workers; cached features load instantly)", flush=True)
+        print(
+            f"features: {n_images} images in {time.perf_counter() - t_feat:.1f} s ({rate:.1f} images/s, "
+            f"{workers} decoding workers; cached features load instantly)",
+            flush=True,
+        )
     images, refs, targets, texts = _training_tensors(train_sets, train_feats)
     n = len(refs)
 
     torch.manual_seed(config.seed)
     assert config.proj_mult is not None and config.hidden_mult is not None and config.dropout is not None
-    model = Combiner.for_features(images.shape[1], config.proj_mult, config.hidden_mult, dropout=config.dropout,
-                                  normalize_inputs=bool(config.normalize_inputs))
+    model = Combiner.for_features(
+        images.shape[1],
+        config.proj_mult,
+        config.hidden_mult,
+        dropout=config.dropout,
+        normalize_inputs=bool(config.normalize_inputs),
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
@@ -183,20 +209,27 @@ def train_combiner(
         saved = state["train_config"]
         changed = {k: (saved.get(k), getattr(config, k)) for k in RESUME_KEYS if saved.get(k) != getattr(config, k)}
         if changed or state["encoder_fingerprint"] != fingerprint:
-            raise ValueError(f"{last_path} belongs to another run (changed: {changed or 'encoder'}); "
-                             "use a new --out directory or the original settings")
+            raise ValueError(
+                f"{last_path} belongs to another run (changed: {changed or 'encoder'}); "
+                "use a new --out directory or the original settings"
+            )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
-        best_value, best_epoch, train_time = float(state["best_value"]), int(state["best_epoch"]), float(state["train_time"])
+        best_value, best_epoch, train_time = (
+            float(state["best_value"]),
+            int(state["best_epoch"]),
+            float(state["train_time"]),
+        )
     baselines_path = out / "baselines.json"
     if baselines_path.exists():
         baselines = json.loads(baselines_path.read_text())
     else:
-        baselines = {name: metrics_from_features(config.dataset, val_sets, val_feats,
-                                                 build_combining(name, encoder=encoder))
-                     for name in ("sum", "image", "text")}
+        baselines = {
+            name: metrics_from_features(config.dataset, val_sets, val_feats, build_combining(name, encoder=encoder))
+            for name in ("sum", "image", "text")
+        }
         baselines_path.write_text(json.dumps(baselines, indent=1))
 
     def combine(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -231,24 +264,56 @@ def train_combiner(
         improved = metrics[headline] > best_value
         if improved:
             best_value, best_epoch = metrics[headline], epoch
-            torch.save(combiner_record(model, fingerprint, epoch=epoch, metrics=metrics, dataset=config.dataset,
-                                       encoder_name=encoder.name, train_config=asdict(config)),
-                       best_path.with_suffix(".tmp"))
+            torch.save(
+                combiner_record(
+                    model,
+                    fingerprint,
+                    epoch=epoch,
+                    metrics=metrics,
+                    dataset=config.dataset,
+                    encoder_name=encoder.name,
+                    train_config=asdict(config),
+                ),
+                best_path.with_suffix(".tmp"),
+            )
             best_path.with_suffix(".tmp").replace(best_path)
-        record = combiner_record(model, fingerprint, optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                                 epoch=epoch, history=history, best_value=best_value, best_epoch=best_epoch,
-                                 train_time=train_time, train_config=asdict(config))
+        record = combiner_record(
+            model,
+            fingerprint,
+            optimizer=optimizer.state_dict(),
+            generator=generator.get_state(),
+            epoch=epoch,
+            history=history,
+            best_value=best_value,
+            best_epoch=best_epoch,
+            train_time=train_time,
+            train_config=asdict(config),
+        )
         torch.save(record, last_path.with_suffix(".tmp"))
         last_path.with_suffix(".tmp").replace(last_path)
         _write_logs(out, history, headline, baselines)
         if progress:
-            print(f"epoch {epoch}: loss {row['loss']:.4f}  val {headline} {metrics[headline]:.2f}"
-                  f"{'  (best)' if improved else ''}", flush=True)
+            print(
+                f"epoch {epoch}: loss {row['loss']:.4f}  val {headline} {metrics[headline]:.2f}"
+                f"{'  (best)' if improved else ''}",
+                flush=True,
+            )
     best = next((row for row in history if row["epoch"] == best_epoch), {})
-    summary = {"dataset": config.dataset, "run_dir": str(out), "encoder": fingerprint, "best_epoch": best_epoch,
-               "headline": headline, "best": {k: v for k, v in best.items() if k not in ("epoch", "loss", "train_time_s")},
-               "baselines": baselines, "train_time_s": round(train_time, 2), "feature_time_s": round(feature_time, 2),
-               "train_pairs": n, "config": asdict(config), "recipe": config.recipe,
-               "recipe_fields": list(config.recipe_fields), "feature_images_per_s": round(rate, 2)}
+    summary = {
+        "dataset": config.dataset,
+        "run_dir": str(out),
+        "encoder": fingerprint,
+        "best_epoch": best_epoch,
+        "headline": headline,
+        "best": {k: v for k, v in best.items() if k not in ("epoch", "loss", "train_time_s")},
+        "baselines": baselines,
+        "train_time_s": round(train_time, 2),
+        "feature_time_s": round(feature_time, 2),
+        "train_pairs": n,
+        "config": asdict(config),
+        "recipe": config.recipe,
+        "recipe_fields": list(config.recipe_fields),
+        "feature_images_per_s": round(rate, 2),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

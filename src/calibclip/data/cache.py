@@ -14,8 +14,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +57,14 @@ class FeatureCache:
     def make_key(encoder: Encoder, kind: str, items: Sequence[Any], **tags: Any) -> dict[str, Any]:
         """A cache key for ``kind`` ("images"/"texts") features of ``items`` by ``encoder``."""
         digest = hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()[:16]
-        return {"model": encoder.fingerprint(), "config": encoder.config(), "kind": kind,
-                "items": digest, "count": len(items), **tags}
+        return {
+            "model": encoder.fingerprint(),
+            "config": encoder.config(),
+            "kind": kind,
+            "items": digest,
+            "count": len(items),
+            **tags,
+        }
 
     def directory(self, key: dict[str, Any]) -> Path:
         h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -71,8 +78,12 @@ class FeatureCache:
 
     # --- computing -------------------------------------------------------------------------
     def _run(
-        self, key: dict[str, Any], total: int, compute: Callable[[int, int, Any], dict[str, torch.Tensor]],
-        desc: str, progress: bool,
+        self,
+        key: dict[str, Any],
+        total: int,
+        compute: Callable[[int, int, Any], dict[str, torch.Tensor]],
+        desc: str,
+        progress: bool,
     ) -> dict[str, np.ndarray]:
         d = self.directory(key)
         if self.enabled:
@@ -104,8 +115,14 @@ class FeatureCache:
 
     @torch.inference_mode()
     def image_features(
-        self, encoder: Encoder, paths: Sequence[str | Path], fn: ImageFn | None = None,
-        names: Sequence[str] = ("raw",), batch_size: int = 32, workers: int = 0, progress: bool = True,
+        self,
+        encoder: Encoder,
+        paths: Sequence[str | Path],
+        fn: ImageFn | None = None,
+        names: Sequence[str] = ("raw",),
+        batch_size: int = 32,
+        workers: int = 0,
+        progress: bool = True,
         **tags: Any,
     ) -> dict[str, np.ndarray]:
         """Features of every image in ``paths`` (float32 arrays ``[N, D]`` per name).
@@ -138,8 +155,14 @@ class FeatureCache:
 
     @torch.inference_mode()
     def text_features(
-        self, encoder: Encoder, texts: Sequence[str], fn: TextFn | None = None, names: Sequence[str] = ("raw",),
-        batch_size: int = 128, progress: bool = True, **tags: Any,
+        self,
+        encoder: Encoder,
+        texts: Sequence[str],
+        fn: TextFn | None = None,
+        names: Sequence[str] = ("raw",),
+        batch_size: int = 128,
+        progress: bool = True,
+        **tags: Any,
     ) -> dict[str, np.ndarray]:
         """Features of every text (length-sorted batches for dynamic padding; output in input order)."""
         fn = fn or (lambda tb: {"raw": encoder.encode_text(tb)})

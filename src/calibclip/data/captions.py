@@ -59,8 +59,11 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> RetrievalDataset:
         problems.append(f"caption file {token_file} is missing")
     if not split_file.exists() and not problems:
         present = [name for name, f in FLICKR8K_SPLIT_FILES.items() if name != "val" and (text_dir / f).exists()]
-        hint = f"use --split {'dev' if 'dev' in present else present[0]}" if present else (
-            "put the Flickr_8k.<split>Images.txt files from the official release there")
+        hint = (
+            f"use --split {'dev' if 'dev' in present else present[0]}"
+            if present
+            else ("put the Flickr_8k.<split>Images.txt files from the official release there")
+        )
         raise DatasetError(
             f"Flickr8k at {root} has no {split} split ({split_file.name} is missing from {text_dir}); "
             f"splits present: {present or 'none'}; {hint}"
@@ -89,7 +92,9 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> RetrievalDataset:
         raise DatasetError(f"{len(missing)} images of split {split} are missing from {image_dir}, e.g. {missing[:3]}")
     no_caps = [n for n in names if n not in by_image]
     if no_caps:
-        raise DatasetError(f"{len(no_caps)} images of split {split} have no caption in {token_file}, e.g. {no_caps[:3]}")
+        raise DatasetError(
+            f"{len(no_caps)} images of split {split} have no caption in {token_file}, e.g. {no_caps[:3]}"
+        )
     captions: list[str] = []
     caption_image: list[int] = []
     for i, name in enumerate(names):
@@ -97,14 +102,21 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> RetrievalDataset:
             captions.append(cap)
             caption_image.append(i)
     return RetrievalDataset(
-        name="flickr8k", split=split, root=root, images=[image_dir / n for n in names],  # type: ignore[operator]
-        image_ids=np.arange(len(names)), captions=captions, caption_ids=np.asarray(caption_image),
+        name="flickr8k",
+        split=split,
+        root=root,
+        images=[image_dir / n for n in names],  # type: ignore[operator]
+        image_ids=np.arange(len(names)),
+        captions=captions,
+        caption_ids=np.asarray(caption_image),
         caption_image=np.asarray(caption_image),
     )
 
 
-KARPATHY_IMAGE = ('an object {"filename": str, "split": str, "sentences": [{"raw": str} or {"tokens": [str]}, ...]} '
-                  '(optional "filepath": relative folder)')
+KARPATHY_IMAGE = (
+    'an object {"filename": str, "split": str, "sentences": [{"raw": str} or {"tokens": [str]}, ...]} '
+    '(optional "filepath": relative folder)'
+)
 
 
 def _check_karpathy_image(ann_file: Path, i: int, im: object) -> None:
@@ -115,9 +127,9 @@ def _check_karpathy_image(ann_file: Path, i: int, im: object) -> None:
     if missing:
         raise record_error(ann_file, i, f"of 'images' lacks field(s) {missing} (has {sorted(im)})", KARPATHY_IMAGE)
     where = f"{ann_file}: entry {i} of 'images'"
-    safe_relpath(im["filename"], ann_file.parent, f"{where} \"filename\"")
+    safe_relpath(im["filename"], ann_file.parent, f'{where} "filename"')
     if im.get("filepath"):
-        safe_relpath(im["filepath"], ann_file.parent, f"{where} \"filepath\"")
+        safe_relpath(im["filepath"], ann_file.parent, f'{where} "filepath"')
     sents = im["sentences"]
     if not isinstance(sents, list):
         raise record_error(ann_file, i, f"of 'images' has \"sentences\" {type_name(sents)}", KARPATHY_IMAGE)
@@ -125,7 +137,8 @@ def _check_karpathy_image(ann_file: Path, i: int, im: object) -> None:
         raw = sent.get("raw") if isinstance(sent, dict) else None
         tokens = sent.get("tokens") if isinstance(sent, dict) else None
         if not (isinstance(raw, str) and raw.strip()) and not (
-                isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+            isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)
+        ):
             raise record_error(ann_file, i, f"of 'images' has sentence {j} = {str(sent)[:60]}", KARPATHY_IMAGE)
 
 
@@ -171,7 +184,12 @@ def load_karpathy(root: str | Path, split: str = "test", dataset: str | None = N
             captions.append(sent.get("raw") or " ".join(sent.get("tokens") or []))
             caption_image.append(i)
     return RetrievalDataset(
-        name=candidates[0].stem.replace("dataset_", ""), split=split, root=root, images=images,
-        image_ids=np.arange(len(images)), captions=captions, caption_ids=np.asarray(caption_image),
+        name=candidates[0].stem.replace("dataset_", ""),
+        split=split,
+        root=root,
+        images=images,
+        image_ids=np.arange(len(images)),
+        captions=captions,
+        caption_ids=np.asarray(caption_image),
         caption_image=np.asarray(caption_image),
     )

@@ -22,9 +22,10 @@ Layouts
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,8 +87,10 @@ def _read_json(path: Path, what: str, hint: str) -> Any:
 
 
 FASHIONIQ_PAIR = '{"candidate": ASIN, "target": ASIN (absent in test), "captions": [str, str]}'
-CIRR_PAIR = ('{"pairid": int, "reference": name, "target_hard": name (absent in test1), "caption": str, '
-             '"img_set": {"members": [name, ...]} (optional)}')
+CIRR_PAIR = (
+    '{"pairid": int, "reference": name, "target_hard": name (absent in test1), "caption": str, '
+    '"img_set": {"members": [name, ...]} (optional)}'
+)
 
 
 def _check_names(path: Path, names: Any) -> None:
@@ -96,8 +99,12 @@ def _check_names(path: Path, names: Any) -> None:
         raise DatasetError(f"{path}: expected a JSON list of image names (ASINs), got {type_name(names)}")
     for i, n in enumerate(names):
         if not isinstance(n, str) or not n or "/" in n or "\\" in n or n in (".", "..") or "\0" in n:
-            raise record_error(path, i, f"is {type_name(n)} {str(n)[:60]!r}, refused",
-                               "an image name (ASIN) without folders: images are read from ROOT/images/ only")
+            raise record_error(
+                path,
+                i,
+                f"is {type_name(n)} {str(n)[:60]!r}, refused",
+                "an image name (ASIN) without folders: images are read from ROOT/images/ only",
+            )
 
 
 def _check_fashioniq_pairs(path: Path, pairs: Any) -> None:
@@ -107,8 +114,9 @@ def _check_fashioniq_pairs(path: Path, pairs: Any) -> None:
         if not isinstance(p, dict):
             raise record_error(path, i, f"is a {type_name(p)}, not an object", FASHIONIQ_PAIR)
         if not isinstance(p.get("candidate"), str) or ("target" in p and not isinstance(p["target"], str)):
-            raise record_error(path, i, f"has candidate/target {p.get('candidate')!r}/{p.get('target')!r}",
-                               FASHIONIQ_PAIR)
+            raise record_error(
+                path, i, f"has candidate/target {p.get('candidate')!r}/{p.get('target')!r}", FASHIONIQ_PAIR
+            )
         caps = p.get("captions")
         if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
             raise record_error(path, i, f'has "captions" {type_name(caps)} {str(caps)[:60]}', FASHIONIQ_PAIR)
@@ -117,8 +125,10 @@ def _check_fashioniq_pairs(path: Path, pairs: Any) -> None:
 def _check_cirr_files(split_file: Path, relpaths: Any, cap_file: Path, pairs: Any, root: Path) -> None:
     """Types of a CIRR-layout image split (name -> relative path inside ``root``) and captions file."""
     if not isinstance(relpaths, dict):
-        raise DatasetError(f"{split_file}: expected a JSON object mapping image names to relative paths "
-                           f"(\"dev-1-0-img0\": \"./dev/dev-1-0-img0.png\"), got {type_name(relpaths)}")
+        raise DatasetError(
+            f"{split_file}: expected a JSON object mapping image names to relative paths "
+            f'("dev-1-0-img0": "./dev/dev-1-0-img0.png"), got {type_name(relpaths)}'
+        )
     for name, rel in relpaths.items():
         safe_relpath(rel, root, f"{split_file}: image {name!r}")
     if not isinstance(pairs, list):
@@ -187,7 +197,9 @@ def _fashioniq_image_index(image_dir: Path) -> dict[str, Path]:
 
 
 def load_fashioniq(
-    root: str | Path, split: str = "val", categories: Sequence[str] = FASHIONIQ_CATEGORIES,
+    root: str | Path,
+    split: str = "val",
+    categories: Sequence[str] = FASHIONIQ_CATEGORIES,
     check_images: bool = True,
 ) -> dict[str, ComposedDataset]:
     """FashionIQ, one `ComposedDataset` per category (gallery = every image of the category's
@@ -197,8 +209,9 @@ def load_fashioniq(
     if bad:
         raise ValueError(f"unknown FashionIQ categories {bad}: use some of {list(FASHIONIQ_CATEGORIES)}")
     if not root.is_dir():
-        raise DatasetError(f"FashionIQ root {root} does not exist; pass the folder holding captions/, "
-                           "image_splits/ and images/")
+        raise DatasetError(
+            f"FashionIQ root {root} does not exist; pass the folder holding captions/, image_splits/ and images/"
+        )
     problems = []
     for cat in categories:
         for sub, fname in (("captions", f"cap.{cat}.{split}.json"), ("image_splits", f"split.{cat}.{split}.json")):
@@ -214,32 +227,46 @@ def load_fashioniq(
     index = _fashioniq_image_index(image_dir) if check_images else {}
     out: dict[str, ComposedDataset] = {}
     for cat in categories:
-        names = _read_json(root / "image_splits" / f"split.{cat}.{split}.json", "FashionIQ image split",
-                           "re-download image_splits/ from the FashionIQ release")
-        pairs = _read_json(root / "captions" / f"cap.{cat}.{split}.json", "FashionIQ captions",
-                           "re-download captions/ from the FashionIQ release")
+        names = _read_json(
+            root / "image_splits" / f"split.{cat}.{split}.json",
+            "FashionIQ image split",
+            "re-download image_splits/ from the FashionIQ release",
+        )
+        pairs = _read_json(
+            root / "captions" / f"cap.{cat}.{split}.json",
+            "FashionIQ captions",
+            "re-download captions/ from the FashionIQ release",
+        )
         _check_names(root / "image_splits" / f"split.{cat}.{split}.json", names)
         _check_fashioniq_pairs(root / "captions" / f"cap.{cat}.{split}.json", pairs)
         position = {n: i for i, n in enumerate(names)}
         unknown = [p["candidate"] for p in pairs if p["candidate"] not in position]
         unknown += [p["target"] for p in pairs if "target" in p and p["target"] not in position]
         if unknown:
-            raise DatasetError(f"FashionIQ {cat}/{split}: {len(unknown)} images named in captions are not in "
-                               f"image_splits/split.{cat}.{split}.json (e.g. {unknown[:3]}); the two files do not "
-                               "belong together")
+            raise DatasetError(
+                f"FashionIQ {cat}/{split}: {len(unknown)} images named in captions are not in "
+                f"image_splits/split.{cat}.{split}.json (e.g. {unknown[:3]}); the two files do not "
+                "belong together"
+            )
         if check_images:
             missing = [image_dir / f"{n}.jpg" for n in names if n not in index]
             if missing:
-                raise _missing_images_error(f"FashionIQ {cat}/{split}", missing, len(names),
-                                            f"{image_dir}/<asin>.jpg (or .png)")
+                raise _missing_images_error(
+                    f"FashionIQ {cat}/{split}", missing, len(names), f"{image_dir}/<asin>.jpg (or .png)"
+                )
             paths = [index[n] for n in names]
         else:
             paths = [image_dir / f"{n}.jpg" for n in names]
         out[cat] = ComposedDataset(
-            name=f"fashioniq-{cat}", split=split, root=root, images=paths, image_names=list(names),
+            name=f"fashioniq-{cat}",
+            split=split,
+            root=root,
+            images=paths,
+            image_names=list(names),
             reference=np.array([position[p["candidate"]] for p in pairs], dtype=np.int64),
             target=np.array([position[p["target"]] if "target" in p else -1 for p in pairs], dtype=np.int64),
-            captions=[tuple(p["captions"]) for p in pairs], pair_ids=list(range(len(pairs))),
+            captions=[tuple(p["captions"]) for p in pairs],
+            pair_ids=list(range(len(pairs))),
             info={"category": cat},
         )
     return out
@@ -257,7 +284,7 @@ def cirr_splits(root: str | Path) -> list[str]:
     ann = _cirr_annotation_dir(Path(root))
     found = []
     for p in sorted((ann / "captions").glob("cap.rc2.*.json")):
-        split = p.name[len("cap.rc2."):-len(".json")]
+        split = p.name[len("cap.rc2.") : -len(".json")]
         if (ann / "image_splits" / f"split.rc2.{split}.json").exists():
             found.append(split)
     return found
@@ -289,14 +316,20 @@ def load_cirr(root: str | Path, split: str = "val", name: str = "cirr", check_im
     referenced += [m for p in pairs for m in p.get("img_set", {}).get("members", [])]
     unknown = sorted({n for n in referenced if n not in position})
     if unknown:
-        raise DatasetError(f"{name} {split}: {len(unknown)} images named in {cap_file.name} are not in "
-                           f"{split_file.name} (e.g. {unknown[:3]}); the two files do not belong together")
+        raise DatasetError(
+            f"{name} {split}: {len(unknown)} images named in {cap_file.name} are not in "
+            f"{split_file.name} (e.g. {unknown[:3]}); the two files do not belong together"
+        )
     paths = [(root / relpaths[n]).resolve() if check_images else root / relpaths[n] for n in names]
     if check_images:
         missing = [p for p in paths if not p.is_file()]
         if missing:
-            raise _missing_images_error(f"{name} {split}", missing, len(paths),
-                                        f"images at the relative paths of {split_file.name}, under {root}")
+            raise _missing_images_error(
+                f"{name} {split}",
+                missing,
+                len(paths),
+                f"images at the relative paths of {split_file.name}, under {root}",
+            )
     subsets = None
     if pairs and all("img_set" in p for p in pairs):
         width = max(len(p["img_set"]["members"]) for p in pairs)
@@ -305,10 +338,16 @@ def load_cirr(root: str | Path, split: str = "val", name: str = "cirr", check_im
             members = [position[m] for m in p["img_set"]["members"]]
             subsets[i, : len(members)] = members
     return ComposedDataset(
-        name=name, split=split, root=root, images=paths, image_names=names,
+        name=name,
+        split=split,
+        root=root,
+        images=paths,
+        image_names=names,
         reference=np.array([position[p["reference"]] for p in pairs], dtype=np.int64),
         target=np.array([position[p["target_hard"]] if "target_hard" in p else -1 for p in pairs], dtype=np.int64),
-        captions=[(p["caption"],) for p in pairs], pair_ids=[int(p["pairid"]) for p in pairs], subsets=subsets,
+        captions=[(p["caption"],) for p in pairs],
+        pair_ids=[int(p["pairid"]) for p in pairs],
+        subsets=subsets,
         info={"extra": {k: [p.get(k) for p in pairs] for k in ("novel", "kind") if pairs and k in pairs[0]}},
     )
 
@@ -369,31 +408,47 @@ def load_pseudo_cir(root: str | Path, split: str = "dev", data_root: str | Path 
     path = pseudo_cir_file(root, split)
     if not path.is_file():
         have = sorted(p.name for p in root.glob("pseudo-cir.*.json")) if root.is_dir() else []
-        raise DatasetError(f"pseudo-CIR split {pseudo_cir_split(split)!r}: {path} not found (found {have or 'none'} "
-                           f"in {root}); build it with `calibclip make-pseudo-cir --dataset flickr8k --data-root DIR "
-                           f"--split {pseudo_cir_split(split)} --out {root}`")
+        raise DatasetError(
+            f"pseudo-CIR split {pseudo_cir_split(split)!r}: {path} not found (found {have or 'none'} "
+            f"in {root}); build it with `calibclip make-pseudo-cir --dataset flickr8k --data-root DIR "
+            f"--split {pseudo_cir_split(split)} --out {root}`"
+        )
     data = _read_json(path, "pseudo-CIR annotations", "rebuild it with `calibclip make-pseudo-cir`")
     if not isinstance(data, dict) or data.get("format") != PSEUDO_CIR_FORMAT:
-        raise DatasetError(f"{path} is not a pseudo-CIR file (expected format {PSEUDO_CIR_FORMAT!r}); "
-                           "rebuild it with `calibclip make-pseudo-cir`")
+        raise DatasetError(
+            f"{path} is not a pseudo-CIR file (expected format {PSEUDO_CIR_FORMAT!r}); "
+            "rebuild it with `calibclip make-pseudo-cir`"
+        )
     source_root = Path(data_root) if data_root is not None else Path(data["data_root"])
     if not source_root.is_dir():
-        raise DatasetError(f"{path} refers to images under {source_root}, which does not exist; pass the "
-                           f"{data['source']} folder (Python: load_pseudo_cir(..., data_root=DIR)) or rebuild the triplets")
+        raise DatasetError(
+            f"{path} refers to images under {source_root}, which does not exist; pass the "
+            f"{data['source']} folder (Python: load_pseudo_cir(..., data_root=DIR)) or rebuild the triplets"
+        )
     source = load_pseudo_cir_source(data["source"], source_root, data["source_split"])
     names = [p.name for p in source.images][: int(data["images"])]
     if names != list(data["image_names"]):
-        raise DatasetError(f"{path}: the images of {source_root} split {data['source_split']} differ from the ones "
-                           "the triplets were built on; rebuild them with `calibclip make-pseudo-cir`")
+        raise DatasetError(
+            f"{path}: the images of {source_root} split {data['source_split']} differ from the ones "
+            "the triplets were built on; rebuild them with `calibclip make-pseudo-cir`"
+        )
     position = {n: i for i, n in enumerate(names)}
     triplets = data["triplets"]
     return ComposedDataset(
-        name="pseudo-cir", split=pseudo_cir_split(split), root=root, images=list(source.images[: len(names)]),
-        image_names=names, reference=np.array([position[t["reference"]] for t in triplets], dtype=np.int64),
+        name="pseudo-cir",
+        split=pseudo_cir_split(split),
+        root=root,
+        images=list(source.images[: len(names)]),
+        image_names=names,
+        reference=np.array([position[t["reference"]] for t in triplets], dtype=np.int64),
         target=np.array([position[t["target"]] for t in triplets], dtype=np.int64),
-        captions=[(t["caption"],) for t in triplets], pair_ids=[int(t["pairid"]) for t in triplets],
-        info={"source": data["source"], "source_split": data["source_split"],
-              "variants": [tuple(t["target_captions"]) for t in triplets]},
+        captions=[(t["caption"],) for t in triplets],
+        pair_ids=[int(t["pairid"]) for t in triplets],
+        info={
+            "source": data["source"],
+            "source_split": data["source_split"],
+            "variants": [tuple(t["target_captions"]) for t in triplets],
+        },
     )
 
 

@@ -8,9 +8,10 @@ bad file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -66,9 +67,14 @@ def iter_image_batches(
     if not paths:
         return
     loader = DataLoader(
-        _Images(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=2 if workers else None, persistent_workers=False,
+        _Images(paths, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
     )
     yield from loader
 

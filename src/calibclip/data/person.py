@@ -58,8 +58,11 @@ def _locate(root: Path, fmt: PersonFormat) -> Path:
         if fmt.name == "cuhkpedes" and (folder / "caption_all.json").is_file():
             raise DatasetError(CUHK_CAPTION_ALL_HELP.format(root=folder))
     others = [f for f in FORMATS.values() if f is not fmt and (root / f.annotation).is_file()]
-    hint = (f" This looks like {others[0].folder} ({others[0].annotation} is present): use --dataset "
-            f"{others[0].name}." if others else "")
+    hint = (
+        f" This looks like {others[0].folder} ({others[0].annotation} is present): use --dataset {others[0].name}."
+        if others
+        else ""
+    )
     raise DatasetError(
         f"{fmt.folder} annotation file {fmt.annotation} not found in {root} or {root / fmt.folder}. "
         f"Found: {_listing(root)}. Expected {fmt.annotation} and the images under imgs/.{hint}"
@@ -69,7 +72,7 @@ def _locate(root: Path, fmt: PersonFormat) -> Path:
 def _check_entry(ann_file: Path, i: int, entry: object, fmt: PersonFormat, required: tuple[str, ...]) -> None:
     """Raise a `DatasetError` naming ``ann_file`` and record ``i`` unless ``entry`` has the format's fields
     with the right types."""
-    expected = (f'an object {{"id": int, "split": str, "captions": [str, ...], "{fmt.path_key}": relative path}}')
+    expected = f'an object {{"id": int, "split": str, "captions": [str, ...], "{fmt.path_key}": relative path}}'
     if not isinstance(entry, dict):
         raise record_error(ann_file, i, f"is a {type_name(entry)}, not an object", expected)
     missing = [k for k in required if k not in entry]
@@ -83,7 +86,7 @@ def _check_entry(ann_file: Path, i: int, entry: object, fmt: PersonFormat, requi
     caps = entry["captions"]
     if not isinstance(caps, (str, list)) or (isinstance(caps, list) and not all(isinstance(c, str) for c in caps)):
         raise record_error(ann_file, i, f'has "captions" {type_name(caps)} {str(caps)[:40]}', "a list of strings")
-    safe_relpath(entry[fmt.path_key], ann_file.parent / "imgs", f"{ann_file}: entry {i} \"{fmt.path_key}\"")
+    safe_relpath(entry[fmt.path_key], ann_file.parent / "imgs", f'{ann_file}: entry {i} "{fmt.path_key}"')
 
 
 def load_person(name: str, root: str | Path, split: str = "test") -> RetrievalDataset:
@@ -136,8 +139,14 @@ def load_person(name: str, root: str | Path, split: str = "test") -> RetrievalDa
     if not captions:
         raise DatasetError(f"{ann_file}: the {split} split has images but no captions")
     return RetrievalDataset(
-        name=name, split=split, root=folder, images=images, image_ids=np.asarray([int(e["id"]) for e in chosen]),
-        captions=captions, caption_ids=np.asarray(caption_ids), caption_image=np.asarray(caption_image),
+        name=name,
+        split=split,
+        root=folder,
+        images=images,
+        image_ids=np.asarray([int(e["id"]) for e in chosen]),
+        captions=captions,
+        caption_ids=np.asarray(caption_ids),
+        caption_image=np.asarray(caption_image),
         info={"task": "person", "annotation": str(ann_file)},
     )
 

@@ -26,8 +26,9 @@ def read_text(path: Path, what: str = "file") -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         bad = exc.object[exc.start : exc.start + 4]
-        raise DatasetError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {bad!r}); "
-                           "re-save it as UTF-8 or re-download it") from None
+        raise DatasetError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start}: {bad!r}); re-save it as UTF-8 or re-download it"
+        ) from None
     except OSError as exc:
         raise DatasetError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
@@ -53,8 +54,15 @@ def record_error(path: Path, index: int, problem: str, expected: str) -> Dataset
 
 def type_name(value: Any) -> str:
     """``value``'s JSON type name, for messages."""
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def safe_relpath(rel: Any, root: Path, where: str) -> str:
@@ -68,8 +76,10 @@ def safe_relpath(rel: Any, root: Path, where: str) -> str:
         raise DatasetError(f"{where}: expected a relative path string, got {type_name(rel)} {rel!r}")
     norm = os.path.normpath(rel.replace("\\", "/"))
     if os.path.isabs(norm) or norm == ".." or norm.startswith("../") or "\0" in rel:
-        raise DatasetError(f"{where}: path {rel!r} leads outside the data root {root}; refused "
-                           "(annotation paths must be relative and stay inside the dataset folder)")
+        raise DatasetError(
+            f"{where}: path {rel!r} leads outside the data root {root}; refused "
+            "(annotation paths must be relative and stay inside the dataset folder)"
+        )
     return rel
 
 
@@ -101,13 +111,19 @@ class RetrievalDataset:
         if len(self.images) != len(self.image_ids) or len(self.captions) != len(self.caption_ids):
             raise ValueError("inconsistent dataset arrays")
 
-    def first_images(self, n: int) -> "RetrievalDataset":
+    def first_images(self, n: int) -> RetrievalDataset:
         """The first ``n`` gallery images and the captions written for them (quick or budgeted runs)."""
         n = min(int(n), len(self.images))
         keep = np.flatnonzero(self.caption_image < n)
         return RetrievalDataset(
-            self.name, self.split, self.root, list(self.images[:n]), self.image_ids[:n],
-            [self.captions[i] for i in keep], self.caption_ids[keep], self.caption_image[keep],
+            self.name,
+            self.split,
+            self.root,
+            list(self.images[:n]),
+            self.image_ids[:n],
+            [self.captions[i] for i in keep],
+            self.caption_ids[keep],
+            self.caption_image[keep],
             {**self.info, "first_images": n},
         )
 

@@ -86,9 +86,17 @@ def resolve_loader(loader: Loader | str) -> Loader:
 
 
 def register_dataset(
-    name: str, loader: Loader | str | None = None, *, task: str, default_split: str = "test",
-    splits: tuple[str, ...] | None = None, aliases: tuple[str, ...] = (), description: str = "",
-    config: str | None = None, headline: str | None = None, replace: bool = False,
+    name: str,
+    loader: Loader | str | None = None,
+    *,
+    task: str,
+    default_split: str = "test",
+    splits: tuple[str, ...] | None = None,
+    aliases: tuple[str, ...] = (),
+    description: str = "",
+    config: str | None = None,
+    headline: str | None = None,
+    replace: bool = False,
 ) -> Any:
     """Register a dataset; usable as a call or as a decorator of the loader.
 
@@ -121,14 +129,24 @@ def register_dataset(
         taken = [n for n in (key, *aliases) if (n in _DATASETS or n in _ALIASES) and not replace]
         if taken:
             raise ValueError(f"dataset name(s) {taken} already registered; pass replace=True to override")
-        spec = DatasetSpec(key, task, fn, default_split, tuple(splits or (default_split,)), tuple(aliases),
-                           description, config, headline)
+        spec = DatasetSpec(
+            key,
+            task,
+            fn,
+            default_split,
+            tuple(splits or (default_split,)),
+            tuple(aliases),
+            description,
+            config,
+            headline,
+        )
         _DATASETS[key] = spec
         for alias in aliases:
             _ALIASES[alias.lower()] = key
         return spec
 
     if loader is None:
+
         def decorator(fn: Loader) -> Loader:
             add(fn)
             return fn
@@ -158,9 +176,7 @@ def canonical_dataset(name: str) -> str:
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _DATASETS:
-        raise ValueError(
-            f"unknown dataset {name!r}; expected one of {list(_DATASETS)} (aliases: {sorted(_ALIASES)})"
-        )
+        raise ValueError(f"unknown dataset {name!r}; expected one of {list(_DATASETS)} (aliases: {sorted(_ALIASES)})")
     return key
 
 
@@ -187,29 +203,86 @@ def dataset_names(task: str | None = None, aliases: bool = False) -> tuple[str, 
 
 
 # --- the built-in datasets ---------------------------------------------------------------------
-register_dataset("cuhkpedes", "calibclip.data.person:load_cuhkpedes", task="person", splits=("train", "val", "test"),
-                 aliases=("cuhk-pedes", "cuhk_pedes"), description="CUHK-PEDES text-based person retrieval",
-                 config="cuhkpedes.yaml")
-register_dataset("icfgpedes", "calibclip.data.person:load_icfgpedes", task="person", splits=("train", "test"),
-                 aliases=("icfg-pedes", "icfg_pedes"), description="ICFG-PEDES text-based person retrieval",
-                 config="icfgpedes.yaml")
-register_dataset("rstpreid", "calibclip.data.person:load_rstpreid", task="person", splits=("train", "val", "test"),
-                 aliases=("rstp",), description="RSTPReid text-based person retrieval", config="rstp.yaml")
-register_dataset("flickr8k", "calibclip.data.captions:load_flickr8k", task="captions",
-                 splits=("train", "dev", "val", "test"), aliases=("flickr",),
-                 description="Flickr8k caption retrieval (official layout)", config="flickr8k.yaml")
-register_dataset("karpathy", "calibclip.data.captions:load_karpathy", task="captions",
-                 splits=("train", "restval", "val", "test"), description="Karpathy-split JSON caption retrieval",
-                 config="karpathy.yaml")
-register_dataset("fashioniq", "calibclip.data.composed:load_fashioniq_categories", task="composed",
-                 default_split="val", splits=("train", "val"), description="FashionIQ composed retrieval "
-                 "(dress, shirt, toptee)", config="fashioniq.yaml", headline="avg")
-register_dataset("cirr", "calibclip.data.composed:load_cirr_split", task="composed", default_split="val",
-                 splits=("train", "val", "test1"), description="CIRR composed retrieval (test1: submission files)",
-                 config="cirr.yaml", headline="avg")
-register_dataset("css", "calibclip.data.composed:load_css_split", task="composed",
-                 splits=("train", "val", "test"), description="CSS, the generated composed benchmark "
-                 "(calibclip make-css)", config="css.yaml", headline="R@1")
-register_dataset("pseudo-cir", "calibclip.data.composed:load_pseudo_cir_split", task="composed", default_split="dev",
-                 splits=("train", "dev", "val"), description="pseudo-CIR triplets from real captioned photos "
-                 "(calibclip make-pseudo-cir)", config="pseudo-cir.yaml", headline="R@1")
+register_dataset(
+    "cuhkpedes",
+    "calibclip.data.person:load_cuhkpedes",
+    task="person",
+    splits=("train", "val", "test"),
+    aliases=("cuhk-pedes", "cuhk_pedes"),
+    description="CUHK-PEDES text-based person retrieval",
+    config="cuhkpedes.yaml",
+)
+register_dataset(
+    "icfgpedes",
+    "calibclip.data.person:load_icfgpedes",
+    task="person",
+    splits=("train", "test"),
+    aliases=("icfg-pedes", "icfg_pedes"),
+    description="ICFG-PEDES text-based person retrieval",
+    config="icfgpedes.yaml",
+)
+register_dataset(
+    "rstpreid",
+    "calibclip.data.person:load_rstpreid",
+    task="person",
+    splits=("train", "val", "test"),
+    aliases=("rstp",),
+    description="RSTPReid text-based person retrieval",
+    config="rstp.yaml",
+)
+register_dataset(
+    "flickr8k",
+    "calibclip.data.captions:load_flickr8k",
+    task="captions",
+    splits=("train", "dev", "val", "test"),
+    aliases=("flickr",),
+    description="Flickr8k caption retrieval (official layout)",
+    config="flickr8k.yaml",
+)
+register_dataset(
+    "karpathy",
+    "calibclip.data.captions:load_karpathy",
+    task="captions",
+    splits=("train", "restval", "val", "test"),
+    description="Karpathy-split JSON caption retrieval",
+    config="karpathy.yaml",
+)
+register_dataset(
+    "fashioniq",
+    "calibclip.data.composed:load_fashioniq_categories",
+    task="composed",
+    default_split="val",
+    splits=("train", "val"),
+    description="FashionIQ composed retrieval (dress, shirt, toptee)",
+    config="fashioniq.yaml",
+    headline="avg",
+)
+register_dataset(
+    "cirr",
+    "calibclip.data.composed:load_cirr_split",
+    task="composed",
+    default_split="val",
+    splits=("train", "val", "test1"),
+    description="CIRR composed retrieval (test1: submission files)",
+    config="cirr.yaml",
+    headline="avg",
+)
+register_dataset(
+    "css",
+    "calibclip.data.composed:load_css_split",
+    task="composed",
+    splits=("train", "val", "test"),
+    description="CSS, the generated composed benchmark (calibclip make-css)",
+    config="css.yaml",
+    headline="R@1",
+)
+register_dataset(
+    "pseudo-cir",
+    "calibclip.data.composed:load_pseudo_cir_split",
+    task="composed",
+    default_split="dev",
+    splits=("train", "dev", "val"),
+    description="pseudo-CIR triplets from real captioned photos (calibclip make-pseudo-cir)",
+    config="pseudo-cir.yaml",
+    headline="R@1",
+)

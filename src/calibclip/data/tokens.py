@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -66,18 +66,30 @@ class TokenViews:
 
 def cache_key(encoder: Encoder, images: Sequence[str | Path], captions: Sequence[str]) -> dict[str, object]:
     """What a token cache depends on: encoder fingerprint, preprocessing and the exact item lists."""
+
     def digest(items: Sequence[object]) -> str:
         return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()[:16]
 
-    return {"format": "calibclip-tokens-1", "model": encoder.fingerprint(),
-            "preprocess": encoder.preprocess.describe(), "images": digest(images), "n_images": len(images),
-            "captions": digest(captions), "n_captions": len(captions)}
+    return {
+        "format": "calibclip-tokens-1",
+        "model": encoder.fingerprint(),
+        "preprocess": encoder.preprocess.describe(),
+        "images": digest(images),
+        "n_images": len(images),
+        "captions": digest(captions),
+        "n_captions": len(captions),
+    }
 
 
 @torch.inference_mode()
 def extract_token_views(
-    encoder: Encoder, images: Sequence[str | Path], captions: Sequence[str], folder: str | os.PathLike,
-    batch_size: int = 32, workers: int = 0, progress: bool = True,
+    encoder: Encoder,
+    images: Sequence[str | Path],
+    captions: Sequence[str],
+    folder: str | os.PathLike,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
 ) -> TokenViews:
     """Cache (or load) the token views of ``images`` and ``captions`` under ``folder``.
 
@@ -93,8 +105,9 @@ def extract_token_views(
         found = json.loads(key_file.read_text())
         if found != key:
             diff = sorted(k for k in key if found.get(k) != key[k])
-            raise ValueError(f"{folder} holds token views of other data or another encoder (differs in {diff}); "
-                             "use another folder")
+            raise ValueError(
+                f"{folder} holds token views of other data or another encoder (differs in {diff}); use another folder"
+            )
     else:
         key_file.write_text(json.dumps(key, indent=1))
     img_parts, txt_parts = [], []
@@ -138,8 +151,7 @@ def extract_token_views(
                 pooled[torch.as_tensor(idx)] = view.pooled.float().cpu()
                 bar.update(len(idx))
             lengths = torch.tensor([len(r) for r in rows if r is not None], dtype=torch.int64)
-            _save({"tokens": torch.cat([r for r in rows if r is not None]), "lengths": lengths, "pooled": pooled},
-                  path)
+            _save({"tokens": torch.cat([r for r in rows if r is not None]), "lengths": lengths, "pooled": pooled}, path)
         else:
             bar.update(len(chunk))
         txt_parts.append(_load(path))

@@ -122,7 +122,7 @@ class ImageTransform:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    def flipped(self) -> "ImageTransform":
+    def flipped(self) -> ImageTransform:
         """The same transform with a horizontal flip."""
         d = asdict(self)
         d["hflip"] = not self.hflip
@@ -138,7 +138,9 @@ def build_transform(
 ) -> ImageTransform:
     """Factory by name: ``clip``, ``squarepad``, ``targetpad``, ``reid`` (384x128 resize)."""
     if name == "reid":
-        hw = (384, 128) if isinstance(size, int) and size == 224 else (size if isinstance(size, tuple) else (size, size))
+        hw = (
+            (384, 128) if isinstance(size, int) and size == 224 else (size if isinstance(size, tuple) else (size, size))
+        )
         return ImageTransform(size=hw, mode="resize", mean=mean, std=std)
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return ImageTransform(size=hw, mode=name, mean=mean, std=std, target_ratio=target_ratio)  # type: ignore[arg-type]

@@ -22,10 +22,26 @@ from calibclip.evaluation.metrics import (
 from calibclip.evaluation.report import markdown_table, plot_recall, write_batch_report, write_report
 
 __all__ = [
-    "Evaluator", "caption_metrics", "dataset_metrics", "evaluate_retrieval", "iter_positive_ranks", "markdown_table",
-    "plot_recall", "positive_ranks", "recall_at_k", "retrieval_metrics", "similarity_matrix", "write_batch_report",
+    "Evaluator",
+    "caption_metrics",
+    "dataset_metrics",
+    "evaluate_retrieval",
+    "iter_positive_ranks",
+    "markdown_table",
+    "plot_recall",
+    "positive_ranks",
+    "recall_at_k",
+    "retrieval_metrics",
+    "similarity_matrix",
+    "write_batch_report",
     "write_report",
     # reference-repository aliases
-    "RetrievalEngine", "compute_ap", "compute_map", "compute_metrics", "compute_minp", "compute_minp_all",
-    "compute_rank", "compute_similarity",
+    "RetrievalEngine",
+    "compute_ap",
+    "compute_map",
+    "compute_metrics",
+    "compute_minp",
+    "compute_minp_all",
+    "compute_rank",
+    "compute_similarity",
 ]

@@ -15,7 +15,7 @@ is higher, or equal with a smaller gallery index (the order of a stable descendi
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -101,22 +101,35 @@ def subset_ranks(scores: ArrayLike, reference: ArrayLike, target: ArrayLike, sub
 
 
 def cirr_metrics(
-    scores: ArrayLike, reference: ArrayLike, target: ArrayLike, subsets: ArrayLike | None,
+    scores: ArrayLike,
+    reference: ArrayLike,
+    target: ArrayLike,
+    subsets: ArrayLike | None,
     ks: Sequence[int] = (1, 5, 10, 50),
 ) -> dict[str, float]:
     """CIRR metrics; without ``subsets`` only ``R@k`` (the keys the CSS benchmark reports)."""
     out = recall_at_k(composed_ranks(scores, target, exclude=reference), ks)
     if subsets is not None:
-        out.update({k.replace("R@", "Rsubset@"): v
-                    for k, v in recall_at_k(subset_ranks(scores, reference, target, subsets), (1, 2, 3)).items()})
+        out.update(
+            {
+                k.replace("R@", "Rsubset@"): v
+                for k, v in recall_at_k(subset_ranks(scores, reference, target, subsets), (1, 2, 3)).items()
+            }
+        )
         out["avg"] = (out["R@5"] + out["Rsubset@1"]) / 2.0
     return out
 
 
 @torch.inference_mode()
 def cirr_submission(
-    scores: ArrayLike, reference: ArrayLike, subsets: ArrayLike, pair_ids: Sequence[int], names: Sequence[str],
-    version: str = "rc2", top: int = 50, top_subset: int = 3,
+    scores: ArrayLike,
+    reference: ArrayLike,
+    subsets: ArrayLike,
+    pair_ids: Sequence[int],
+    names: Sequence[str],
+    version: str = "rc2",
+    top: int = 50,
+    top_subset: int = 3,
 ) -> tuple[dict[str, object], dict[str, object]]:
     """The CIRR test-server files: ``{"version", "metric": "recall", "<pairid>": [top-50 names]}``
     and ``{"version", "metric": "recall_subset", "<pairid>": [top-3 names]}`` (reference removed)."""

@@ -24,24 +24,41 @@ SHARD_SIZE = 256
 
 
 def dataset_features(
-    encoder: Encoder, dataset: RetrievalDataset, batch_size: int = 64, workers: int = 0,
-    cache: FeatureCache | None = None, calibrator: Any | None = None, progress: bool = True,
+    encoder: Encoder,
+    dataset: RetrievalDataset,
+    batch_size: int = 64,
+    workers: int = 0,
+    cache: FeatureCache | None = None,
+    calibrator: Any | None = None,
+    progress: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(text_features, image_features)``, each ``{"raw": [N, D]}`` (plus ``"calibrated"`` with
     a calibrator), cached per (model, preprocessing, dataset, split, calibration settings)."""
     cache = cache if cache is not None else FeatureCache(enabled=False, shard_size=SHARD_SIZE)
-    tags: dict[str, Any] = {"dataset": dataset.name, "split": dataset.split,
-                            "preprocess": encoder.preprocess.describe()}
+    tags: dict[str, Any] = {
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "preprocess": encoder.preprocess.describe(),
+    }
     names: tuple[str, ...]
     if calibrator is not None:
         img_fn, txt_fn, names = calibrator.image_features, calibrator.text_features, ("raw", "calibrated")
         tags["variant"] = calibrator.config_id()
     else:
         img_fn, txt_fn, names = None, None, ("raw",)
-    images = cache.image_features(encoder, dataset.images, fn=img_fn, names=names, batch_size=batch_size,
-                                  workers=workers, progress=progress, **tags)
-    texts = cache.text_features(encoder, dataset.captions, fn=txt_fn, names=names,
-                                batch_size=max(batch_size, 128), progress=progress, **tags)
+    images = cache.image_features(
+        encoder,
+        dataset.images,
+        fn=img_fn,
+        names=names,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        **tags,
+    )
+    texts = cache.text_features(
+        encoder, dataset.captions, fn=txt_fn, names=names, batch_size=max(batch_size, 128), progress=progress, **tags
+    )
     return texts, images
 
 
@@ -89,8 +106,12 @@ def similarity_matrix(
 
 
 def dataset_token_views(
-    encoder: Encoder, dataset: RetrievalDataset, cache: FeatureCache | None = None, batch_size: int = 64,
-    workers: int = 0, progress: bool = True,
+    encoder: Encoder,
+    dataset: RetrievalDataset,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = True,
 ) -> Any:
     """The encoder's token views of ``dataset`` (`calibclip.data.tokens.TokenViews`), cached in fp16
     under the feature cache's root (``tokens/``) unless the cache is disabled (then a temporary folder)."""
@@ -104,11 +125,19 @@ def dataset_token_views(
 
         key = cache_key(encoder, dataset.images, dataset.captions)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        return extract_token_views(encoder, dataset.images, dataset.captions, cache.root.parent / "tokens" / digest,
-                                   batch_size=batch_size, workers=workers, progress=progress)
+        return extract_token_views(
+            encoder,
+            dataset.images,
+            dataset.captions,
+            cache.root.parent / "tokens" / digest,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+        )
     with tempfile.TemporaryDirectory(prefix="calibclip-tokens-") as tmp:
-        return extract_token_views(encoder, dataset.images, dataset.captions, tmp, batch_size=batch_size,
-                                   workers=workers, progress=progress)
+        return extract_token_views(
+            encoder, dataset.images, dataset.captions, tmp, batch_size=batch_size, workers=workers, progress=progress
+        )
 
 
 def rerank_similarity(sim: torch.Tensor, views: Any, reranking: Any, chunk: int = 256) -> torch.Tensor:
@@ -117,8 +146,16 @@ def rerank_similarity(sim: torch.Tensor, views: Any, reranking: Any, chunk: int 
     the top-K moved."""
     model = reranking.reranker
     with torch.inference_mode():
-        gallery = torch.cat([model.project_image(views.image_tokens[s : s + 256].float()).half()
-                             for s in range(0, len(views.image_tokens), 256)]) if len(views.image_tokens) else None
+        gallery = (
+            torch.cat(
+                [
+                    model.project_image(views.image_tokens[s : s + 256].float()).half()
+                    for s in range(0, len(views.image_tokens), 256)
+                ]
+            )
+            if len(views.image_tokens)
+            else None
+        )
         parts = []
         for s in range(0, sim.shape[0], chunk):
             rows = torch.arange(s, min(s + chunk, sim.shape[0]))
@@ -136,9 +173,15 @@ def dataset_metrics(similarity: torch.Tensor | np.ndarray, dataset: RetrievalDat
 
 
 def evaluate_retrieval(
-    encoder: Encoder, dataset: RetrievalDataset, batch_size: int = 64, workers: int = 0,
-    cache: FeatureCache | None = None, calibrator: Any | None = None, progress: bool = True,
-    timings: dict[str, float] | None = None, reranking: Any | None = None,
+    encoder: Encoder,
+    dataset: RetrievalDataset,
+    batch_size: int = 64,
+    workers: int = 0,
+    cache: FeatureCache | None = None,
+    calibrator: Any | None = None,
+    progress: bool = True,
+    timings: dict[str, float] | None = None,
+    reranking: Any | None = None,
 ) -> dict[str, float]:
     """Metrics (percent) of ``encoder`` on ``dataset`` (see `dataset_metrics` for the keys).
 
@@ -194,9 +237,16 @@ class Evaluator:
     """
 
     def __init__(
-        self, model: Any = None, device: str | torch.device = "cpu", cache: FeatureCache | None = None,
-        calibrator: Any | None = None, progress: bool = True, *, topk: Sequence[int] | None = None,
-        compute_map: bool = True, compute_minp: bool = True,
+        self,
+        model: Any = None,
+        device: str | torch.device = "cpu",
+        cache: FeatureCache | None = None,
+        calibrator: Any | None = None,
+        progress: bool = True,
+        *,
+        topk: Sequence[int] | None = None,
+        compute_map: bool = True,
+        compute_minp: bool = True,
     ):
         from calibclip.utils import resolve_device
 

@@ -159,8 +159,9 @@ def _ranks_by_scan(rows: torch.Tensor, pos_idx: torch.Tensor, valid: torch.Tenso
 
         bounds = np.linspace(0, n, workers + 1).astype(int)
         with ThreadPoolExecutor(workers) as pool:
-            jobs = [pool.submit(_scan_rows, rows_np[a:b], idx_np[a:b], count[a:b], out[a:b])
-                    for a, b in pairwise(bounds)]
+            jobs = [
+                pool.submit(_scan_rows, rows_np[a:b], idx_np[a:b], count[a:b], out[a:b]) for a, b in pairwise(bounds)
+            ]
             for job in jobs:
                 job.result()
     return torch.from_numpy(out)
@@ -234,15 +235,23 @@ def positive_ranks(
     parts = list(iter_positive_ranks(similarity, query_ids, gallery_ids))
     n_g = int(_as_similarity(similarity).shape[1])
     width = max((r.shape[1] for _, r, _ in parts), default=0)
-    ranks = torch.cat([F.pad(r, (0, width - r.shape[1]), value=n_g + 1) for _, r, _ in parts]) if parts else \
-        torch.zeros(0, 0, dtype=torch.int64)
-    valid = torch.cat([F.pad(v, (0, width - v.shape[1]), value=False) for _, _, v in parts]) if parts else \
-        torch.zeros(0, 0, dtype=torch.bool)
+    ranks = (
+        torch.cat([F.pad(r, (0, width - r.shape[1]), value=n_g + 1) for _, r, _ in parts])
+        if parts
+        else torch.zeros(0, 0, dtype=torch.int64)
+    )
+    valid = (
+        torch.cat([F.pad(v, (0, width - v.shape[1]), value=False) for _, _, v in parts])
+        if parts
+        else torch.zeros(0, 0, dtype=torch.bool)
+    )
     return ranks, valid
 
 
 def retrieval_metrics(
-    similarity: np.ndarray | torch.Tensor, query_ids: ArrayLike, gallery_ids: ArrayLike,
+    similarity: np.ndarray | torch.Tensor,
+    query_ids: ArrayLike,
+    gallery_ids: ArrayLike,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
     """Person-retrieval metrics (IRRA definitions) of a ``[Q, G]`` similarity matrix (NumPy or
@@ -272,7 +281,9 @@ def retrieval_metrics(
 
 
 def recall_at_k(
-    similarity: np.ndarray | torch.Tensor, query_ids: ArrayLike, gallery_ids: ArrayLike,
+    similarity: np.ndarray | torch.Tensor,
+    query_ids: ArrayLike,
+    gallery_ids: ArrayLike,
     ks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
     """``{"R@K": percent of queries with a positive in the top K}`` (same ranking rule)."""
@@ -305,8 +316,11 @@ def caption_metrics(
 
 
 def ground_truth_metrics(
-    similarity: np.ndarray | torch.Tensor, ground_truth: dict[int, Sequence[int]], ks: Sequence[int] = (1, 5, 10),
-    compute_map: bool = True, compute_minp: bool = True,
+    similarity: np.ndarray | torch.Tensor,
+    ground_truth: dict[int, Sequence[int]],
+    ks: Sequence[int] = (1, 5, 10),
+    compute_map: bool = True,
+    compute_minp: bool = True,
 ) -> dict[str, float]:
     """Retrieval metrics with explicit positives per query (the reference repository's
     ``Evaluator.evaluate(similarity_matrix, ground_truth)``), as **fractions** in [0, 1].
@@ -339,8 +353,10 @@ def ground_truth_metrics(
         if not pos:
             raise ValueError(f"ground_truth query {q} has no positive gallery index (its metrics are undefined)")
         if pos[0] < 0 or pos[-1] >= n_g:
-            raise ValueError(f"ground_truth query {q} names gallery index {pos[0] if pos[0] < 0 else pos[-1]}, "
-                             f"outside the matrix's {n_g} columns")
+            raise ValueError(
+                f"ground_truth query {q} names gallery index {pos[0] if pos[0] < 0 else pos[-1]}, "
+                f"outside the matrix's {n_g} columns"
+            )
         rows += [int(q)] * len(pos)
         cols += pos
     q_idx = torch.as_tensor(rows, device=sim.device)

@@ -98,8 +98,12 @@ def write_batch_report(results: Sequence[dict[str, Any]], out_dir: str | Path) -
     out.mkdir(parents=True, exist_ok=True)
     columns = ["dataset", "split", "model", *_metric_columns(results)]
     rows = [{"dataset": r["dataset"], "split": r["split"], "model": r["model"], **r["metrics"]} for r in results]
-    paths = {"json": out / "results.json", "csv": out / "results.csv", "markdown": out / "results.md",
-             "plot": out / "recall.png"}
+    paths = {
+        "json": out / "results.json",
+        "csv": out / "results.csv",
+        "markdown": out / "results.md",
+        "plot": out / "recall.png",
+    }
     paths["json"].write_text(json.dumps(list(results), indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")

@@ -13,7 +13,6 @@ from calibclip.evaluation.evaluator import SHARD_SIZE, evaluate_retrieval
 from calibclip.models.base import Encoder
 
 
-
 def _listing(names: tuple[str, ...]) -> str:
     """``a, b and c``."""
     return " and ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else "none"
@@ -33,7 +32,10 @@ def default_combining_name(encoder: Encoder, combiner: str | None) -> str:
 
 
 def load_encoder(
-    model: str, task: str = "captions", device: str = "auto", precision: str = "fp32",
+    model: str,
+    task: str = "captions",
+    device: str = "auto",
+    precision: str = "fp32",
     clip_image_size: tuple[int, int] | list[int] | None = None,
 ) -> Encoder:
     """`create_model` for a task. For person retrieval with ``clip_image_size`` (e.g. 384x128), a
@@ -50,10 +52,20 @@ def load_encoder(
 
 
 def run_evaluation(
-    dataset: str, data_root: str | Path, config: dict[str, Any], model: str | None = None, split: str | None = None,
-    encoder: Encoder | None = None, calibrate: bool = False, combiner: str | None = None,
-    combining: str | None = None, submission_dir: str | Path | None = None, progress: bool = True,
-    calibration_method: str | None = None, rerank: str | None = None, rerank_top_k: int | None = None,
+    dataset: str,
+    data_root: str | Path,
+    config: dict[str, Any],
+    model: str | None = None,
+    split: str | None = None,
+    encoder: Encoder | None = None,
+    calibrate: bool = False,
+    combiner: str | None = None,
+    combining: str | None = None,
+    submission_dir: str | Path | None = None,
+    progress: bool = True,
+    calibration_method: str | None = None,
+    rerank: str | None = None,
+    rerank_top_k: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate and return ``{"dataset", "split", "model", "metrics", "calibrate", "timing"}``.
 
@@ -80,8 +92,13 @@ def run_evaluation(
     data = spec.load(data_root, split) if task != "composed" else None
     t0 = time.perf_counter()
     if encoder is None:
-        encoder = load_encoder(model, task, model_cfg.get("device", "auto"), model_cfg.get("precision", "fp32"),
-                               model_cfg.get("clip_image_size"))
+        encoder = load_encoder(
+            model,
+            task,
+            model_cfg.get("device", "auto"),
+            model_cfg.get("precision", "fp32"),
+            model_cfg.get("clip_image_size"),
+        )
     t_model = time.perf_counter() - t0
     cache = FeatureCache(enabled=bool(eval_cfg.get("cache", True)), shard_size=SHARD_SIZE)
     batch_size, workers = int(eval_cfg.get("batch_size", 64)), int(eval_cfg.get("workers", 0))
@@ -91,9 +108,17 @@ def run_evaluation(
         from calibclip.composed import evaluate_composed
 
         metrics = evaluate_composed(
-            encoder, name, data_root, split, combining=combining or default_combining_name(encoder, combiner),
-            combiner=combiner, cache=cache, batch_size=batch_size, workers=workers,
-            submission_dir=Path(submission_dir) if submission_dir else None, progress=progress,
+            encoder,
+            name,
+            data_root,
+            split,
+            combining=combining or default_combining_name(encoder, combiner),
+            combiner=combiner,
+            cache=cache,
+            batch_size=batch_size,
+            workers=workers,
+            submission_dir=Path(submission_dir) if submission_dir else None,
+            progress=progress,
         )
     else:
         calibrator = None
@@ -107,10 +132,24 @@ def run_evaluation(
 
             reranking = create_reranking(encoder, rerank, top_k=rerank_top_k)
         metrics = evaluate_retrieval(
-            encoder, data, batch_size=batch_size, workers=workers, cache=cache,  # type: ignore[arg-type]
-            calibrator=calibrator, progress=progress, timings=timing, reranking=reranking,
+            encoder,
+            data,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            workers=workers,
+            cache=cache,
+            calibrator=calibrator,
+            progress=progress,
+            timings=timing,
+            reranking=reranking,
         )
     timing["total_s"] = time.perf_counter() - t1
     metrics = {k: round(float(v), 6) for k, v in metrics.items()}  # drop float noise (26.640000000000004)
-    return {"dataset": name, "split": split, "model": model, "metrics": metrics, "calibrate": calibrate,
-            "rerank": str(rerank) if rerank else None, "timing": timing}
+    return {
+        "dataset": name,
+        "split": split,
+        "model": model,
+        "metrics": metrics,
+        "calibrate": calibrate,
+        "rerank": str(rerank) if rerank else None,
+        "timing": timing,
+    }

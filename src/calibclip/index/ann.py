@@ -5,7 +5,7 @@ ANN structures are built lazily on the first approximate search and saved under
 ``INDEX_DIR/ann/<set>.<kind>.faiss`` with a JSON sidecar recording the index ``version`` they were
 built from; a newer index version (any add/remove) makes them stale and they are rebuilt.
 
-Defaults (chosen from bench/bench_index.py, see README "Indexing a folder and searching it"):
+Defaults (chosen from bench/bench_index.py, see docs/indexing.md):
 - ``auto`` uses exact search up to `AUTO_THRESHOLD` (stores/base.py) live vectors, IVF above it.
 - IVF: ``nlist = clip(4 * sqrt(N), 16, 65536)`` k-means cells trained (`KMEANS_ITERATIONS` iterations) on
   at most 64 vectors per cell and at most `TRAIN_MAX` vectors (1e6 vectors: 4,000 cells from 65,536

@@ -89,9 +89,17 @@ def drop_non_finite(
             ok &= np.isfinite(np.asarray(arr, dtype=np.float32).astype(np.float16)).all(axis=1)
     if ok.all():
         return records, vectors, []
-    bad = [(r["path"], r["size"], r["mtime_ns"], "non_finite",
-            "the model gave this image a vector with NaN or infinite values; it is left out of the index")
-           for r, good in zip(records, ok, strict=True) if not good]
+    bad = [
+        (
+            r["path"],
+            r["size"],
+            r["mtime_ns"],
+            "non_finite",
+            "the model gave this image a vector with NaN or infinite values; it is left out of the index",
+        )
+        for r, good in zip(records, ok, strict=True)
+        if not good
+    ]
     return [r for r, good in zip(records, ok, strict=True) if good], {k: v[ok] for k, v in vectors.items()}, bad
 
 

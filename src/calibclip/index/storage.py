@@ -256,8 +256,10 @@ class Storage:
                     size = path.stat().st_size if path.exists() else -1
                     if rows and size < rows * width:
                         have = "is missing" if size < 0 else f"holds {size} bytes"
-                        raise self.damaged(f"{path.relative_to(self.directory)} {have}, the index committed "
-                                           f"{rows} rows of {width} bytes ({rows * width})")
+                        raise self.damaged(
+                            f"{path.relative_to(self.directory)} {have}, the index committed "
+                            f"{rows} rows of {width} bytes ({rows * width})"
+                        )
         if dim and live and live > rows:
             raise self.damaged(f"{live} images but {rows} committed rows")
 
@@ -418,8 +420,18 @@ class Storage:
                 self.db.executemany("DELETE FROM skipped WHERE path = ?", [(p,) for p in replaced])
                 self.db.executemany(
                     "INSERT INTO images(row, path, size, mtime_ns, sha256, width, height) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(rows + i, db_path(r["path"]), r["size"], r["mtime_ns"], r["sha256"], r.get("width"),
-                      r.get("height")) for i, r in enumerate(records)],
+                    [
+                        (
+                            rows + i,
+                            db_path(r["path"]),
+                            r["size"],
+                            r["mtime_ns"],
+                            r["sha256"],
+                            r.get("width"),
+                            r.get("height"),
+                        )
+                        for i, r in enumerate(records)
+                    ],
                 )
                 self.db.executemany(
                     "INSERT INTO skipped(path, size, mtime_ns, reason, message) VALUES (?, ?, ?, ?, ?)",
@@ -433,8 +445,9 @@ class Storage:
     def touch_images(self, updates: Sequence[tuple[str, int, int]]) -> None:
         """Record a new (size, mtime_ns) for images whose content hash did not change."""
         with self._lock, self._transaction():
-            self.db.executemany("UPDATE images SET size = ?, mtime_ns = ? WHERE path = ?",
-                                [(s, m, db_path(p)) for p, s, m in updates])
+            self.db.executemany(
+                "UPDATE images SET size = ?, mtime_ns = ? WHERE path = ?", [(s, m, db_path(p)) for p, s, m in updates]
+            )
 
     def compact(self) -> None:
         """Rewrite the vector files without dead rows under a new generation (atomic switch)."""

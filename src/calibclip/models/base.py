@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class TextBatch:
     special_mask: torch.Tensor
     texts: list[str] = field(default_factory=list)
 
-    def to(self, device: torch.device | str) -> "TextBatch":
+    def to(self, device: torch.device | str) -> TextBatch:
         return TextBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
@@ -55,7 +56,7 @@ class TextBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def select(self, index: slice | torch.Tensor) -> "TextBatch":
+    def select(self, index: slice | torch.Tensor) -> TextBatch:
         texts = self.texts
         if isinstance(index, slice):
             texts = texts[index]
@@ -63,7 +64,7 @@ class TextBatch:
             texts = [texts[i] for i in index.tolist()]
         return TextBatch(self.input_ids[index], self.attention_mask[index], self.special_mask[index], texts)
 
-    def drop_tokens(self, drop: torch.Tensor, pad_id: int = 0) -> "TextBatch":
+    def drop_tokens(self, drop: torch.Tensor, pad_id: int = 0) -> TextBatch:
         """Remove the positions where ``drop`` is True (never special tokens), left-compacting
         each row and re-padding with ``pad_id``. Row-independent and exact."""
         drop = drop.bool() & ~self.special_mask.bool() & self.attention_mask.bool()

@@ -24,8 +24,9 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -106,9 +107,16 @@ class _ScriptObject:
 
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 
 
@@ -266,8 +274,11 @@ def _select(tensors: Mapping[str, torch.Tensor], anchor: str) -> dict[str, torch
 # Hugging Face
 # ----------------------------------------------------------------------------------------------
 _HF_BLOCK = {
-    "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
 }
 
 
@@ -344,8 +355,9 @@ def openai_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _hf_settings(config: Any, where: str) -> dict[str, Any]:
     if not isinstance(config, dict):
-        raise CheckpointError(f"{where}/config.json: expected a JSON object (a CLIPModel config), got "
-                              f"{type(config).__name__}")
+        raise CheckpointError(
+            f"{where}/config.json: expected a JSON object (a CLIPModel config), got {type(config).__name__}"
+        )
     for key in ("vision_config", "text_config"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise CheckpointError(

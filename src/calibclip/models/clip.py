@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -132,9 +133,7 @@ def _activation(act: str) -> nn.Module:
     return QuickGELU() if act == "quick_gelu" else nn.GELU()
 
 
-def _query_probs(
-    q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor, causal: bool
-) -> torch.Tensor:
+def _query_probs(q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor, causal: bool) -> torch.Tensor:
     """Softmax attention probabilities ``[B, H, L]`` of one query row per sample (fp32)."""
     b, h, length, d = k.shape
     idx = query_index.view(b, 1, 1, 1).expand(b, h, 1, d)
@@ -237,8 +236,15 @@ class _VisualOut:
 
 class VisionTransformer(nn.Module):
     def __init__(
-        self, image_size: tuple[int, int], patch_size: int, width: int, layers: int, heads: int,
-        output_dim: int, act: str, mlp_width: int | None = None,
+        self,
+        image_size: tuple[int, int],
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        act: str,
+        mlp_width: int | None = None,
     ):
         super().__init__()
         self.patch_size = patch_size
@@ -351,7 +357,11 @@ class ModifiedResNet(nn.Module):
     """OpenAI's ResNet: 3-conv stem with avg-pool, anti-aliased strided bottlenecks, attention pooling."""
 
     def __init__(
-        self, layers: tuple[int, int, int, int], output_dim: int, heads: int, image_size: tuple[int, int],
+        self,
+        layers: tuple[int, int, int, int],
+        output_dim: int,
+        heads: int,
+        image_size: tuple[int, int],
         width: int = 64,
     ):
         super().__init__()
@@ -411,16 +421,29 @@ class CLIP(Encoder):
         vision_heads = int(cast(int, cfg.vision_heads))  # heads are set by CLIPConfig.__post_init__
         if cfg.is_vit:
             self.visual: nn.Module = VisionTransformer(
-                cfg.image_size, int(cast(int, cfg.vision_patch_size)), cfg.vision_width,
-                int(cast(int, cfg.vision_layers)), vision_heads, cfg.embed_dim, cfg.act, cfg.vision_mlp_width,
+                cfg.image_size,
+                int(cast(int, cfg.vision_patch_size)),
+                cfg.vision_width,
+                int(cast(int, cfg.vision_layers)),
+                vision_heads,
+                cfg.embed_dim,
+                cfg.act,
+                cfg.vision_mlp_width,
             )
         else:
             self.visual = ModifiedResNet(
-                cast(tuple[int, int, int, int], cfg.vision_layers), cfg.embed_dim, vision_heads, cfg.image_size,
+                cast(tuple[int, int, int, int], cfg.vision_layers),
+                cfg.embed_dim,
+                vision_heads,
+                cfg.image_size,
                 cfg.vision_width,
             )
         self.transformer = Transformer(
-            cfg.text_width, cfg.text_layers, int(cast(int, cfg.text_heads)), cfg.act, cfg.text_mlp_width,
+            cfg.text_width,
+            cfg.text_layers,
+            int(cast(int, cfg.text_heads)),
+            cfg.act,
+            cfg.text_mlp_width,
         )
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
@@ -527,7 +550,9 @@ class CLIP(Encoder):
         length = tokens.shape[1]  # type: ignore[union-attr]
         if batch.input_ids.shape[1] != length:
             batch = TextBatch(
-                batch.input_ids[:, :length], batch.attention_mask[:, :length], batch.special_mask[:, :length],
+                batch.input_ids[:, :length],
+                batch.attention_mask[:, :length],
+                batch.special_mask[:, :length],
                 batch.texts,
             )
         attn = attn * batch.attention_mask.to(attn.device, attn.dtype)  # type: ignore[union-attr,operator]
@@ -616,9 +641,7 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], **overrides: Any) 
     if vit:
         conv = state["visual.conv1.weight"]
         vision_width, patch = int(conv.shape[0]), int(conv.shape[-1])
-        vision_layers: Any = len(
-            {k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")}
-        )
+        vision_layers: Any = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
         grid = math.isqrt(int(state["visual.positional_embedding"].shape[0]) - 1)
         native = patch * grid
     else:
@@ -630,8 +653,10 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], **overrides: Any) 
         native = math.isqrt(int(state["visual.attnpool.positional_embedding"].shape[0]) - 1) * 32
     text_width = int(state["ln_final.weight"].shape[0])
     mlp: dict[str, Any] = {}
-    for key, prefix in (("vision_mlp_width", "visual.transformer.resblocks.0."), ("text_mlp_width",
-                                                                                  "transformer.resblocks.0.")):
+    for key, prefix in (
+        ("vision_mlp_width", "visual.transformer.resblocks.0."),
+        ("text_mlp_width", "transformer.resblocks.0."),
+    ):
         if f"{prefix}mlp.c_fc.weight" in state:  # the MLP hidden size, like every other dimension, from the weights
             mlp[key] = int(state[f"{prefix}mlp.c_fc.weight"].shape[0])
     cfg: dict[str, Any] = dict(

@@ -16,24 +16,57 @@ from calibclip.models.clip import CLIP, CLIPConfig
 
 #: name -> architecture (OpenAI's released models).
 CLIP_CONFIGS: dict[str, dict[str, Any]] = {
-    "RN50": dict(embed_dim=1024, image_size=224, vision_layers=(3, 4, 6, 3), vision_width=64,
-                 text_width=512, text_layers=12),
-    "RN101": dict(embed_dim=512, image_size=224, vision_layers=(3, 4, 23, 3), vision_width=64,
-                  text_width=512, text_layers=12),
-    "RN50x4": dict(embed_dim=640, image_size=288, vision_layers=(4, 6, 10, 6), vision_width=80,
-                   text_width=640, text_layers=12),
-    "RN50x16": dict(embed_dim=768, image_size=384, vision_layers=(6, 8, 18, 8), vision_width=96,
-                    text_width=768, text_layers=12),
-    "RN50x64": dict(embed_dim=1024, image_size=448, vision_layers=(3, 15, 36, 10), vision_width=128,
-                    text_width=1024, text_layers=12),
-    "ViT-B/32": dict(embed_dim=512, image_size=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-                     text_width=512, text_layers=12),
-    "ViT-B/16": dict(embed_dim=512, image_size=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-                     text_width=512, text_layers=12),
-    "ViT-L/14": dict(embed_dim=768, image_size=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
-                     text_width=768, text_layers=12),
-    "ViT-L/14@336px": dict(embed_dim=768, image_size=336, vision_layers=24, vision_width=1024, vision_patch_size=14,
-                           text_width=768, text_layers=12),
+    "RN50": dict(
+        embed_dim=1024, image_size=224, vision_layers=(3, 4, 6, 3), vision_width=64, text_width=512, text_layers=12
+    ),
+    "RN101": dict(
+        embed_dim=512, image_size=224, vision_layers=(3, 4, 23, 3), vision_width=64, text_width=512, text_layers=12
+    ),
+    "RN50x4": dict(
+        embed_dim=640, image_size=288, vision_layers=(4, 6, 10, 6), vision_width=80, text_width=640, text_layers=12
+    ),
+    "RN50x16": dict(
+        embed_dim=768, image_size=384, vision_layers=(6, 8, 18, 8), vision_width=96, text_width=768, text_layers=12
+    ),
+    "RN50x64": dict(
+        embed_dim=1024, image_size=448, vision_layers=(3, 15, 36, 10), vision_width=128, text_width=1024, text_layers=12
+    ),
+    "ViT-B/32": dict(
+        embed_dim=512,
+        image_size=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=32,
+        text_width=512,
+        text_layers=12,
+    ),
+    "ViT-B/16": dict(
+        embed_dim=512,
+        image_size=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=16,
+        text_width=512,
+        text_layers=12,
+    ),
+    "ViT-L/14": dict(
+        embed_dim=768,
+        image_size=224,
+        vision_layers=24,
+        vision_width=1024,
+        vision_patch_size=14,
+        text_width=768,
+        text_layers=12,
+    ),
+    "ViT-L/14@336px": dict(
+        embed_dim=768,
+        image_size=336,
+        vision_layers=24,
+        vision_width=1024,
+        vision_patch_size=14,
+        text_width=768,
+        text_layers=12,
+    ),
 }
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -79,8 +78,12 @@ def offline() -> bool:
 
 
 def download_url(
-    url: str, target: str | os.PathLike, sha256: str | None = None, name: str | None = None,
-    timeout: float = 30.0, progress: bool = True,
+    url: str,
+    target: str | os.PathLike,
+    sha256: str | None = None,
+    name: str | None = None,
+    timeout: float = 30.0,
+    progress: bool = True,
 ) -> Path:
     """Download ``url`` to ``target`` (resuming ``target.part``) and verify its SHA-256."""
     target = Path(target)
@@ -94,8 +97,12 @@ def download_url(
             f"from {url}: unset CALIBCLIP_OFFLINE to download, copy the file to {target} (checked against SHA-256 "
             f"{digest}), or use a local checkpoint path or the built-in model (--model starter)"
         )
-    print(f"calibclip: downloading the {name} weights from {url} to {target} (set CALIBCLIP_OFFLINE=1 to forbid "
-          "downloads)", file=sys.stderr, flush=True)
+    print(
+        f"calibclip: downloading the {name} weights from {url} to {target} (set CALIBCLIP_OFFLINE=1 to forbid "
+        "downloads)",
+        file=sys.stderr,
+        flush=True,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
@@ -108,7 +115,7 @@ def download_url(
         if exc.code != 416:  # 416: the partial file already holds everything; verify it below
             raise RuntimeError(f"downloading {name} from {url} failed: HTTP {exc.code} {exc.reason}") from exc
         response = None
-    except (urllib.error.URLError, socket.timeout, OSError) as exc:
+    except (TimeoutError, urllib.error.URLError, OSError) as exc:
         raise _offline_error(name, url, target, digest, getattr(exc, "reason", exc)) from exc
     if response is not None:
         with response:
@@ -124,7 +131,7 @@ def download_url(
                     for block in iter(lambda: response.read(_CHUNK), b""):
                         f.write(block)
                         bar.update(len(block))
-            except (urllib.error.URLError, socket.timeout, OSError) as exc:
+            except (TimeoutError, urllib.error.URLError, OSError) as exc:
                 reason = f"interrupted after {part.stat().st_size} bytes: {exc}"
                 raise _offline_error(name, url, target, digest, reason) from exc
             finally:

@@ -226,8 +226,15 @@ def export_graph(model: Encoder, graph: str, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
         torch.onnx.export(
-            module, example, str(tmp), input_names=list(inputs), output_names=list(outputs), dynamic_axes=axes,
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            module,
+            example,
+            str(tmp),
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
         )
     os.replace(tmp, path)
 
@@ -258,8 +265,14 @@ def quantize_graph(src: Path, dst: Path, keep_fp32: Sequence[str] = ()) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep)
+            quantize_dynamic(
+                str(src),
+                str(tmp),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_exclude=keep,
+            )
     finally:
         root.setLevel(level)
     os.replace(tmp, dst)
@@ -283,8 +296,12 @@ class OnnxEncoder(Encoder):
     """
 
     def __init__(
-        self, model: Encoder, precision: str = "fp32", device: str | torch.device = "cpu",
-        cache_dir: str | os.PathLike | None = None, threads: int | None = None,
+        self,
+        model: Encoder,
+        precision: str = "fp32",
+        device: str | torch.device = "cpu",
+        cache_dir: str | os.PathLike | None = None,
+        threads: int | None = None,
     ):
         super().__init__()
         if precision not in ONNX_PRECISIONS:
@@ -391,8 +408,10 @@ class OnnxEncoder(Encoder):
         return text.to("cpu")
 
     def _text_feeds(self, batch: TextBatch) -> dict[str, np.ndarray]:
-        return {"input_ids": batch.input_ids.long().contiguous().numpy(),
-                "attention_mask": batch.attention_mask.long().contiguous().numpy()}
+        return {
+            "input_ids": batch.input_ids.long().contiguous().numpy(),
+            "attention_mask": batch.attention_mask.long().contiguous().numpy(),
+        }
 
     # --- Encoder API -------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> TextBatch:
@@ -463,4 +482,3 @@ class OnnxEncoder(Encoder):
 def wrap(model: Encoder, precision: str = "fp32", device: str | torch.device = "cpu", **kwargs: Any) -> Encoder:
     """`OnnxEncoder` of ``model`` (the registry's ``backend="onnx"``)."""
     return OnnxEncoder(model, precision=precision, device=device, **kwargs)
-

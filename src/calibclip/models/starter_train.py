@@ -23,10 +23,11 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,8 +108,13 @@ def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def extract_image_features(
-    images: Sequence[Path], folder: Path, backbones: Sequence[str], flip: bool = True,
-    batch_size: int = 16, workers: int = 2, desc: str = "images",
+    images: Sequence[Path],
+    folder: Path,
+    backbones: Sequence[str],
+    flip: bool = True,
+    batch_size: int = 16,
+    workers: int = 2,
+    desc: str = "images",
 ) -> dict[str, torch.Tensor]:
     """Pooled features ``{backbone: [N, 1280], backbone + "_flip": [N, 1280]}`` of ``images``,
     computed with `StarterImageTower` (exactly the encoder's image path) and cached in shards
@@ -116,8 +122,13 @@ def extract_image_features(
     from safetensors.torch import load_file, save_file
 
     transform = _preprocess_for(backbones)
-    manifest = {"images": [Path(p).name for p in images], "backbones": list(backbones), "flip": flip,
-                "preprocess": transform.describe(), "shard": SHARD}
+    manifest = {
+        "images": [Path(p).name for p in images],
+        "backbones": list(backbones),
+        "flip": flip,
+        "preprocess": transform.describe(),
+        "shard": SHARD,
+    }
     _check_manifest(folder, manifest)
     n_shards = math.ceil(len(images) / SHARD)
     todo = [s for s in range(n_shards) if not (folder / f"{s:05d}.safetensors").exists()]
@@ -135,7 +146,9 @@ def extract_image_features(
                     out[b + suffix] = pooled[:, i * BACKBONE_DIM : (i + 1) * BACKBONE_DIM]
         return out
 
-    bar = progress_bar(total=len(images), desc=desc, initial=len(images) - sum(len(images[s * SHARD : (s + 1) * SHARD]) for s in todo))
+    bar = progress_bar(
+        total=len(images), desc=desc, initial=len(images) - sum(len(images[s * SHARD : (s + 1) * SHARD]) for s in todo)
+    )
     threads = torch.get_num_threads()
     # one intra-op thread per worker, chunks in parallel: robust on a shared, busy CPU
     torch.set_num_threads(1)
@@ -211,7 +224,9 @@ def _claimed(folder: Path, shards: Sequence[int]) -> Iterator[int]:
             time.sleep(1.0)
 
 
-def extract_text_features(captions: Sequence[str], path: Path, batch_size: int = 128, desc: str = "captions") -> torch.Tensor:
+def extract_text_features(
+    captions: Sequence[str], path: Path, batch_size: int = 128, desc: str = "captions"
+) -> torch.Tensor:
     """MiniLM mean-pooled (un-normalised) caption features ``[N, 384]``, cached in ``path``."""
     from safetensors.torch import load_file, save_file
 
@@ -273,7 +288,9 @@ class _Heads(nn.Module):
 
 
 @torch.inference_mode()
-def evaluate_heads(heads: _Heads, image_feats: torch.Tensor, text_feats: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
+def evaluate_heads(
+    heads: _Heads, image_feats: torch.Tensor, text_feats: torch.Tensor, caption_image: torch.Tensor
+) -> dict[str, float]:
     """Dev metrics of the heads on cached features (``image_feats`` already flip-averaged)."""
     was_training = heads.training
     heads.eval()
@@ -312,8 +329,13 @@ def _set_seed(seed: int) -> torch.Generator:
 
 
 def fit_heads(
-    train_img: dict[str, torch.Tensor], train_txt: torch.Tensor, train_cap_img: torch.Tensor,
-    dev_img: dict[str, torch.Tensor], dev_txt: torch.Tensor, dev_cap_img: torch.Tensor, cfg: TrainConfig,
+    train_img: dict[str, torch.Tensor],
+    train_txt: torch.Tensor,
+    train_cap_img: torch.Tensor,
+    dev_img: dict[str, torch.Tensor],
+    dev_txt: torch.Tensor,
+    dev_cap_img: torch.Tensor,
+    cfg: TrainConfig,
     progress: bool = True,
 ) -> tuple[_Heads, list[dict[str, Any]], int]:
     """Train the heads on cached features; returns (best heads, per-epoch history, best epoch).
@@ -349,7 +371,11 @@ def fit_heads(
         view = torch.randint(len(views), (n_img,), generator=gen)
         losses = []
         for start in range(0, n_img, cfg.batch_size):
-            idx, cidx, vidx = perm[start : start + cfg.batch_size], caps[start : start + cfg.batch_size], view[start : start + cfg.batch_size]
+            idx, cidx, vidx = (
+                perm[start : start + cfg.batch_size],
+                caps[start : start + cfg.batch_size],
+                view[start : start + cfg.batch_size],
+            )
             img = torch.where((vidx == 1)[:, None], views[-1][idx], views[0][idx])
             loss = heads.loss(img, txt[cidx])
             opt.zero_grad(set_to_none=True)
@@ -358,8 +384,14 @@ def fit_heads(
             sched.step()
             losses.append(float(loss.detach()))
         metrics = evaluate_heads(heads, dev_view, dev_t, dev_cap_img)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "temperature": float(1 / heads.logit_scale.detach().exp()),
-               "lr": float(sched.get_last_lr()[0]), **metrics, "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "temperature": float(1 / heads.logit_scale.detach().exp()),
+            "lr": float(sched.get_last_lr()[0]),
+            **metrics,
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(row)
         if metrics["t2i_r1"] > best[0]:
             best = (metrics["t2i_r1"], epoch, {k: v.detach().clone() for k, v in heads.state_dict().items()})
@@ -371,7 +403,9 @@ def fit_heads(
     return heads, history, best[1]
 
 
-def load_split_features(data_root: str | Path, run_dir: Path, split: str, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def load_split_features(
+    data_root: str | Path, run_dir: Path, split: str, cfg: TrainConfig
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(image features {"orig", "flip"} [N, C] concatenated over ``cfg.backbones``, caption
     features [M, 384], caption->image index [M]) of a train/dev split, extracting what is missing."""
     if split not in SPLITS:
@@ -379,11 +413,22 @@ def load_split_features(data_root: str | Path, run_dir: Path, split: str, cfg: T
     ds = load_flickr8k(data_root, split)
     # the default set is cached under features/<split>; any other set in its own folder
     folder = split if tuple(cfg.backbones) == ALL_BACKBONES else f"{split}-{'+'.join(cfg.backbones)}"
-    feats = extract_image_features(ds.images, run_dir / "features" / folder, cfg.backbones, flip=True,
-                                   batch_size=cfg.extract_batch_size, workers=cfg.workers, desc=f"{split} images")
-    img = {"orig": torch.cat([feats[b] for b in cfg.backbones], 1),
-           "flip": torch.cat([feats[b + "_flip"] for b in cfg.backbones], 1)}
-    txt = extract_text_features(ds.captions, run_dir / "features" / f"{split}_captions.safetensors", desc=f"{split} captions")
+    feats = extract_image_features(
+        ds.images,
+        run_dir / "features" / folder,
+        cfg.backbones,
+        flip=True,
+        batch_size=cfg.extract_batch_size,
+        workers=cfg.workers,
+        desc=f"{split} images",
+    )
+    img = {
+        "orig": torch.cat([feats[b] for b in cfg.backbones], 1),
+        "flip": torch.cat([feats[b + "_flip"] for b in cfg.backbones], 1),
+    }
+    txt = extract_text_features(
+        ds.captions, run_dir / "features" / f"{split}_captions.safetensors", desc=f"{split} captions"
+    )
     return img, txt, torch.as_tensor(ds.caption_image, dtype=torch.long)
 
 
@@ -397,7 +442,9 @@ def train_starter(data_root: str | Path, run_dir: str | Path, cfg: TrainConfig, 
     Returns the summary also written to ``RUN_DIR/train_log.json``."""
     unknown = [b for b in cfg.backbones if b not in ALL_BACKBONES]
     if unknown or not cfg.backbones:
-        raise ValueError(f"--backbones must be a comma-separated subset of {list(ALL_BACKBONES)}, got {list(cfg.backbones)}")
+        raise ValueError(
+            f"--backbones must be a comma-separated subset of {list(ALL_BACKBONES)}, got {list(cfg.backbones)}"
+        )
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch size >= 2, got {cfg.epochs} and {cfg.batch_size}")
     run_dir = Path(run_dir)
@@ -410,10 +457,14 @@ def train_starter(data_root: str | Path, run_dir: str | Path, cfg: TrainConfig, 
     t_train = time.perf_counter() - t0 - t_features
     best = history[best_epoch - 1]
     meta = {
-        "backbones": ",".join(cfg.backbones), "image_size": max(BACKBONES[b][1] for b in cfg.backbones),
+        "backbones": ",".join(cfg.backbones),
+        "image_size": max(BACKBONES[b][1] for b in cfg.backbones),
         "flip_average": str(cfg.flip).lower(),
-        "text_normalize": str(cfg.text_normalize).lower(), "embed_dim": cfg.embed_dim, "seed": cfg.seed,
-        "best_epoch": best_epoch, "dev_metrics": json.dumps({k: round(best[k], 2) for k in best if "_r" in k}),
+        "text_normalize": str(cfg.text_normalize).lower(),
+        "embed_dim": cfg.embed_dim,
+        "seed": cfg.seed,
+        "best_epoch": best_epoch,
+        "dev_metrics": json.dumps({k: round(best[k], 2) for k in best if "_r" in k}),
         "command": command,
     }
     save_heads(run_dir / "starter.safetensors", head_state(heads.image_head, heads.text_head, heads.logit_scale), meta)
@@ -422,10 +473,17 @@ def train_starter(data_root: str | Path, run_dir: str | Path, cfg: TrainConfig, 
         writer.writeheader()
         writer.writerows(history)
     summary = {
-        "config": {**asdict(cfg), "backbones": list(cfg.backbones)}, "command": command, "best_epoch": best_epoch,
-        "dev": {k: best[k] for k in best if "_r" in k}, "feature_seconds": t_features, "train_seconds": t_train,
-        "train_images": int(train[0]["orig"].shape[0]), "train_captions": int(train[1].shape[0]),
-        "dev_images": int(dev[0]["orig"].shape[0]), "dev_captions": int(dev[1].shape[0]), "history": history,
+        "config": {**asdict(cfg), "backbones": list(cfg.backbones)},
+        "command": command,
+        "best_epoch": best_epoch,
+        "dev": {k: best[k] for k in best if "_r" in k},
+        "feature_seconds": t_features,
+        "train_seconds": t_train,
+        "train_images": int(train[0]["orig"].shape[0]),
+        "train_captions": int(train[1].shape[0]),
+        "dev_images": int(dev[0]["orig"].shape[0]),
+        "dev_captions": int(dev[1].shape[0]),
+        "history": history,
     }
     (run_dir / "train_log.json").write_text(json.dumps(summary, indent=1))
     _plot(history, run_dir / "train_curves.png")

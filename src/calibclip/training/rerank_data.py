@@ -7,7 +7,11 @@ import torch
 
 
 def mine_candidates(
-    text_pooled: torch.Tensor, image_pooled: torch.Tensor, positives: torch.Tensor, k: int, chunk: int = 2048,
+    text_pooled: torch.Tensor,
+    image_pooled: torch.Tensor,
+    positives: torch.Tensor,
+    k: int,
+    chunk: int = 2048,
 ) -> torch.Tensor:
     """Each caption's ``k`` best images by the frozen dual encoder's cosine similarity ``[Q, k]``,
     with the true image (``positives [Q]``) put in place of the last candidate when it is not among

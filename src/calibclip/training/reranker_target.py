@@ -61,30 +61,36 @@ class RerankerTarget(Target):
         self.cache_root = Path(cache_root)
         self.progress = progress
         cve = {k: v for k, v in (settings.cve or {}).items() if k in ARCH_KEYS}
-        self.config = RerankerConfig(token_dim=int(encoder.embed_dim), encoder=encoder.fingerprint(),
-                                     encoder_name=encoder.name, **cve)
+        self.config = RerankerConfig(
+            token_dim=int(encoder.embed_dim), encoder=encoder.fingerprint(), encoder_name=encoder.name, **cve
+        )
         torch.manual_seed(settings.seed)
         self.model = CrossModalReranker(self.config)
         ds = data.dataset
-        self.views: TokenViews = extract_token_views(encoder, ds.images, ds.captions,
-                                                     token_folder(self.cache_root, encoder, ds), progress=progress)
+        self.views: TokenViews = extract_token_views(
+            encoder, ds.images, ds.captions, token_folder(self.cache_root, encoder, ds), progress=progress
+        )
         positives = torch.as_tensor(ds.caption_image, dtype=torch.long)
-        self.candidates = mine_candidates(self.views.text_pooled, self.views.image_pooled, positives,
-                                          self.config.top_k)
+        self.candidates = mine_candidates(self.views.text_pooled, self.views.image_pooled, positives, self.config.top_k)
         self.targets = (self.candidates == positives[:, None]).float().argmax(1)
         g = F.normalize(self.views.image_pooled.float(), dim=-1)
         q = F.normalize(self.views.text_pooled.float(), dim=-1)
-        self.candidate_sim = torch.cat([
-            torch.gather(q[s : s + 4096] @ g.T, 1, self.candidates[s : s + 4096])
-            for s in range(0, len(q), 4096)
-        ]) if len(q) else torch.zeros(0, self.config.top_k)
+        self.candidate_sim = (
+            torch.cat(
+                [torch.gather(q[s : s + 4096] @ g.T, 1, self.candidates[s : s + 4096]) for s in range(0, len(q), 4096)]
+            )
+            if len(q)
+            else torch.zeros(0, self.config.top_k)
+        )
         self._val: dict[str, Any] = {}
 
     # --- Target ------------------------------------------------------------------------------
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return [], [p for p in self.model.parameters() if p.requires_grad]
 
-    def loss(self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         cand = self.candidates[captions]
         tokens, mask = self.views.texts(captions, self.config.max_text_tokens)
         text, pad = self.model.project_text(tokens, mask)
@@ -105,10 +111,14 @@ class RerankerTarget(Target):
     def validate(self, dataset: RetrievalDataset) -> dict[str, float]:
         key = (dataset.name, dataset.split, len(dataset.images), len(dataset.captions))
         if self._val.get("key") != key:
-            views = extract_token_views(self.encoder, dataset.images, dataset.captions,
-                                        token_folder(self.cache_root, self.encoder, dataset), progress=self.progress)
-            self._val = {"key": key, "views": views,
-                         "sim": cosine_similarity(views.text_pooled, views.image_pooled)}
+            views = extract_token_views(
+                self.encoder,
+                dataset.images,
+                dataset.captions,
+                token_folder(self.cache_root, self.encoder, dataset),
+                progress=self.progress,
+            )
+            self._val = {"key": key, "views": views, "sim": cosine_similarity(views.text_pooled, views.image_pooled)}
         was = self.model.training
         self.model.eval()
         try:

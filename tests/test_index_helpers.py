@@ -1,4 +1,4 @@
-"""Shared helpers for the index tests (no tests here): a tiny deterministic `Encoder` and a folder
+"""Shared helpers for the index tests (no tests here): `FakeEncoder` (= `fakes.PhotoEncoder`) and a folder
 of real photos (scikit-image's samples) mixed with every kind of bad file."""
 
 from __future__ import annotations
@@ -7,74 +7,17 @@ import io
 import os
 import shutil
 import struct
-import time
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import skimage.data
-import torch
 from PIL import Image
-from torch import nn
 
-from calibclip.data.transforms import ImageTransform
-from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
+from fakes import PhotoEncoder as FakeEncoder  # noqa: F401  (re-exported: the one toy indexing encoder)
 
 SKIMAGE_DIR = Path(os.path.dirname(skimage.data.__file__))
-
-
-class FakeEncoder(Encoder):
-    """Deterministic toy dual encoder: image tokens are the 4x4 grid of mean colours of a 32x32
-    preprocessed image projected to ``dim``; text tokens are hashed word embeddings. ``delay``
-    (seconds per image batch) makes indexing slow enough to be killed mid-run."""
-
-    name = "fake-test"
-
-    def __init__(self, dim: int = 16, seed: int = 0, delay: float = 0.0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.embed_dim = dim
-        self.seed = seed
-        self.delay = delay
-        self.colour = nn.Parameter(torch.randn(3, dim, generator=g), requires_grad=False)
-        self.position = nn.Parameter(torch.randn(16, dim, generator=g) * 0.3, requires_grad=False)
-        self.words = nn.Parameter(torch.randn(1000, dim, generator=g), requires_grad=False)
-        self.preprocess = ImageTransform(size=(32, 32))
-
-    def config(self) -> dict[str, Any]:
-        return {"dim": self.embed_dim, "seed": self.seed, "preprocess": self.preprocess.describe()}
-
-    def tokenize(self, texts: Sequence[str]) -> TextBatch:
-        ids = [[1] + [3 + zlib.crc32(w.lower().encode()) % 997 for w in t.split()] + [2] for t in texts]
-        length = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [0] * (length - len(x)) for x in ids])
-        mask = (input_ids > 0).long()
-        special = (input_ids == 1) | (input_ids == 2)
-        return TextBatch(input_ids, mask, special, list(texts))
-
-    def image_tokens(self, pixels: torch.Tensor) -> ImageTokens:
-        if self.delay:
-            time.sleep(self.delay)
-        cells = torch.nn.functional.adaptive_avg_pool2d(pixels.float(), 4).flatten(2).transpose(1, 2)  # [B, 16, 3]
-        tokens = cells @ self.colour + self.position
-        attention = torch.softmax(tokens.norm(dim=-1), dim=1)
-        pooled = (attention[..., None] * tokens).sum(1)
-        return ImageTokens(pooled, tokens, attention, (4, 4))
-
-    def text_tokens(self, text: TextBatch) -> TextTokens:
-        tokens = self.words[text.input_ids]
-        weight = (text.attention_mask.bool() & ~text.special_mask.bool()).float() + 1e-6 * text.attention_mask
-        attention = weight / weight.sum(1, keepdim=True)
-        pooled = (attention[..., None] * tokens).sum(1)
-        return TextTokens(pooled, tokens, attention, text)
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_tokens(pixels).pooled
-
-    def encode_text(self, text: TextBatch | torch.Tensor) -> torch.Tensor:
-        return self.text_tokens(text).pooled  # type: ignore[arg-type]
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -300,3 +300,46 @@ def test_clip_checkpoint_person_protocol(
     out = last_json(capsys.readouterr().out)
     assert out["dataset"] == "rstpreid" and out["model"] == str(ckpt)
     assert set(out["metrics"]) == {"R@1", "R@5", "R@10", "mAP", "mINP"} and out["metrics"]["R@10"] == 100.0
+
+
+def test_batch_evaluate_checks_every_root_first(
+    tmp_path: Path, color_model: str, capsys: pytest.CaptureFixture
+) -> None:
+    """A missing second root fails before the first dataset runs (nothing written); two roots of one dataset give
+    rows that name their root."""
+    cuhk = make_person_dataset(tmp_path / "cuhk", "cuhkpedes")
+    out_dir = tmp_path / "batch"
+    argv = [
+        "batch-evaluate",
+        "--model",
+        color_model,
+        "--datasets",
+        "cuhkpedes",
+        "icfgpedes",
+        "--data-roots",
+        str(cuhk),
+        str(tmp_path / "no-icfg"),
+        "--output-dir",
+        str(out_dir),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr()
+    assert "no-icfg" in err.err and "nothing was evaluated" in err.err and err.out == ""
+    assert not out_dir.exists()
+    other = make_person_dataset(tmp_path / "cuhk2", "cuhkpedes")
+    argv = [
+        "batch-evaluate",
+        "--model",
+        color_model,
+        "--datasets",
+        "cuhkpedes",
+        "cuhkpedes",
+        "--data-roots",
+        str(cuhk),
+        str(other),
+        "--output-dir",
+        str(out_dir),
+    ]
+    assert main(argv) == 0
+    rows = json.loads((out_dir / "results.json").read_text())
+    assert [r["dataset"] for r in rows] == [f"cuhkpedes ({cuhk})", f"cuhkpedes ({other})"]

@@ -43,6 +43,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.output_dir:
         raise ValueError("give --output-dir for the combined table and plot")
+    from pathlib import Path
+
+    names = [canonical_dataset(d) for d in args.datasets]  # every name and root is checked before the first run
+    missing = [f"{d}: {r}" for d, r in zip(names, args.data_roots) if not Path(r).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"data root(s) not found: {'; '.join(missing)} (nothing was evaluated)")
+    repeated = {d for d in names if names.count(d) > 1}
     cfg = config_from_args(args)
     model = args.checkpoint or args.model or cfg["model"]["name"]
     encoders: dict[str, object] = {}  # one encoder per task family (person may use another input size)
@@ -64,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             rerank=args.rerank,
             rerank_top_k=args.rerank_top_k,
         )
+        if result["dataset"] in repeated:  # two roots of one dataset: tell the rows apart
+            result["dataset"] = f"{result['dataset']} ({root})"
         results.append(result)
         print(
             f"{result['dataset']} ({result['split']}): "

@@ -126,7 +126,7 @@ class ServedIndex:
             if not old.is_stale():
                 return False
             try:
-                new = Index.open(old.directory, model=old.encoder)
+                new = Index.open(old.location, model=old.encoder)
             except Exception as exc:  # noqa: BLE001 - keep serving the version we have
                 (log.debug if self._reopen_failed else log.warning)(
                     "index %s changed on disk but cannot be re-opened (%s); serving the previous version",

@@ -340,3 +340,22 @@ def test_trainer_reranker_target(tmp_path):
         )
         == 0
     )
+
+
+def test_token_cache_refuses_other_data_and_bad_images(tmp_path):
+    """A token-view folder of other items is a clear error (never silently mixed); an unreadable training
+    image is one error naming how many could not be read."""
+    from calibclip.data.tokens import extract_token_views
+    from calibclip.datasets import load_dataset
+    from fakes import make_flickr8k
+
+    enc = tiny_clip()
+    ds = load_dataset("flickr8k", make_flickr8k(tmp_path / "f8k", n_images=4), "dev")
+    extract_token_views(enc, ds.images, ds.captions, tmp_path / "tok", progress=False)
+    with pytest.raises(ValueError, match="other data or another encoder"):
+        extract_token_views(enc, ds.images[:2], ds.captions, tmp_path / "tok", progress=False)
+    bad = list(ds.images)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    bad[1] = tmp_path / "broken.jpg"
+    with pytest.raises(RuntimeError, match="could not be read"):
+        extract_token_views(enc, bad, ds.captions, tmp_path / "tok2", progress=False)

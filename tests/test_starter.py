@@ -139,8 +139,13 @@ def test_batch_from_ids_matches_tokenize(model):
     assert torch.equal(wrapped.text_features(tb.input_ids)["calibrated"], wrapped.text_features(tb)["calibrated"])
 
 
-def test_minilm_matches_transformers(model):
+def test_minilm_matches_transformers():
+    """The MiniLM implementation equals transformers' BertModel on the package's weights (the v1 starter
+    keeps them frozen; v2 fine-tunes its top layers, so it is compared on v1)."""
+    from calibclip.models.registry import create_model
+
     transformers = pytest.importorskip("transformers")
+    model = create_model("starter-v1")
     ref = transformers.BertModel.from_pretrained(
         str(starter_mod.minilm_dir()), local_files_only=True, attn_implementation="eager"
     ).eval()
@@ -153,7 +158,10 @@ def test_minilm_matches_transformers(model):
     torch.testing.assert_close(probs, out.attentions[-1], atol=1e-5, rtol=1e-4)
 
 
-def test_folded_channels_last_tower_matches_plain_backbone(model, pixels):
+def test_folded_channels_last_tower_matches_plain_backbone(pixels):
+    from calibclip.models.registry import create_model
+
+    model = create_model("starter-v1")  # frozen towers (v2 fine-tunes the last block)
     plain = starter_mod.StarterImageTower(model.backbones, fold=False, channels_last=False)
     with torch.inference_mode():
         torch.testing.assert_close(model.image_tower(pixels), plain(pixels), atol=2e-4, rtol=1e-4)
@@ -199,3 +207,20 @@ def test_committed_heads_reproduce_dev_numbers(model, flickr8k_root):
     expected = json.loads(model.meta["dev_metrics"])
     for key in ("t2i_r1", "t2i_r5", "i2t_r1"):
         assert abs(metrics[key] - expected[key]) < 0.5, (key, metrics[key], expected[key])
+
+
+def test_starter_v1_stays_loadable_by_name():
+    """v2 is the default; ``starter-v1`` loads the heads-only v1 file with its old fingerprint, so the
+    Combiner trained on v1 still applies to it and not to v2 (which falls back to the sum)."""
+    from calibclip.composed.baselines import packaged_combiner_for
+    from calibclip.models.registry import create_model, list_models
+
+    entries = {e.name: e for e in list_models()}
+    assert entries["starter-v1"].pretrained == "built-in"
+    v1, v2 = create_model("starter-v1"), create_model("starter")
+    _, meta1 = starter_mod.read_heads(v1.weights_path)
+    _, meta2 = starter_mod.read_heads(v2.weights_path)
+    assert meta1["format"] == starter_mod.HEADS_FORMAT and meta2["format"] == starter_mod.TOWER_FORMAT
+    assert v1.fingerprint() == "starter-a8aa77b9e3bbf1cf" != v2.fingerprint()
+    assert json.loads(meta2["dev_metrics"])["t2i_r1"] > json.loads(meta1["dev_metrics"])["t2i_r1"]
+    assert packaged_combiner_for(v1) is not None and packaged_combiner_for(v2) is None

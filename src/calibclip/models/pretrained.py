@@ -67,7 +67,12 @@ PRETRAINED: dict[str, PretrainedWeights] = {
     "ViT-B/16": _openai("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
     "ViT-L/14": _openai("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
     "ViT-L/14@336px": _openai("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
-    "starter": PretrainedWeights(builtin="weights/starter.safetensors", source="calibclip (heads trained on Flickr8k)"),
+    "starter": PretrainedWeights(
+        builtin="weights/starter.safetensors", source="calibclip (v2: top blocks + heads fine-tuned on Flickr8k)"
+    ),
+    "starter-v1": PretrainedWeights(
+        builtin="weights/starter-v1.safetensors", source="calibclip (v1: heads trained on Flickr8k)"
+    ),
 }
 
 

@@ -133,6 +133,12 @@ def _builtin_models() -> None:
         "frozen EfficientNet-Lite0+Lite2 (ImageNet) + frozen MiniLM-L6 with linear heads trained on Flickr8k; offline",
         pretrained=PRETRAINED["starter"].kind,
     )
+    register_model(
+        "starter-v1",
+        "calibclip.models.starter:create_starter_v1",
+        "the first starter (frozen towers, only the linear heads trained on Flickr8k); offline",
+        pretrained=PRETRAINED["starter-v1"].kind,
+    )
 
 
 def _entry_point_models() -> None:

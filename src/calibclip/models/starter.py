@@ -510,5 +510,12 @@ class Starter(Encoder):
 
 
 def create_starter(weights: str | os.PathLike | None = None, threads: int | None = None) -> Starter:
-    """Factory registered as ``starter``."""
+    """Factory registered as ``starter`` (v2 weights unless ``weights`` names another file)."""
     return Starter(weights=weights, threads=threads)
+
+
+def create_starter_v1(weights: str | os.PathLike | None = None, threads: int | None = None) -> Starter:
+    """Factory registered as ``starter-v1``: the v1 weights (only the linear heads trained)."""
+    from calibclip.models.pretrained import PRETRAINED
+
+    return Starter(weights=weights or PRETRAINED["starter-v1"].builtin_path(), threads=threads)

@@ -345,12 +345,31 @@ class Reranking:
             h.update(t.detach().float().cpu().numpy().tobytes())
         return f"rerank-{h.hexdigest()[:16]}"
 
+    def projection_id(self) -> str:
+        """Stable id of what the stored image tokens depend on: the encoder and the re-ranker's image
+        projection (``image_norm`` + ``image_proj``). Re-rankers with the same id can share an index's
+        stored tokens (e.g. one whose head was retrained with a frozen projection)."""
+        import hashlib
+
+        h = hashlib.sha256(f"{FORMAT}|projection|{self.encoder.fingerprint()}".encode())
+        for key, t in sorted(self.reranker.state_dict().items()):
+            if key.startswith(("image_norm.", "image_proj.")):
+                h.update(key.encode())
+                h.update(t.detach().float().cpu().numpy().tobytes())
+        return f"rrproj-{h.hexdigest()[:16]}"
+
+    @torch.inference_mode()
+    def project_view(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Encoder image tokens ``[B, N, D]`` (an `ImageTokens.tokens`) -> stored re-ranker tokens
+        ``[B, N, width]`` (fp16), so that an index computes them from the forward that gives its vectors."""
+        return self.reranker.project_image(tokens.float()).half()
+
     @torch.inference_mode()
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels ``[B, 3, H, W]`` -> stored re-ranker tokens ``[B, N, width]`` (fp16)."""
         enc = self.encoder
         view = enc.image_tokens(pixels.to(enc.device, enc.dtype))
-        return self.reranker.project_image(view.tokens.float()).half()
+        return self.project_view(view.tokens)
 
     @torch.inference_mode()
     def text_inputs(self, texts: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -411,20 +430,31 @@ class Reranking:
     def explain(self, text: str, pixels: torch.Tensor) -> MatchExplanation:
         """Which query words attended to which image regions, for one query and one image
         (``pixels`` ``[1, 3, H, W]``): the last block's cross-attention, mean over heads."""
+        enc = self.encoder
+        view = enc.image_tokens(pixels.to(enc.device, enc.dtype))
+        image = self.reranker.project_image(view.tokens.float())
+        return self.explain_stored(text, image[0], view.pooled[0], view.grid)
+
+    @torch.inference_mode()
+    def explain_stored(
+        self, text: str, tokens: torch.Tensor, pooled: torch.Tensor, grid: tuple[int, int]
+    ) -> MatchExplanation:
+        """`explain` from what an index stores of the image: its projected re-ranker tokens
+        ``[N, width]``, its embedding ``[D]`` and its token grid ``(h, w)`` (no image is decoded)."""
         from calibclip.calibration.explain import token_strings
 
         enc = self.encoder
         batch = enc.tokenize([text])
-        pooled, x, pad = self.text_inputs(batch)
-        view = enc.image_tokens(pixels.to(enc.device, enc.dtype))
-        image = self.reranker.project_image(view.tokens.float())
-        sim = F.cosine_similarity(pooled, view.pooled.float()).double()
+        query, x, pad = self.text_inputs(batch)
+        dev = x.device
+        image = torch.as_tensor(tokens).to(dev).float()[None]
+        sim = F.cosine_similarity(query, torch.as_tensor(pooled).to(dev).float()[None]).double()
         match, weights = self.reranker.match(x, pad, image, need_weights=True)
         length = x.shape[1] - 1
         ids = batch.input_ids[0, :length].tolist()
         keep = (batch.attention_mask[0, :length].bool() & ~batch.special_mask[0, :length].bool()).tolist()
         words = token_strings(enc, ids)
-        h, w = view.grid
+        h, w = int(grid[0]), int(grid[1])
         maps = weights[0, :length].float().cpu().reshape(length, h, w)  # type: ignore[index]
         return MatchExplanation(
             text=text,
@@ -535,3 +565,20 @@ def create_reranking(encoder: Any, source: str | os.PathLike | None = None, top_
             )
         source = path
     return Reranking(encoder, load_reranker(source, device=encoder.device), top_k=top_k)
+
+
+def reranker_folder(path: str | os.PathLike) -> Path:
+    """The folder of a re-ranker given as its folder or one of its two files."""
+    p = Path(path)
+    return p.parent if p.name in (WEIGHTS_FILE, CONFIG_FILE) else p
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a re-ranker's ``reranker.safetensors`` (``path``: its folder or one of its files)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(reranker_folder(path) / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -250,7 +250,11 @@ def test_milvus_store_build_refuses(setup, tmp_path):
     pytest.importorskip("milvus_lite")
     with pytest.raises(ValueError, match="milvus store does not hold the re-ranker"):
         Index.build(
-            setup["images"], f"milvus:{tmp_path / 'm.db'}", model=setup["enc"], workers=0, progress=False,
+            setup["images"],
+            f"milvus:{tmp_path / 'm.db'}",
+            model=setup["enc"],
+            workers=0,
+            progress=False,
             rerank=setup["rr"],
         )
 
@@ -269,8 +273,25 @@ def test_cli_index_and_search_rerank(cli_setup, tmp_path, capsys):
 
     s = cli_setup
     out = tmp_path / "ix"
-    assert main(["index", str(s["images"]), "--out", str(out), "--model", "fake-test", "--rerank", str(s["rr"]),
-                 "--quiet", "--workers", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(s["images"]),
+                "--out",
+                str(out),
+                "--model",
+                "fake-test",
+                "--rerank",
+                str(s["rr"]),
+                "--quiet",
+                "--workers",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == len(NAMES) and report["reranker"]["tokens"] == [16, 8]
     assert main(["search", str(out), "--text", TEXT, "--top-k", "5", "--json"]) == 0
@@ -288,8 +309,22 @@ def test_cli_search_rerank_errors(cli_setup, tmp_path, capsys):
     from calibclip.cli.main import main
 
     s = cli_setup
-    assert main(["index", str(s["images"]), "--out", str(tmp_path / "p"), "--model", "fake-test", "--quiet",
-                 "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(s["images"]),
+                "--out",
+                str(tmp_path / "p"),
+                "--model",
+                "fake-test",
+                "--quiet",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     code = main(["search", str(tmp_path / "p"), "--text", TEXT, "--rerank"])
     err = capsys.readouterr().err
@@ -304,8 +339,25 @@ def test_cli_explain_rerank(cli_setup, tmp_path, capsys):
     s = cli_setup
     img = s["images"] / "chelsea.png"
     png = tmp_path / "why.png"
-    assert main(["explain", "--image", str(img), "--text", TEXT, "--model", "fake-test", "--rerank", str(s["rr"]),
-                 "--out", str(png), "--json"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--image",
+                str(img),
+                "--text",
+                TEXT,
+                "--model",
+                "fake-test",
+                "--rerank",
+                str(s["rr"]),
+                "--out",
+                str(png),
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     rr = data["rerank"]
     assert len(rr["tokens"]) == len(TEXT.split()) and rr["grid"] == [4, 4] and len(rr["attention"]) == len(TEXT.split())

@@ -188,7 +188,11 @@ def _feature_fn(
 
         def calibrated(px: torch.Tensor) -> dict[str, torch.Tensor]:
             view, result = cal.image_calibration(px)
-            return {"raw": view.pooled, "calibrated": result.calibrated, RERANK_TOKENS: reranking.project_view(view.tokens)}
+            return {
+                "raw": view.pooled,
+                "calibrated": result.calibrated,
+                RERANK_TOKENS: reranking.project_view(view.tokens),
+            }
 
         return calibrated, record
     return (lambda px: {**cal.image_features(px), RERANK_TOKENS: reranking.image_tokens(px)}), record

@@ -35,6 +35,7 @@ RecordRow = tuple[int, str, int, int, str, "int | None", "int | None"]
 #: A skipped file as `commit_batch` receives it: (relpath, size, mtime_ns, reason, message).
 SkippedRow = tuple[str, "int | None", "int | None", str, str]
 
+
 def no_tokens_message(scheme: str) -> str:
     """The one-line error of a backend that does not store the re-ranker's image tokens."""
     return (

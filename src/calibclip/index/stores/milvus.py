@@ -98,7 +98,6 @@ def _nlist(n: int) -> int:
     return int(min(65536, max(16, round(4 * math.sqrt(max(n, 1))))))
 
 
-
 class MilvusStore(VectorStore):
     """An index in Milvus (Lite file or server)."""
 

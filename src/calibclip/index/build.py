@@ -339,6 +339,12 @@ def build_index(
         from calibclip.composed import build_combining
 
         build_combining("combiner", Path(combiner), encoder=encoder)  # a checkpoint of another encoder is refused now
+    if rerank is not None and rerank is not False:
+        from calibclip.index.stores import get_store_class, parse_spec
+
+        scheme = parse_spec(out_dir)[0]
+        if not get_store_class(scheme).supports_tokens:  # said before the store is created
+            raise ValueError(no_tokens_message(scheme))
     store = open_store(out_dir, writable=True, options=store_options)
     try:
         existing = store.get("format") is not None

@@ -430,3 +430,32 @@ def test_search_page_has_the_rerank_toggle(client):
     assert 'id="rerank"' in page and 'data-rerank="true"' in page
     page = client.get("/search?index=plain").text
     assert 'data-rerank="false"' in page
+
+
+def test_cli_info_shows_the_reranker(setup, capsys):
+    from calibclip.cli.main import main
+
+    assert main(["info", str(setup["index"].location)]) == 0
+    out = capsys.readouterr().out
+    assert "reranker" in out and "16x8 fp16 tokens/image = 256 bytes" in out
+
+
+def test_inference_fast_path_equals_the_full_forward():
+    """`match` in eval mode (first block's self-attention once per query, last block on the summary token
+    only) gives the scores of the full forward (the path with attention maps, and training's)."""
+    torch.manual_seed(0)
+    for layers in (1, 2, 3):
+        cfg = RerankerConfig(token_dim=12, width=16, num_layers=layers, num_heads=4, dropout=0.0)
+        model = CrossModalReranker(cfg).eval()
+        torch.nn.init.normal_(model.head.weight, std=1.0)
+        mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1, 1, 0, 0, 0, 0]])
+        text, pad = model.project_text(torch.randn(3, 6, 12), mask)
+        images = model.project_image(torch.randn(3, 5, 9, 12))
+        with torch.no_grad():
+            fast, none = model.score_candidates(text, pad, images)
+            full, maps = model.score_candidates(text, pad, images, need_weights=True)
+            model.train()  # no dropout (0.0): training's path, same function
+            trained, _ = model.score_candidates(text, pad, images)
+        assert none is None and maps is not None
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast, trained, atol=1e-5, rtol=1e-5)

@@ -123,8 +123,19 @@ class _Block(nn.Module):
         image: torch.Tensor,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.attend_image(self.attend_self(x, pad), image, need_weights)
+
+    def attend_self(self, x: torch.Tensor, pad: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Self-attention over the query tokens (residual); ``first_only``: only the summary token's output
+        ``[B, 1, width]`` (what the last block needs for the score)."""
         y = self.ln_self(x)
-        x = x + self.drop(self.self_attn(y, y, y, key_padding_mask=pad, need_weights=False)[0])
+        q, x = (y[:, :1], x[:, :1]) if first_only else (y, x)
+        return x + self.drop(self.self_attn(q, y, y, key_padding_mask=pad, need_weights=False)[0])
+
+    def attend_image(
+        self, x: torch.Tensor, image: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cross-attention to the image tokens and the MLP (residuals)."""
         y = self.ln_cross(x)
         img = self.ln_image(image)
         out, weights = self.cross_attn(y, img, img, need_weights=need_weights, average_attn_weights=True)
@@ -205,6 +216,8 @@ class CrossModalReranker(nn.Module):
         Returns:
             ``(scores [P], attention or None)``.
         """
+        if not self.training and not need_weights and not torch.is_grad_enabled():
+            return self._match_fast(text, pad, image.to(text.dtype), pairs), None
         if pairs is not None:
             text, pad = text[pairs], pad[pairs]
         image = image.to(text.dtype)
@@ -216,6 +229,22 @@ class CrossModalReranker(nn.Module):
         if weights is not None:
             weights = weights[:, 1:]
         return score, weights
+
+    def _match_fast(
+        self, text: torch.Tensor, pad: torch.Tensor, image: torch.Tensor, pairs: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`match` at inference (eval mode, no gradients, no attention maps), the same function with less work: the
+        first block's self-attention is the same for all candidates of a query, so it runs once per
+        query before the candidates are expanded; the last block computes only the summary token (the
+        one the head reads) past its self-attention keys and values."""
+        x = text
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block.attend_self(x, pad, first_only=i == last)
+            if i == 0 and pairs is not None:
+                x, pad = x[pairs], pad[pairs]
+            x, _ = block.attend_image(x, image)
+        return self.head(self.ln_out(x[:, 0])).squeeze(-1)
 
     def score_candidates(
         self,

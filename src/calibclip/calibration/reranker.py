@@ -143,6 +143,26 @@ class _Block(nn.Module):
         x = x + self.drop(self.mlp(self.ln_mlp(x)))
         return x, weights
 
+    def attend_image_absorbed(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """`attend_image` at inference without projecting the image tokens to keys and values: per head,
+        ``q . (W_k x_j + b_k) = (W_k^T q) . x_j + const`` and ``sum_j a_j (W_v x_j + b_v) = W_v (sum_j a_j x_j)
+        + b_v``, so the query is projected back to the image tokens' width instead of the ``N`` image tokens
+        forward (exact up to rounding; far less work when the queries are fewer than the image tokens)."""
+        mha = self.cross_attn
+        p, t, width = x.shape
+        heads = mha.num_heads
+        d = width // heads
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, _, b_v = mha.in_proj_bias.chunk(3)
+        img = self.ln_image(image)  # [P, N, W]
+        q = F.linear(self.ln_cross(x), w_q, b_q).view(p, t, heads, d) * d**-0.5
+        u = torch.einsum("pthd,hdw->pthw", q, w_k.view(heads, d, width))
+        att = torch.einsum("pthw,pnw->pthn", u, img).softmax(-1)
+        z = torch.einsum("pthn,pnw->pthw", att, img)
+        o = torch.einsum("pthw,hdw->pthd", z, w_v.view(heads, d, width)) + b_v.view(heads, d)
+        x = x + mha.out_proj(o.reshape(p, t, width))
+        return x + self.mlp(self.ln_mlp(x))
+
 
 class CrossModalReranker(nn.Module):
     """Query-to-image cross-attention scorer over an encoder's token views (see module docstring)."""
@@ -236,14 +256,15 @@ class CrossModalReranker(nn.Module):
         """`match` at inference (eval mode, no gradients, no attention maps), the same function with less work: the
         first block's self-attention is the same for all candidates of a query, so it runs once per
         query before the candidates are expanded; the last block computes only the summary token (the
-        one the head reads) past its self-attention keys and values."""
+        one the head reads) past its self-attention keys and values; cross-attention never projects the
+        image tokens (`_Block.attend_image_absorbed`)."""
         x = text
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block.attend_self(x, pad, first_only=i == last)
             if i == 0 and pairs is not None:
                 x, pad = x[pairs], pad[pairs]
-            x, _ = block.attend_image(x, image)
+            x = block.attend_image_absorbed(x, image)
         return self.head(self.ln_out(x[:, 0])).squeeze(-1)
 
     def score_candidates(

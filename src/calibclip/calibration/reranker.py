@@ -260,7 +260,8 @@ class CrossModalReranker(nn.Module):
         image tokens (`_Block.attend_image_absorbed`)."""
         x = text
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
+        blocks: list[_Block] = list(self.blocks)  # type: ignore[arg-type]
+        for i, block in enumerate(blocks):
             x = block.attend_self(x, pad, first_only=i == last)
             if i == 0 and pairs is not None:
                 x, pad = x[pairs], pad[pairs]

@@ -45,8 +45,9 @@ def main() -> None:
     print(f"{n} x {d} synthetic vectors in {time.perf_counter() - t0:.1f} s; threads {args.threads}", flush=True)
 
     # exact search, batched: calibclip ExactSearcher (float16 storage, normalised in memory) vs FAISS flat
-    exact = ExactSearcher(gallery.astype(np.float16), np.linalg.norm(gallery.astype(np.float16).astype(np.float32),
-                                                                     axis=1), np.arange(n))
+    exact = ExactSearcher(
+        gallery.astype(np.float16), np.linalg.norm(gallery.astype(np.float16).astype(np.float32), axis=1), np.arange(n)
+    )
     exact.matrix()
     flat = faiss.IndexFlatIP(d)
     flat.add(np.ascontiguousarray(exact.matrix().numpy()))
@@ -58,8 +59,11 @@ def main() -> None:
     _, theirs = flat.search(qb, k)
     t_flat = time.perf_counter() - t0
     agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))
-    print(f"exact batched {len(qb)} queries: calibclip ExactSearcher {t_ours:.2f} s, FAISS IndexFlatIP {t_flat:.2f} s "
-          f"(ratio faiss/calibclip {t_flat / t_ours:.2f}; top-{k} agreement {agree:.4f})", flush=True)
+    print(
+        f"exact batched {len(qb)} queries: calibclip ExactSearcher {t_ours:.2f} s, FAISS IndexFlatIP {t_flat:.2f} s "
+        f"(ratio faiss/calibclip {t_flat / t_ours:.2f}; top-{k} agreement {agree:.4f})",
+        flush=True,
+    )
     truth = theirs[: args.queries]
     del flat, exact  # free 4 GB before the IVF build
 
@@ -67,8 +71,10 @@ def main() -> None:
     index = ann.AnnIndex.build("ivf", gallery)
     t_build = time.perf_counter() - t0
     mem = index.memory_bytes()
-    print(f"IVF build: {t_build:.1f} s, params {index.params}, memory {mem / 2**20:.0f} MiB "
-          f"({mem / n:.0f} B/vector)", flush=True)
+    print(
+        f"IVF build: {t_build:.1f} s, params {index.params}, memory {mem / 2**20:.0f} MiB ({mem / n:.0f} B/vector)",
+        flush=True,
+    )
     print(f"\n| index | nprobe | p50 ms | p95 ms | recall@{k} |")
     print("|---|---|---|---|---|")
     for nprobe in args.nprobe:
@@ -81,8 +87,9 @@ def main() -> None:
             hits += len(set(pos[0]) & set(truth[i])) / k
         p50, p95 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 95) * 1e3
         recall = hits / args.queries
-        print(f"| IVF-Flat nlist {index.params['nlist']} | {nprobe} | {p50:.2f} | {p95:.2f} | {recall:.3f} |",
-              flush=True)
+        print(
+            f"| IVF-Flat nlist {index.params['nlist']} | {nprobe} | {p50:.2f} | {p95:.2f} | {recall:.3f} |", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -36,13 +36,24 @@ def _hf_model(model, dtype: torch.dtype):
     cfg = model.cfg
     hf_cfg = transformers.CLIPConfig(
         text_config=dict(
-            hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width, num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads, vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context_length,
-            hidden_act=cfg.act, eos_token_id=49407, bos_token_id=49406, pad_token_id=0,
+            hidden_size=cfg.text_width,
+            intermediate_size=4 * cfg.text_width,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=cfg.context_length,
+            hidden_act=cfg.act,
+            eos_token_id=49407,
+            bos_token_id=49406,
+            pad_token_id=0,
         ),
         vision_config=dict(
-            hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width, num_hidden_layers=cfg.vision_layers,
-            num_attention_heads=cfg.vision_heads, image_size=cfg.image_size[0], patch_size=cfg.vision_patch_size,
+            hidden_size=cfg.vision_width,
+            intermediate_size=4 * cfg.vision_width,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            image_size=cfg.image_size[0],
+            patch_size=cfg.vision_patch_size,
             hidden_act=cfg.act,
         ),
         projection_dim=cfg.embed_dim,
@@ -119,15 +130,22 @@ def main(argv: list[str] | None = None) -> int:
             hf = _hf_model(base, ours.dtype).to(args.device)
             for bs in args.batch_sizes:
                 rows.append((name, precision, bs, *_cell(ours, hf, bs, args)))
-                print(f"  {precision} batch {bs}: images/s {rows[-1][3]:.1f} vs {rows[-1][4]:.1f}, "
-                      f"texts/s {rows[-1][5]:.1f} vs {rows[-1][6]:.1f}", flush=True)
+                print(
+                    f"  {precision} batch {bs}: images/s {rows[-1][3]:.1f} vs {rows[-1][4]:.1f}, "
+                    f"texts/s {rows[-1][5]:.1f} vs {rows[-1][6]:.1f}",
+                    flush=True,
+                )
     print()
-    print("| model | precision | batch | calibclip img/s | transformers img/s | ratio | calibclip txt/s "
-          "| transformers txt/s | ratio |")
+    print(
+        "| model | precision | batch | calibclip img/s | transformers img/s | ratio | calibclip txt/s "
+        "| transformers txt/s | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, precision, bs, io, ih, to, th in rows:
-        print(f"| {name} | {precision} | {bs} | {io:.1f} | {ih:.1f} | {io / ih:.2f} | {to:.1f} | {th:.1f} | "
-              f"{to / th:.2f} |")
+        print(
+            f"| {name} | {precision} | {bs} | {io:.1f} | {ih:.1f} | {io / ih:.2f} | {to:.1f} | {th:.1f} | "
+            f"{to / th:.2f} |"
+        )
     return 0
 
 

@@ -52,8 +52,23 @@ print(json.dumps({"marks": marks, "heavy": heavy, "top": res[0].path if res else
 def run_command(index: str, text: str, backend: str) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "calibclip.cli.main", "search", index, "--text", text, "--top-k", "10",
-                    "--backend", backend], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "calibclip.cli.main",
+            "search",
+            index,
+            "--text",
+            text,
+            "--top-k",
+            "10",
+            "--backend",
+            backend,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -70,12 +85,18 @@ def main() -> None:
     print(f"cpu count {os.cpu_count()}, OMP_NUM_THREADS={env_threads}, load average {os.getloadavg()}")
     run_command(args.index, args.text, args.backend)  # warm the OS file cache (and any ONNX export) first
     walls, cpus = zip(*(run_command(args.index, args.text, args.backend) for _ in range(args.runs)))
-    print(f"`calibclip search {args.index} --text ... --backend {args.backend}`: wall {statistics.median(walls):.2f} s "
-          f"(runs {', '.join(f'{w:.2f}' for w in walls)}), CPU {statistics.median(cpus):.2f} s")
+    print(
+        f"`calibclip search {args.index} --text ... --backend {args.backend}`: wall {statistics.median(walls):.2f} s "
+        f"(runs {', '.join(f'{w:.2f}' for w in walls)}), CPU {statistics.median(cpus):.2f} s"
+    )
     probes = []
     for _ in range(args.runs):
-        out = subprocess.run([sys.executable, "-c", PROBE, args.index, args.text, args.backend], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, args.index, args.text, args.backend],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         probes.append(json.loads(out.strip().splitlines()[-1]))
     names = [m[0] for m in probes[0]["marks"]]
     print(f"\n| step | wall s (median of {args.runs}) | CPU s |")

@@ -74,7 +74,8 @@ def bench_model(name: str, batch_sizes: list[int], rounds: int, hf: bool) -> lis
                 fns = {k: (lambda m=m, t=tb: m.encode_text(t)) for k, m in variants.items()}
                 if hf_model is not None:
                     fns["transformers"] = lambda t=tb: hf_model.get_text_features(
-                        input_ids=t.input_ids, attention_mask=t.attention_mask)
+                        input_ids=t.input_ids, attention_mask=t.attention_mask
+                    )
             with torch.inference_mode():
                 ref = fns["torch"]()
                 cos = {k: cosine(fns[k]() if k != "torch" else ref, ref) for k in variants}
@@ -83,8 +84,10 @@ def bench_model(name: str, batch_sizes: list[int], rounds: int, hf: bool) -> lis
                 ratio = times["torch"] / t
                 rows.append((name, modality, batch, k, batch / t, ratio, cos.get(k)))
                 c = f"  cos {cos[k]:.5f}" if k in cos else ""
-                print(f"{name:9s} {modality:5s} b={batch:<3d} {k:13s} {batch / t:8.1f} /s   x{ratio:.2f} vs torch{c}",
-                      flush=True)
+                print(
+                    f"{name:9s} {modality:5s} b={batch:<3d} {k:13s} {batch / t:8.1f} /s   x{ratio:.2f} vs torch{c}",
+                    flush=True,
+                )
     return rows
 
 

@@ -28,9 +28,11 @@ import torch
 
 from calibclip.index import Index, Storage
 
-SETTINGS = [("exact", {})] + [("ivf", {"nprobe": n}) for n in (1, 4, 16, 32, 64)] + [
-    ("hnsw", {"ef_search": e}) for e in (16, 64, 128, 256)
-]
+SETTINGS = (
+    [("exact", {})]
+    + [("ivf", {"nprobe": n}) for n in (1, 4, 16, 32, 64)]
+    + [("hnsw", {"ef_search": e}) for e in (16, 64, 128, 256)]
+)
 
 
 def synthetic(n: int, d: int, seed: int, topics: int = 100, rank: int = 64) -> np.ndarray:
@@ -52,8 +54,17 @@ def synthetic(n: int, d: int, seed: int, topics: int = 100, rank: int = 64) -> n
 
 def write_index(directory: Path, vectors: np.ndarray) -> None:
     st = Storage(directory, writable=True)
-    st.initialise(vectors.shape[1], ["raw"], {"model": "synthetic", "model_spec": None, "fingerprint": "synthetic",
-                                              "precision": "fp32", "root": str(directory)})
+    st.initialise(
+        vectors.shape[1],
+        ["raw"],
+        {
+            "model": "synthetic",
+            "model_spec": None,
+            "fingerprint": "synthetic",
+            "precision": "fp32",
+            "root": str(directory),
+        },
+    )
     for s in range(0, len(vectors), 50_000):
         chunk = vectors[s : s + 50_000]
         recs = [{"path": f"{s + i:08d}.jpg", "size": 0, "mtime_ns": 0, "sha256": ""} for i in range(len(chunk))]
@@ -70,8 +81,11 @@ def measure(index: Index, queries: np.ndarray, k: int, kinds: tuple[str, ...] = 
             continue
         if kind not in build:  # build time of the structure (exact: the in-memory float32 matrix)
             t0 = time.perf_counter()
-            extra = (index.store.ann_index(kind).memory_bytes() if kind != "exact"  # type: ignore[attr-defined]
-                     else index.store.searcher().matrix() is not None)  # type: ignore[attr-defined]
+            extra = (
+                index.store.ann_index(kind).memory_bytes()
+                if kind != "exact"  # type: ignore[attr-defined]
+                else index.store.searcher().matrix() is not None
+            )  # type: ignore[attr-defined]
             build[kind] = (time.perf_counter() - t0, int(extra))
         build_s, extra_bytes = build[kind]
         index.search_vectors(queries[:3], k=k, ann=kind, **params)  # warm-up
@@ -85,18 +99,28 @@ def measure(index: Index, queries: np.ndarray, k: int, kinds: tuple[str, ...] = 
         n, d = len(index), index.dim
         stored = d * 2 + 4  # float16 vector + float32 norm on disk
         mem = {"exact": d * 4}.get(kind, extra_bytes / n)  # in-memory float32 matrix, or the FAISS structure
-        rows.append({
-            "n": n, "setting": kind + "".join(f" {k_}={v}" for k_, v in params.items()),
-            "p50_ms": np.percentile(lat, 50),
-            "p95_ms": np.percentile(lat, 95), "recall@10": float(np.mean(hits)), "build_s": build_s,
-            "disk_bytes_per_vector": stored, "ram_bytes_per_vector": mem,
-        })
+        rows.append(
+            {
+                "n": n,
+                "setting": kind + "".join(f" {k_}={v}" for k_, v in params.items()),
+                "p50_ms": np.percentile(lat, 50),
+                "p95_ms": np.percentile(lat, 95),
+                "recall@10": float(np.mean(hits)),
+                "build_s": build_s,
+                "disk_bytes_per_vector": stored,
+                "ram_bytes_per_vector": mem,
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
 
 def flickr8k_embeddings(
-    root: str, model: str, batch_size: int, workers: int, splits: tuple[str, ...] = ("dev", "train"),
+    root: str,
+    model: str,
+    batch_size: int,
+    workers: int,
+    splits: tuple[str, ...] = ("dev", "train"),
     captions: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image features of the Flickr8k ``splits`` (gallery) and the dev captions' features (queries),
@@ -113,10 +137,12 @@ def flickr8k_embeddings(
         return {"dataset": ds.name, "split": ds.split, "preprocess": encoder.preprocess.describe()}
 
     queries = cache.text_features(encoder, dev.captions[:captions], batch_size=128, **tags(dev))["raw"]
-    gallery = np.concatenate([
-        cache.image_features(encoder, ds.images, batch_size=batch_size, workers=workers, **tags(ds))["raw"]
-        for ds in (load_flickr8k(root, split) for split in splits)
-    ])
+    gallery = np.concatenate(
+        [
+            cache.image_features(encoder, ds.images, batch_size=batch_size, workers=workers, **tags(ds))["raw"]
+            for ds in (load_flickr8k(root, split) for split in splits)
+        ]
+    )
     return gallery, queries
 
 
@@ -147,11 +173,15 @@ def minilm_caption_embeddings(root: str, n_gallery: int, n_queries: int) -> tupl
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| N | setting | p50 ms | p95 ms | recall@10 | build s | RAM B/vec | disk B/vec |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| N | setting | p50 ms | p95 ms | recall@10 | build s | RAM B/vec | disk B/vec |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['n']:,} | {r['setting']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['recall@10']:.3f} | "
-                   f"{r['build_s']:.1f} | {r['ram_bytes_per_vector']:.0f} | {r['disk_bytes_per_vector']} |")
+        out.append(
+            f"| {r['n']:,} | {r['setting']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['recall@10']:.3f} | "
+            f"{r['build_s']:.1f} | {r['ram_bytes_per_vector']:.0f} | {r['disk_bytes_per_vector']} |"
+        )
     return "\n".join(out)
 
 
@@ -168,8 +198,13 @@ def main() -> None:
     ap.add_argument("--flickr8k", help="Flickr8k root: extract real embeddings with --model (FeatureCache)")
     ap.add_argument("--flickr8k-splits", nargs="+", default=["dev", "train"], help="gallery splits")
     ap.add_argument("--flickr8k-captions", type=int, default=None, help="use the first N dev captions as queries")
-    ap.add_argument("--minilm-captions", type=int, nargs=2, metavar=("GALLERY", "QUERIES"),
-                    help="with --flickr8k: MiniLM caption embeddings instead of the model's image features")
+    ap.add_argument(
+        "--minilm-captions",
+        type=int,
+        nargs=2,
+        metavar=("GALLERY", "QUERIES"),
+        help="with --flickr8k: MiniLM caption embeddings instead of the model's image features",
+    )
     ap.add_argument("--model", default="starter")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
@@ -193,8 +228,14 @@ def main() -> None:
         if args.flickr8k and args.minilm_captions:
             real = minilm_caption_embeddings(args.flickr8k, *args.minilm_captions)
         elif args.flickr8k:
-            real = flickr8k_embeddings(args.flickr8k, args.model, args.batch_size, args.workers,
-                                       tuple(args.flickr8k_splits), args.flickr8k_captions)
+            real = flickr8k_embeddings(
+                args.flickr8k,
+                args.model,
+                args.batch_size,
+                args.workers,
+                tuple(args.flickr8k_splits),
+                args.flickr8k_captions,
+            )
         elif args.real_gallery and args.real_queries:
             real = np.load(args.real_gallery), np.load(args.real_queries)
         elif args.real_gallery:  # hold out the first --queries rows as queries (image-to-image)

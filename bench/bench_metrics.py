@@ -61,8 +61,12 @@ def main() -> None:
     ap.add_argument("--per-id", type=int, default=4, help="mean gallery images per identity")
     ap.add_argument("--ref-queries", type=int, default=2000, help="rows for the reference timing")
     ap.add_argument("--ref-full", action="store_true", help="run the reference on the full matrix too")
-    ap.add_argument("--noise", type=float, default=1.0,
-                    help="feature noise of the synthetic identities ('inf': i.i.d. random scores)")
+    ap.add_argument(
+        "--noise",
+        type=float,
+        default=1.0,
+        help="feature noise of the synthetic identities ('inf': i.i.d. random scores)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,7 +77,9 @@ def main() -> None:
         fast = retrieval_metrics(sim, q_ids, g_ids)
         t_fast = time.perf_counter() - t0
         shown = {k: round(v, 3) for k, v in fast.items()}
-        print(f"[{label}] retrieval_metrics {args.queries}x{args.gallery} ({args.threads} threads): {t_fast:.2f} s  {shown}")
+        print(
+            f"[{label}] retrieval_metrics {args.queries}x{args.gallery} ({args.threads} threads): {t_fast:.2f} s  {shown}"
+        )
 
         n_ref = args.queries if args.ref_full else min(args.ref_queries, args.queries)
         t0 = time.perf_counter()
@@ -84,8 +90,10 @@ def main() -> None:
         t_ref_full = t_ref * args.queries / n_ref
         how = "measured" if n_ref == args.queries else f"extrapolated from {n_ref} rows"
         print(f"[{label}] full-sort reference {n_ref}x{args.gallery}: {t_ref:.2f} s (max |diff| vs fast = {diff:.2e})")
-        print(f"[{label}] full-sort reference {args.queries}x{args.gallery}: {t_ref_full:.1f} s ({how}); "
-              f"speed-up {t_ref_full / t_fast:.1f}x")
+        print(
+            f"[{label}] full-sort reference {args.queries}x{args.gallery}: {t_ref_full:.1f} s ({how}); "
+            f"speed-up {t_ref_full / t_fast:.1f}x"
+        )
         del sim
 
     n_img = min(args.gallery, args.queries) // 5

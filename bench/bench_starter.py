@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             flip = model.flip_average
             with torch.inference_mode():
                 row = {
-                    "threads": threads, "batch": bs,
+                    "threads": threads,
+                    "batch": bs,
                     "starter_img_s": _rate(lambda: model.encode_image(x), bs, args.min_seconds),
                 }
                 model.flip_average = False
@@ -68,20 +69,30 @@ def main(argv: list[str] | None = None) -> int:
                 row["texts_s"] = _rate(lambda: model.encode_text(texts), bs, args.min_seconds)
             rows.append(row)
             if not args.json:
-                print(f"threads={threads} batch={bs}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items() if k.endswith("_s")),
-                      flush=True)
+                print(
+                    f"threads={threads} batch={bs}: "
+                    + ", ".join(f"{k}={v:.1f}" for k, v in row.items() if k.endswith("_s")),
+                    flush=True,
+                )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"\nbackbones={','.join(model.backbones)} image_size={model.image_size} torch={torch.__version__}\n")
     extra = [k for k in rows[0] if k.endswith("_only_noflip_img_s")]
-    print("| threads | batch | starter images/s (flip-averaged, shipped) | starter images/s (no flip) "
-          "| plain backbones images/s (no flip) | " + " | ".join(f"{k.split('_')[0]} alone images/s (no flip)" for k in extra)
-          + " | texts/s |")
+    print(
+        "| threads | batch | starter images/s (flip-averaged, shipped) | starter images/s (no flip) "
+        "| plain backbones images/s (no flip) | "
+        + " | ".join(f"{k.split('_')[0]} alone images/s (no flip)" for k in extra)
+        + " | texts/s |"
+    )
     print("|---" * (6 + len(extra)) + "|")
     for r in rows:
-        print(f"| {r['threads']} | {r['batch']} | {r['starter_img_s']:.1f} | {r['starter_noflip_img_s']:.1f} "
-              f"| {r['plain_noflip_img_s']:.1f} | " + " | ".join(f"{r[k]:.1f}" for k in extra) + f" | {r['texts_s']:.0f} |")
+        print(
+            f"| {r['threads']} | {r['batch']} | {r['starter_img_s']:.1f} | {r['starter_noflip_img_s']:.1f} "
+            f"| {r['plain_noflip_img_s']:.1f} | "
+            + " | ".join(f"{r[k]:.1f}" for k in extra)
+            + f" | {r['texts_s']:.0f} |"
+        )
     return 0
 
 

@@ -123,14 +123,45 @@ class _Block(nn.Module):
         image: torch.Tensor,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.attend_image(self.attend_self(x, pad), image, need_weights)
+
+    def attend_self(self, x: torch.Tensor, pad: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Self-attention over the query tokens (residual); ``first_only``: only the summary token's output
+        ``[B, 1, width]`` (what the last block needs for the score)."""
         y = self.ln_self(x)
-        x = x + self.drop(self.self_attn(y, y, y, key_padding_mask=pad, need_weights=False)[0])
+        q, x = (y[:, :1], x[:, :1]) if first_only else (y, x)
+        return x + self.drop(self.self_attn(q, y, y, key_padding_mask=pad, need_weights=False)[0])
+
+    def attend_image(
+        self, x: torch.Tensor, image: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cross-attention to the image tokens and the MLP (residuals)."""
         y = self.ln_cross(x)
         img = self.ln_image(image)
         out, weights = self.cross_attn(y, img, img, need_weights=need_weights, average_attn_weights=True)
         x = x + self.drop(out)
         x = x + self.drop(self.mlp(self.ln_mlp(x)))
         return x, weights
+
+    def attend_image_absorbed(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """`attend_image` at inference without projecting the image tokens to keys and values: per head,
+        ``q . (W_k x_j + b_k) = (W_k^T q) . x_j + const`` and ``sum_j a_j (W_v x_j + b_v) = W_v (sum_j a_j x_j)
+        + b_v``, so the query is projected back to the image tokens' width instead of the ``N`` image tokens
+        forward (exact up to rounding; far less work when the queries are fewer than the image tokens)."""
+        mha = self.cross_attn
+        p, t, width = x.shape
+        heads = mha.num_heads
+        d = width // heads
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, _, b_v = mha.in_proj_bias.chunk(3)
+        img = self.ln_image(image)  # [P, N, W]
+        q = F.linear(self.ln_cross(x), w_q, b_q).view(p, t, heads, d) * d**-0.5
+        u = torch.einsum("pthd,hdw->pthw", q, w_k.view(heads, d, width))
+        att = torch.einsum("pthw,pnw->pthn", u, img).softmax(-1)
+        z = torch.einsum("pthn,pnw->pthw", att, img)
+        o = torch.einsum("pthw,hdw->pthd", z, w_v.view(heads, d, width)) + b_v.view(heads, d)
+        x = x + mha.out_proj(o.reshape(p, t, width))
+        return x + self.mlp(self.ln_mlp(x))
 
 
 class CrossModalReranker(nn.Module):
@@ -205,6 +236,8 @@ class CrossModalReranker(nn.Module):
         Returns:
             ``(scores [P], attention or None)``.
         """
+        if not self.training and not need_weights and not torch.is_grad_enabled():
+            return self._match_fast(text, pad, image.to(text.dtype), pairs), None
         if pairs is not None:
             text, pad = text[pairs], pad[pairs]
         image = image.to(text.dtype)
@@ -216,6 +249,24 @@ class CrossModalReranker(nn.Module):
         if weights is not None:
             weights = weights[:, 1:]
         return score, weights
+
+    def _match_fast(
+        self, text: torch.Tensor, pad: torch.Tensor, image: torch.Tensor, pairs: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`match` at inference (eval mode, no gradients, no attention maps), the same function with less work: the
+        first block's self-attention is the same for all candidates of a query, so it runs once per
+        query before the candidates are expanded; the last block computes only the summary token (the
+        one the head reads) past its self-attention keys and values; cross-attention never projects the
+        image tokens (`_Block.attend_image_absorbed`)."""
+        x = text
+        last = len(self.blocks) - 1
+        blocks: list[_Block] = list(self.blocks)  # type: ignore[arg-type]
+        for i, block in enumerate(blocks):
+            x = block.attend_self(x, pad, first_only=i == last)
+            if i == 0 and pairs is not None:
+                x, pad = x[pairs], pad[pairs]
+            x = block.attend_image_absorbed(x, image)
+        return self.head(self.ln_out(x[:, 0])).squeeze(-1)
 
     def score_candidates(
         self,
@@ -345,12 +396,31 @@ class Reranking:
             h.update(t.detach().float().cpu().numpy().tobytes())
         return f"rerank-{h.hexdigest()[:16]}"
 
+    def projection_id(self) -> str:
+        """Stable id of what the stored image tokens depend on: the encoder and the re-ranker's image
+        projection (``image_norm`` + ``image_proj``). Re-rankers with the same id can share an index's
+        stored tokens (e.g. one whose head was retrained with a frozen projection)."""
+        import hashlib
+
+        h = hashlib.sha256(f"{FORMAT}|projection|{self.encoder.fingerprint()}".encode())
+        for key, t in sorted(self.reranker.state_dict().items()):
+            if key.startswith(("image_norm.", "image_proj.")):
+                h.update(key.encode())
+                h.update(t.detach().float().cpu().numpy().tobytes())
+        return f"rrproj-{h.hexdigest()[:16]}"
+
+    @torch.inference_mode()
+    def project_view(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Encoder image tokens ``[B, N, D]`` (an `ImageTokens.tokens`) -> stored re-ranker tokens
+        ``[B, N, width]`` (fp16), so that an index computes them from the forward that gives its vectors."""
+        return self.reranker.project_image(tokens.float()).half()
+
     @torch.inference_mode()
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels ``[B, 3, H, W]`` -> stored re-ranker tokens ``[B, N, width]`` (fp16)."""
         enc = self.encoder
         view = enc.image_tokens(pixels.to(enc.device, enc.dtype))
-        return self.reranker.project_image(view.tokens.float()).half()
+        return self.project_view(view.tokens)
 
     @torch.inference_mode()
     def text_inputs(self, texts: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -411,20 +481,31 @@ class Reranking:
     def explain(self, text: str, pixels: torch.Tensor) -> MatchExplanation:
         """Which query words attended to which image regions, for one query and one image
         (``pixels`` ``[1, 3, H, W]``): the last block's cross-attention, mean over heads."""
+        enc = self.encoder
+        view = enc.image_tokens(pixels.to(enc.device, enc.dtype))
+        image = self.reranker.project_image(view.tokens.float())
+        return self.explain_stored(text, image[0], view.pooled[0], view.grid)
+
+    @torch.inference_mode()
+    def explain_stored(
+        self, text: str, tokens: torch.Tensor, pooled: torch.Tensor, grid: tuple[int, int]
+    ) -> MatchExplanation:
+        """`explain` from what an index stores of the image: its projected re-ranker tokens
+        ``[N, width]``, its embedding ``[D]`` and its token grid ``(h, w)`` (no image is decoded)."""
         from calibclip.calibration.explain import token_strings
 
         enc = self.encoder
         batch = enc.tokenize([text])
-        pooled, x, pad = self.text_inputs(batch)
-        view = enc.image_tokens(pixels.to(enc.device, enc.dtype))
-        image = self.reranker.project_image(view.tokens.float())
-        sim = F.cosine_similarity(pooled, view.pooled.float()).double()
+        query, x, pad = self.text_inputs(batch)
+        dev = x.device
+        image = torch.as_tensor(tokens).to(dev).float()[None]
+        sim = F.cosine_similarity(query, torch.as_tensor(pooled).to(dev).float()[None]).double()
         match, weights = self.reranker.match(x, pad, image, need_weights=True)
         length = x.shape[1] - 1
         ids = batch.input_ids[0, :length].tolist()
         keep = (batch.attention_mask[0, :length].bool() & ~batch.special_mask[0, :length].bool()).tolist()
         words = token_strings(enc, ids)
-        h, w = view.grid
+        h, w = int(grid[0]), int(grid[1])
         maps = weights[0, :length].float().cpu().reshape(length, h, w)  # type: ignore[index]
         return MatchExplanation(
             text=text,
@@ -535,3 +616,20 @@ def create_reranking(encoder: Any, source: str | os.PathLike | None = None, top_
             )
         source = path
     return Reranking(encoder, load_reranker(source, device=encoder.device), top_k=top_k)
+
+
+def reranker_folder(path: str | os.PathLike) -> Path:
+    """The folder of a re-ranker given as its folder or one of its two files."""
+    p = Path(path)
+    return p.parent if p.name in (WEIGHTS_FILE, CONFIG_FILE) else p
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a re-ranker's ``reranker.safetensors`` (``path``: its folder or one of its files)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(reranker_folder(path) / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

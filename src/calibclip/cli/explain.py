@@ -30,6 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one calibration setting, e.g. --set decay_factor=0.3 (repeatable)",
     )
+    p.add_argument(
+        "--rerank",
+        nargs="?",
+        const="packaged",
+        default=None,
+        metavar="PATH",
+        help="also show the trained cross-modal re-ranker's view of (--text, --image): which query words attended "
+        "to which image regions (cross-attention heatmaps; with --out also written to OUT.rerank.png) and its "
+        "match and fused scores: the re-ranker shipped with the model (no value) or a re-ranker folder",
+    )
     p.add_argument("--out", default=None, help="write the rendering to this PNG file")
     p.add_argument("--json", action="store_true", help="print the explanation data as JSON")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
@@ -49,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from calibclip.models.registry import create_model
 
     check_text(args.text)
+    if args.rerank is not None and args.text is None:
+        raise ValueError("--rerank explains a (query, image) match: give --text too")
     image_path = Path(args.image)
     if not image_path.exists():
         raise FileNotFoundError(f"image {image_path} does not exist")
@@ -70,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
             text_feats = cal.text_features([args.text])
             for name in ("raw", "calibrated"):
                 sims[name] = float(F.cosine_similarity(text_feats[name].float(), image_feats[name].float()).item())
+    match = None
+    if args.rerank is not None:
+        from calibclip.calibration.reranker import create_reranking
+
+        match = create_reranking(model, args.rerank).explain(args.text, pixels)
     data = {
         "model": model.name,
         "image": str(image_path),
@@ -83,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
         if sims:
             title += f" | cosine raw {sims['raw']:.3f}, calibrated {sims['calibrated']:.3f}"
         data["png"] = str(render(shown, text_exp, image_exp, args.out, title=title))
+        if match is not None:
+            from calibclip.calibration.reranker import render_match
+
+            out = Path(args.out)
+            data["rerank_png"] = str(render_match(shown, match, out.with_name(out.stem + ".rerank.png")))
+    if match is not None:
+        data["rerank"] = match.to_dict()
     if args.json:
         print(json.dumps(data))
         return 0
@@ -96,6 +120,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  dominant words: {text_exp.dominant_words or '-'}; masked: {text_exp.masked_words or '-'}")
         print(f"  re-encoded as:  {text_exp.masked_text!r}")
         print(f"  cosine(query, image): raw {sims['raw']:.4f}, calibrated {sims['calibrated']:.4f}")
+    if match is not None:
+        print(
+            f"  re-ranker: cosine {match.similarity:.4f}, match {match.match:+.4f}, fused {match.fused:.4f}; "
+            "word -> most attended region (row, col):"
+        )
+        w = match.grid[1]
+        for word, m in zip(match.tokens, match.maps):
+            cell = int(m.flatten().argmax())
+            print(f"    {word:>14s} -> ({cell // w}, {cell % w})  weight {float(m.flatten()[cell]):.3f}")
     if args.out:
-        print(f"wrote {data['png']}")
+        print(f"wrote {data['png']}" + (f" and {data['rerank_png']}" if "rerank_png" in data else ""))
     return 0

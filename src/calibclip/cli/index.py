@@ -80,6 +80,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "existing index's, else calibclip)",
     )
     p.add_argument(
+        "--rerank",
+        nargs="?",
+        const="packaged",
+        default=None,
+        metavar="PATH",
+        help="also store the trained cross-modal re-ranker's projected fp16 image tokens (enables `search "
+        "--rerank`): the re-ranker shipped with the encoder (no value) or a re-ranker folder; the index keeps "
+        "a copy and records its sha256 (default: keep what an existing index has; local store only)",
+    )
+    p.add_argument(
         "--combiner",
         metavar="PATH",
         help="Combiner checkpoint (RUN_DIR/best.pt) to copy into the index for composed image+text queries",
@@ -155,18 +165,26 @@ def run(args: argparse.Namespace) -> int:
         store_options=store_options(args),
         engine=args.engine,
         engine_options=engine_options,
+        rerank=args.rerank,
     )
     report = index.report.to_dict()  # type: ignore[union-attr]
+    reranker = index.reranker_info
     index.close()
     if args.json:
-        print(json.dumps({"index": target, **report}))
+        print(json.dumps({"index": target, **report, **({"reranker": reranker} if reranker else {})}))
         return 0
     skipped = report["skipped"]
     print(
         f"{target}: {plural(report['count'], 'image')} indexed (added {report['added']}, updated "
         f"{report['updated']}, removed {report['removed']}, unchanged {report['unchanged']}) in "
         f"{report['seconds']:.1f}s; {plural(skipped, 'file')} skipped"
-        + (f" (see `calibclip info {target} --skipped`)" if skipped else ""),
+        + (f" (see `calibclip info {target} --skipped`)" if skipped else "")
+        + (
+            f"; re-ranker tokens {reranker['tokens'][0]}x{reranker['tokens'][1]} fp16 per image "
+            f"({2 * reranker['tokens'][0] * reranker['tokens'][1]:,} bytes)"
+            if reranker
+            else ""
+        ),
         file=sys.stdout,
     )
     return 0

@@ -52,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
         "disk_bytes",
     ):
         print(f"{key:12} {info[key]}")
+    rr = info.get("reranker")
+    if rr:
+        n, w = rr["tokens"]
+        print(
+            f"{'reranker':12} {rr['source']} (sha256 {rr['sha256'][:12]}, "
+            f"{n}x{w} fp16 tokens/image = {2 * n * w:,} bytes)"
+        )
     if args.skipped:
         for s in skipped:
             print(f"{s['reason']:13} {s['path']}  ({s['message']})")

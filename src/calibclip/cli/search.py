@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 from calibclip.cli.common import add_backend_argument, apply_backend
 from calibclip.cli.index import add_store_options, store_options, store_spec_help
@@ -33,6 +34,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--calibrate",
         action="store_true",
         help="CalibCLIP re-ranking of the top-K (needs an index built with --calibrate)",
+    )
+    p.add_argument(
+        "--rerank",
+        nargs="?",
+        const="index",
+        default=None,
+        metavar="PATH",
+        help="re-score the top-K of text queries with the trained cross-modal re-ranker over the index's stored "
+        "image tokens: the index's own re-ranker (no value) or a re-ranker folder with the same image "
+        "projection (needs an index built with `calibclip index ... --rerank`); combines with --calibrate",
+    )
+    p.add_argument(
+        "--rerank-top-k",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="with --rerank: candidates re-scored per query (default: the re-ranker's own top_k)",
     )
     p.add_argument(
         "--ann",
@@ -132,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     apply_backend(args)
     if args.text is None and not args.image:
         raise ValueError("give --text, --image or both")
+    if args.rerank_top_k is not None and args.rerank is None:
+        raise ValueError("--rerank-top-k only applies with --rerank")
+    if args.rerank is not None and (args.image or not args.text):
+        raise ValueError("--rerank applies to text queries (--text only), not to image or composed queries")
     check_text(args.text)
     image = _image_arg(args.image)
     check_index_model(args.index_dir, args.model)
@@ -156,7 +178,19 @@ def run(args: argparse.Namespace) -> int:
             nprobe=args.nprobe,
             ef_search=args.ef_search,
             exclude_reference=not args.include_reference,
+            rerank=args.rerank,
+            rerank_top_k=args.rerank_top_k,
         )
+        reranked = 0
+        rerank_query: dict[str, object] = {}
+        if args.rerank is not None:
+            rr = index.reranking(args.rerank, args.rerank_top_k)
+            reranked = int(rr.top_k)
+            source = (index.reranker_info or {}).get("source") if args.rerank == "index" else args.rerank
+            rerank_query = {
+                "rerank": str(Path(source).resolve()) if source else None,
+                "rerank_top_k": reranked,
+            }
         composed = bool(args.text and args.image)
         query = {
             "text": args.text,
@@ -166,11 +200,20 @@ def run(args: argparse.Namespace) -> int:
             "ann": index.resolve_ann(args.ann),
             "model": index.model_name,
             "combining": (("combiner" if hasattr(index.combining(), "combiner") else "sum") if composed else None),
+            **rerank_query,
         }
     from calibclip.index.storage import display
 
     if args.json:
-        shown = [{**r.to_dict(), "path": display(r.path), "relpath": display(r.relpath)} for r in results]
+        shown = [
+            {
+                **r.to_dict(),
+                "path": display(r.path),
+                "relpath": display(r.relpath),
+                **({"reranked": r.rank <= reranked} if args.rerank is not None else {}),
+            }
+            for r in results
+        ]
         out = {
             "query": {**query, "image": display(args.image) if args.image else None},
             "results": shown,

@@ -23,13 +23,15 @@ from PIL import Image
 from calibclip.data.loader import iter_image_batches
 from calibclip.data.scan import ScannedFile, scan_images
 from calibclip.index.stores import VectorStore, open_store
-from calibclip.index.stores.base import SkippedRow
+from calibclip.index.stores.base import SkippedRow, no_tokens_message
 from calibclip.models.base import Encoder
 from calibclip.utils import progress_bar
 
 #: Compact the vector files (local store) when dead rows exceed this fraction of all rows.
 COMPACT_FRACTION = 0.25
 COMBINER_STEM = "combiner"
+#: The token set holding the trained re-ranker's projected image tokens.
+RERANK_TOKENS = "rerank"
 
 
 @dataclass
@@ -86,7 +88,8 @@ def drop_non_finite(
     ok = np.ones(len(records), dtype=bool)
     for arr in vectors.values():
         with np.errstate(over="ignore", invalid="ignore"):
-            ok &= np.isfinite(np.asarray(arr, dtype=np.float32).astype(np.float16)).all(axis=1)
+            flat = np.asarray(arr, dtype=np.float32).reshape(len(records), -1)
+            ok &= np.isfinite(flat.astype(np.float16)).all(axis=1)
     if ok.all():
         return records, vectors, []
     bad = [
@@ -157,14 +160,122 @@ def check_model(store: VectorStore, encoder: Encoder) -> None:
 
 
 def _feature_fn(
-    encoder: Encoder, calibrate: bool, calibration: dict[str, Any] | None, method: str | None
+    encoder: Encoder,
+    calibrate: bool,
+    calibration: dict[str, Any] | None,
+    method: str | None,
+    reranking: Any = None,
 ) -> tuple[Callable[[torch.Tensor], dict[str, torch.Tensor]], dict[str, Any] | None]:
+    """What a batch of pixels is stored as: ``raw`` (+ ``calibrated``) vectors, and with a ``reranking``
+    the re-ranker's projected image tokens (`RERANK_TOKENS`), from the same image forward where it can."""
     if not calibrate:
-        return (lambda px: {"raw": encoder.encode_image(px)}), None
+        if reranking is None:
+            return (lambda px: {"raw": encoder.encode_image(px)}), None
+
+        def plain(px: torch.Tensor) -> dict[str, torch.Tensor]:
+            view = encoder.image_tokens(px)
+            return {"raw": view.pooled, RERANK_TOKENS: reranking.project_view(view.tokens)}
+
+        return plain, None
+    from calibclip.calibration.calibrator import Calibrator
     from calibclip.calibration.methods import create_calibrator, method_record
 
     cal = create_calibrator(encoder, method, settings=calibration)
-    return cal.image_features, method_record(cal, method)
+    record = method_record(cal, method)
+    if reranking is None:
+        return cal.image_features, record
+    if isinstance(cal, Calibrator) and type(cal).image_features is Calibrator.image_features:
+
+        def calibrated(px: torch.Tensor) -> dict[str, torch.Tensor]:
+            view, result = cal.image_calibration(px)
+            return {
+                "raw": view.pooled,
+                "calibrated": result.calibrated,
+                RERANK_TOKENS: reranking.project_view(view.tokens),
+            }
+
+        return calibrated, record
+    return (lambda px: {**cal.image_features(px), RERANK_TOKENS: reranking.image_tokens(px)}), record
+
+
+def reranker_record(reranking: Any, source: str | os.PathLike) -> tuple[dict[str, Any], list[int], tuple[int, int]]:
+    """What an index records about the re-ranker it stores tokens for (``reranker`` metadata), the
+    per-image token shape ``[N, width]`` and the token grid, found with one forward of a blank image."""
+    from calibclip.calibration.reranker import reranker_folder, weights_sha256
+
+    enc = reranking.encoder
+    px = enc.preprocess(Image.new("RGB", (64, 64)))[None].to(enc.device, enc.dtype)
+    view = enc.image_tokens(px)
+    shape = [int(x) for x in reranking.project_view(view.tokens).shape[1:]]
+    grid = (int(view.grid[0]), int(view.grid[1]))
+    cfg = reranking.reranker.config
+    folder = reranker_folder(source).resolve()
+    record = {
+        "source": str(folder),
+        "sha256": weights_sha256(folder),
+        "config_id": reranking.config_id(),
+        "projection": reranking.projection_id(),
+        "token_set": RERANK_TOKENS,
+        "tokens": shape,
+        "grid": list(grid),
+        "top_k": int(cfg.top_k),
+        "config": cfg.to_dict(),
+    }
+    return record, shape, grid
+
+
+def install_reranker(store: VectorStore, source: str | os.PathLike) -> None:
+    """Copy a re-ranker's two files into the store (``reranker.json``, ``reranker.safetensors``)."""
+    from calibclip.calibration.reranker import CONFIG_FILE, WEIGHTS_FILE, reranker_folder
+
+    folder = reranker_folder(source)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        store.put_file(name, folder / name)
+
+
+def stored_reranker(store: VectorStore) -> Path | None:
+    """The folder of the re-ranker copy an index holds (None when it has none)."""
+    from calibclip.calibration.reranker import CONFIG_FILE, WEIGHTS_FILE
+
+    cfg, weights = store.file_path(CONFIG_FILE), store.file_path(WEIGHTS_FILE)
+    return cfg.parent if cfg is not None and weights is not None and cfg.parent == weights.parent else None
+
+
+def resolve_build_reranker(
+    store: VectorStore, encoder: Encoder, rerank: str | os.PathLike | bool | None, existing: bool
+) -> tuple[Any, Path | None]:
+    """The `Reranking` a build stores tokens for and its folder: ``rerank`` None keeps the index's own
+    (none for a new index), False drops it, True or ``"packaged"`` is the encoder's packaged re-ranker,
+    else a re-ranker folder.
+
+    Raises:
+        ValueError: no packaged re-ranker, one of another encoder, a backend without token sets, or an
+            index whose recorded re-ranker files are missing.
+    """
+    from calibclip.calibration.reranker import create_reranking, packaged_reranker_path
+
+    if rerank is False or (rerank is None and not (existing and store.get("reranker"))):
+        return None, None
+    if rerank is None:
+        source = stored_reranker(store)
+        if source is None:
+            raise ValueError(
+                f"index {store.spec} records a re-ranker but its copy (reranker.json, reranker.safetensors) is "
+                "missing; re-run with --rerank PATH"
+            )
+    elif rerank is True or str(rerank) == "packaged":
+        found = packaged_reranker_path(encoder.name)
+        if found is None:
+            raise ValueError(
+                f"no re-ranker ships with {encoder.name}; train one (calibclip train with "
+                "training.target: reranker) and pass its folder: --rerank PATH"
+            )
+        source = found
+    else:
+        source = Path(rerank)
+    if not store.supports_tokens:
+        raise ValueError(no_tokens_message(store.scheme))
+    return create_reranking(encoder, source), source
 
 
 @torch.inference_mode()
@@ -183,6 +294,7 @@ def build_index(
     store_options: Mapping[str, Any] | None = None,
     engine: str = "local",
     engine_options: Mapping[str, Any] | None = None,
+    rerank: str | os.PathLike | bool | None = None,
 ) -> BuildReport:
     """Create or incrementally update the index at ``out_dir`` from ``images_dir``.
 
@@ -202,6 +314,10 @@ def build_index(
         store_options: backend options (Milvus: ``token``).
         engine: ``local`` (a process pool here) or ``ray`` (Ray Data; see `calibclip.index.ray_engine`).
         engine_options: Ray engine options (``address``, ``num_workers``, ``gpus_per_worker``, ``num_cpus``).
+        rerank: also store the trained re-ranker's projected fp16 image tokens (`RERANK_TOKENS`): a
+            re-ranker folder, True / ``"packaged"`` for the encoder's packaged one; None keeps what the
+            index has (its recorded re-ranker, or none); False drops them. A re-ranker whose image
+            projection differs from the recorded one re-encodes everything. Local store only.
 
     Returns:
         What the run did.
@@ -223,6 +339,12 @@ def build_index(
         from calibclip.composed import build_combining
 
         build_combining("combiner", Path(combiner), encoder=encoder)  # a checkpoint of another encoder is refused now
+    if rerank is not None and rerank is not False:
+        from calibclip.index.stores import get_store_class, parse_spec
+
+        scheme = parse_spec(out_dir)[0]
+        if not get_store_class(scheme).supports_tokens:  # said before the store is created
+            raise ValueError(no_tokens_message(scheme))
     store = open_store(out_dir, writable=True, options=store_options)
     try:
         existing = store.get("format") is not None
@@ -236,13 +358,44 @@ def build_index(
             recorded = store.get("calibration") or {}
             calibration = recorded.get("config") if calibration is None else calibration
             calibration_method = calibration_method or recorded.get("method")
-        fn, cal_meta = _feature_fn(encoder, calibrate, calibration, calibration_method)
+        reranking, rr_source = resolve_build_reranker(store, encoder, rerank, existing)
+        if reranking is not None and engine == "ray":
+            raise ValueError("re-ranker tokens (--rerank) are not supported with --engine ray yet; use --engine local")
+        fn, cal_meta = _feature_fn(encoder, calibrate, calibration, calibration_method, reranking)
         sets = ["raw", "calibrated"] if calibrate else ["raw"]
-        identity = {**model_identity(encoder, model_spec), "root": str(images_dir), "calibration": cal_meta}
-        if not existing or sets != store.vector_sets or (cal_meta and cal_meta != store.get("calibration")):
+        rr_meta, token_sets = None, {}
+        if reranking is not None:
+            rr_meta, shape, _ = reranker_record(reranking, rr_source)  # type: ignore[arg-type]
+            token_sets = {RERANK_TOKENS: shape}
+            if rerank is None:  # the index's own copy: keep recording where it came from
+                rr_meta["source"] = (store.get("reranker") or {}).get("source", rr_meta["source"])
+        identity = {
+            **model_identity(encoder, model_spec),
+            "root": str(images_dir),
+            "calibration": cal_meta,
+            "reranker": rr_meta,
+            "token_sets": token_sets,
+        }
+        old_rr = (store.get("reranker") or {}) if existing else {}
+        rr_changed = (rr_meta or {}).get("projection") != old_rr.get("projection") or token_sets != {
+            k: list(v) for k, v in store.token_sets().items()
+        }
+        if (
+            not existing
+            or sets != store.vector_sets
+            or (cal_meta and cal_meta != store.get("calibration"))
+            or (existing and rr_changed)
+        ):
             store.initialise(int(encoder.embed_dim), sets, identity)
         else:
             store.set_meta(identity)
+        if rr_source is not None and rerank is not None:
+            install_reranker(store, rr_source)
+        elif reranking is None and old_rr:
+            from calibclip.calibration.reranker import CONFIG_FILE, WEIGHTS_FILE
+
+            store.delete_file(CONFIG_FILE)
+            store.delete_file(WEIGHTS_FILE)
 
         # --- plan -------------------------------------------------------------------------------
         state = store.images_state()
@@ -282,11 +435,15 @@ def build_index(
                 todo, encoder, calibrate, calibration, calibration_method, batch_size, dict(engine_options or {})
             )
         else:
-            batches = local_batches(todo, encoder, fn, sets, batch_size, workers)
+            batches = local_batches(todo, encoder, fn, [*sets, *token_sets], batch_size, workers)
         for records, skipped, vectors in batches:
             records, vectors, bad = drop_non_finite(records, vectors)
             skipped = [*skipped, *bad]
-            store.commit_batch(vectors, records, skipped)
+            if token_sets:
+                tokens = {k: vectors.pop(k) for k in token_sets if k in vectors}
+                store.commit_batch(vectors, records, skipped, tokens=tokens)
+            else:
+                store.commit_batch(vectors, records, skipped)
             updated += sum(r["path"] in state for r in records)
             added += sum(r["path"] not in state for r in records)
             skipped_new += len(skipped)
@@ -347,5 +504,11 @@ def local_batches(
         vectors: dict[str, np.ndarray] = {}
         if batch.pixels is not None and keep:
             out = fn(batch.pixels[keep].to(encoder.device, encoder.dtype))
-            vectors = {name: out[name].float().cpu().numpy() for name in sets}
+            vectors = {name: _numpy(out[name]) for name in sets}
         yield records, skipped, vectors
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """float32 numpy of a vector batch; float16 tensors (re-ranker tokens) stay float16."""
+    t = t.detach().cpu()
+    return t.numpy() if t.dtype == torch.float16 else t.float().numpy()

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibclip.index.build import BuildReport, build_index, check_model, install_combiner
+from calibclip.index.build import (
+    RERANK_TOKENS,
+    BuildReport,
+    build_index,
+    check_model,
+    install_combiner,
+    stored_reranker,
+)
 from calibclip.index.search import normalize
 from calibclip.index.storage import ImageRecord, SkippedFile
 from calibclip.index.stores import VectorStore, open_store, read_store_meta
@@ -98,6 +105,7 @@ class Index:
         self.report: BuildReport | None = None
         self._combining: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._calibrator: Any = None
+        self._rerankings: dict[tuple[str, int | None], Any] = {}
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
@@ -118,6 +126,7 @@ class Index:
         store_options: dict[str, Any] | None = None,
         engine: str = "local",
         engine_options: dict[str, Any] | None = None,
+        rerank: str | os.PathLike | bool | None = None,
     ) -> Index:
         """Index (or incrementally update) ``images_dir`` into the store ``out_dir`` and open the result.
 
@@ -140,6 +149,9 @@ class Index:
             engine: ``local`` or ``ray`` (Ray Data; ``engine_options``: ``address``, ``num_workers``,
                 ``gpus_per_worker``, ``num_cpus``).
             engine_options: options of the Ray engine.
+            rerank: also store the trained re-ranker's projected fp16 image tokens (enables
+                ``search(rerank=...)``): a re-ranker folder, or True for the encoder's packaged one; None
+                keeps what an existing index has, False drops them (see `calibclip.index.build.build_index`).
 
         Returns:
             The opened index; the run's `BuildReport` is ``index.report``.
@@ -165,6 +177,7 @@ class Index:
             store_options=store_options,
             engine=engine,
             engine_options=engine_options,
+            rerank=rerank,
         )
         index = cls(out_dir, encoder=encoder, device=device, store_options=store_options)
         index.report = report
@@ -245,6 +258,18 @@ class Index:
         return "calibrated" in self.vector_sets
 
     @property
+    def has_rerank(self) -> bool:
+        """Whether the index stores the trained re-ranker's image tokens (``search(rerank=...)``)."""
+        return bool(self._meta.get("reranker")) and RERANK_TOKENS in (self._meta.get("token_sets") or {})
+
+    @property
+    def reranker_info(self) -> dict[str, Any] | None:
+        """What the index records about its re-ranker (source folder, weights sha256, projection id,
+        token shape ``[N, width]``, grid, config), or None."""
+        rec = self._meta.get("reranker")
+        return dict(rec) if rec else None
+
+    @property
     def combiner(self) -> Path | None:
         """The Combiner checkpoint stored in the index (used for composed queries), if any."""
         name = (self._meta.get("combiner") or {}).get("file")
@@ -286,6 +311,7 @@ class Index:
             "images_dir": meta.get("root"),
             "calibration": meta.get("calibration"),
             "combiner": str(self.combiner) if self.combiner else None,
+            "reranker": self.reranker_info,
             "version": meta.get("version"),
             "created": meta.get("created"),
             "updated": meta.get("updated"),
@@ -451,6 +477,87 @@ class Index:
                 self._combining = default_combining(self.encoder, self.combiner)
             return self._combining
 
+    def reranking(self, source: Any = True, top_k: int | None = None) -> Any:
+        """The trained re-ranking stage (`calibclip.calibration.reranker.Reranking`) over this index's stored
+        image tokens.
+
+        Args:
+            source: True / None / ``"index"``: the re-ranker the index was built with (its copy in the
+                index); ``"packaged"``: the encoder's packaged one; a re-ranker folder; or a `Reranking`.
+            top_k: candidates re-scored per query (default: the re-ranker's ``top_k``).
+
+        Raises:
+            ValueError: the index stores no re-ranker tokens (the message says how to rebuild it), the
+                re-ranker is of another encoder, or it projects image tokens differently from the
+                re-ranker the index was built with.
+            FileNotFoundError: ``source`` is not a re-ranker folder.
+        """
+        from calibclip.calibration.reranker import Reranking, create_reranking, weights_sha256
+
+        rec = self.reranker_info
+        if not self.has_rerank or rec is None:
+            raise ValueError(
+                f"index {self.location} holds no re-ranker tokens; rebuild it with them: calibclip index "
+                f"{self._meta.get('root') or 'IMAGES_DIR'} --out {self.location} --rerank [PATH]"
+            )
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"rerank top_k must be >= 1, got {top_k}")
+        if isinstance(source, Reranking):
+            rr = source if top_k is None else Reranking(source.encoder, source.reranker, top_k=top_k)
+            where = "the given re-ranker"
+        else:
+            key = ("index" if source in (True, None, "index") else str(source), top_k)
+            with self._lock:
+                cached = self._rerankings.get(key)
+                if cached is not None:
+                    return cached
+                if key[0] == "index":
+                    folder = stored_reranker(self.store)
+                    if folder is None:
+                        raise ValueError(
+                            f"index {self.location} records a re-ranker but its copy (reranker.json, "
+                            f"reranker.safetensors) is missing; rebuild it: calibclip index "
+                            f"{self._meta.get('root') or 'IMAGES_DIR'} --out {self.location} --rerank PATH"
+                        )
+                    if rec.get("sha256") and weights_sha256(folder) != rec["sha256"]:
+                        raise ValueError(
+                            f"index {self.location}: its re-ranker copy does not match the one its tokens were "
+                            f"stored with; rebuild it: calibclip index {self._meta.get('root')} --out "
+                            f"{self.location} --rerank PATH"
+                        )
+                    rr = create_reranking(self.encoder, folder, top_k=top_k)
+                    where = f"the index's re-ranker ({rec.get('source')})"
+                else:
+                    rr = create_reranking(self.encoder, source, top_k=top_k)
+                    where = f"re-ranker {source}"
+        if rr.projection_id() != rec.get("projection"):
+            raise ValueError(
+                f"{where} projects image tokens differently from the re-ranker index {self.location} stores "
+                f"tokens for ({rec.get('source')}); use the index's (--rerank without a value) or rebuild: "
+                f"calibclip index {self._meta.get('root') or 'IMAGES_DIR'} --out {self.location} --rerank PATH"
+            )
+        if not isinstance(source, Reranking):
+            with self._lock:
+                self._rerankings[key] = rr
+        return rr
+
+    def rerank_tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored re-ranker image tokens ``[n, N, width]`` (float16) of ``ids``."""
+        if not self.has_rerank:
+            self.reranking()  # the clear error
+        return self.store.tokens(RERANK_TOKENS, np.asarray(ids, dtype=np.int64))
+
+    def explain_match(self, text: str, image_id: int, rerank: Any = True) -> Any:
+        """The re-ranker's view of (``text``, indexed image ``image_id``) from the stored tokens (no image
+        decoded): per query word its cross-attention over the image grid, and the cosine, match and
+        fused scores (`calibclip.calibration.reranker.MatchExplanation`)."""
+        rr = self.reranking(rerank)
+        self._positions([int(image_id)])
+        tokens = torch.from_numpy(self.rerank_tokens([int(image_id)])[0].astype(np.float32))
+        pooled = torch.from_numpy(self.features("raw", [int(image_id)])[0])
+        grid = tuple((self.reranker_info or {}).get("grid") or (0, 0))
+        return rr.explain_stored(text, tokens, pooled, (int(grid[0]), int(grid[1])))
+
     def attach_combiner(self, path: str | os.PathLike) -> None:
         """Copy a Combiner checkpoint into the index; composed queries use it from now on."""
         src = Path(path)
@@ -535,6 +642,8 @@ class Index:
         exclude_reference: bool = True,
         params: dict[str, Any] | None = None,
         query: Query | None = None,
+        rerank: Any = None,
+        rerank_top_k: int | None = None,
     ) -> list[SearchResult]:
         """Search by ``text``, ``image`` (indexed id, indexed or other path, bytes, PIL image) or both.
 
@@ -544,15 +653,34 @@ class Index:
         candidates (see docs/indexing-stores.md). ``ann``: auto or a kind of the store's backend
         (local: exact | ivf | hnsw); ``nprobe`` / ``ef_search`` / ``params``: per-call search parameters.
         ``query``: precomputed query vectors (e.g. from `query_from_features`) instead of ``text``/``image``.
+        ``rerank``: re-score the top ``rerank_top_k`` (default: the re-ranker's ``top_k``) of that ranking
+        (plain or calibrated) with the trained cross-modal re-ranker over the stored image tokens, in
+        one batched forward (text queries only; with ``query``, ``text`` must still be given): True for the
+        index's re-ranker, a folder or a `Reranking` (see `reranking`). Everything below keeps its order.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        rr, rr_text = None, None
+        if rerank is not None and rerank is not False:
+            if image is not None or (query is not None and (query.composed or query.reference_id is not None)):
+                raise ValueError("re-ranking applies to text queries (text->image), not to image or composed queries")
+            if not text:
+                raise ValueError("re-ranking needs the query text (text=...)")
+            rr = self.reranking(rerank, rerank_top_k)
+            if query is None and not calibrate:  # one text forward gives the query vector and its tokens
+                pooled, x, pad = rr.text_inputs(text)
+                query = Query(pooled[0].float().cpu(), None, None)
+            else:
+                _, x, pad = rr.text_inputs(text)
+            rr_text = (x, pad)
         q = query if query is not None else self.query(text, image, calibrate)
         composed = bool(text) or q.composed
         exclude = q.reference_id if (q.reference_id is not None and composed and exclude_reference) else None
         want = k + (exclude is not None)
         cal = self.calibrator() if calibrate else None
         depth = max(want, int(cal.config.top_k) + (exclude is not None)) if cal is not None else want
+        if rr is not None:
+            depth = max(depth, int(rr.top_k))
         scores, ids = self._search_ids(
             normalize(q.raw), depth, ann, {"nprobe": nprobe, "ef_search": ef_search, **(params or {})}
         )
@@ -568,7 +696,20 @@ class Index:
             order = np.argsort(-fused, kind="stable")
             reranked = np.arange(len(ids)) < min(int(cal.config.top_k), len(ids))  # scores are sorted by raw
             shown = np.where(reranked, fused, scores)
-            scores, ids = shown[order], ids[order]
+            scores, ids, ranking = shown[order], ids[order], fused[order]
+        else:
+            ranking = scores
+        if rr is not None and rr_text is not None and len(ids):
+            # the trained re-ranker re-scores the top-K of that ranking (its ranking scores are the dual
+            # scores it fuses with, as in evaluation) in one batched forward over the stored tokens
+            top = min(int(rr.top_k), len(ids))
+            cand = torch.from_numpy(self.rerank_tokens(ids[:top]))[None]
+            sim = torch.as_tensor(np.asarray(ranking[:top], dtype=np.float64))[None]
+            fused_rr, _ = rr.rescore(sim, rr_text[0], rr_text[1], cand)
+            fused_rr = fused_rr[0].cpu().numpy()
+            order = np.argsort(-fused_rr, kind="stable")
+            scores = np.concatenate([fused_rr[order], np.asarray(scores[top:], dtype=np.float64)])
+            ids = np.concatenate([ids[:top][order], ids[top:]])
         scores, ids = scores[:k], ids[:k]
         recs = self.store.records(ids.tolist())
         return [

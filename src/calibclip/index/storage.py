@@ -6,12 +6,16 @@
       meta.sqlite                    metadata (images, skipped files, model identity, counters)
       vectors/<set>.g<gen>.f16       raw float16 rows [rows, dim], C order, memory-mappable
       vectors/<set>.g<gen>.norm.f32  float32 L2 norm of each row (for normalised search)
+      vectors/<tok>.g<gen>.tok.f16   optional token sets: float16 rows [rows, *shape] (the trained
+                                     re-ranker's projected image tokens, ``token_sets`` in the metadata)
+      reranker.json / .safetensors   the re-ranker those tokens were projected with (a copy)
       ann/                           FAISS files built lazily by searches (see ann.py)
       combiner.pt / .safetensors     optional Combiner checkpoint for composed queries
       .lock                          locked (lockf) by the one process writing the index
 
-Every vector set (``raw``, optionally ``calibrated``) has the same row order. A batch is
-committed by (1) writing its rows at the committed end of every vector file and fsyncing, then
+Every vector set (``raw``, optionally ``calibrated``) and token set (optionally ``rerank``) has the
+same row order. A batch is committed by (1) writing its rows at the committed end of every vector
+and token file and fsyncing, then
 (2) one SQLite transaction that inserts the image rows and advances ``rows``. A process killed
 between (1) and (2) leaves an uncommitted tail that readers ignore and the next writer
 truncates, so every image is stored exactly once. Removed/changed images leave dead rows (rows
@@ -245,21 +249,28 @@ class Storage:
                 raise self.damaged(f"metadata {key!r} is {value!r}, not a whole number{least}")
         if not isinstance(sets, list) or "raw" not in sets or not all(isinstance(n, str) for n in sets):
             raise self.damaged(f"metadata 'vector_sets' is {sets!r}")
+        tsets = meta.get("token_sets") or {}
+        if not isinstance(tsets, dict) or not all(
+            isinstance(shape, list)
+            and shape
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape)
+            for shape in tsets.values()
+        ):
+            raise self.damaged(f"metadata 'token_sets' is {tsets!r}")
         dim, rows = int(meta["dim"]), int(meta["rows"])
         with self._lock:
             top, live = self.db.execute("SELECT MAX(row), COUNT(*) FROM images").fetchone()
         if top is not None and top >= rows:
             raise self.damaged(f"images point at vector row {top} but only {rows} rows are committed")
         if not self.writable:  # a writer truncates uncommitted tails; a reader needs every committed byte
-            for name in sets:
-                for path, width in ((self.vector_path(name), dim * 2), (self.norm_path(name), 4)):
-                    size = path.stat().st_size if path.exists() else -1
-                    if rows and size < rows * width:
-                        have = "is missing" if size < 0 else f"holds {size} bytes"
-                        raise self.damaged(
-                            f"{path.relative_to(self.directory)} {have}, the index committed "
-                            f"{rows} rows of {width} bytes ({rows * width})"
-                        )
+            for path, width in self._row_files(sets, tsets):
+                size = path.stat().st_size if path.exists() else -1
+                if rows and size < rows * width:
+                    have = "is missing" if size < 0 else f"holds {size} bytes"
+                    raise self.damaged(
+                        f"{path.relative_to(self.directory)} {have}, the index committed "
+                        f"{rows} rows of {width} bytes ({rows * width})"
+                    )
         if dim and live and live > rows:
             raise self.damaged(f"{live} images but {rows} committed rows")
 
@@ -340,8 +351,31 @@ class Storage:
         gen = self.generation if generation is None else generation
         return self.directory / "vectors" / f"{name}.g{gen}.norm.f32"
 
+    @property
+    def token_sets(self) -> dict[str, tuple[int, ...]]:
+        """Token set name -> per-image shape (e.g. ``{"rerank": (49, 256)}``); ``{}`` when none."""
+        return {k: tuple(int(x) for x in v) for k, v in (self.get("token_sets") or {}).items()}
+
+    def token_path(self, name: str, generation: int | None = None) -> Path:
+        gen = self.generation if generation is None else generation
+        return self.directory / "vectors" / f"{name}.g{gen}.tok.f16"
+
+    def _row_files(
+        self, sets: Sequence[str] | None = None, tsets: dict[str, Any] | None = None, generation: int | None = None
+    ) -> list[tuple[Path, int]]:
+        """(file, bytes per row) of every per-row file: vectors, norms, token sets."""
+        sets = self.vector_sets if sets is None else sets
+        tsets = self.token_sets if tsets is None else tsets
+        dim = self.dim
+        out = []
+        for n in sets:
+            out += [(self.vector_path(n, generation), dim * 2), (self.norm_path(n, generation), 4)]
+        for n, shape in tsets.items():
+            out.append((self.token_path(n, generation), int(np.prod(shape)) * 2))
+        return out
+
     def _expected_files(self) -> set[Path]:
-        return {p for n in self.vector_sets for p in (self.vector_path(n), self.norm_path(n))}
+        return {p for p, _ in self._row_files()}
 
     def _remove_stale_files(self) -> None:
         keep = self._expected_files()
@@ -352,18 +386,18 @@ class Storage:
     def _recover(self) -> None:
         """Drop uncommitted tails and files of abandoned generations (after a crash)."""
         self._remove_stale_files()
-        rows, dim = self.rows, self.dim
-        for name in self.vector_sets:
-            for path, nbytes in ((self.vector_path(name), rows * dim * 2), (self.norm_path(name), rows * 4)):
-                size = path.stat().st_size if path.exists() else 0
-                if size < nbytes:
-                    raise IndexStateError(
-                        f"{path} holds {size} bytes but the index committed {nbytes}: the index is damaged; "
-                        "delete the folder and rebuild it"
-                    )
-                if size > nbytes:
-                    with open(path, "r+b") as f:
-                        f.truncate(nbytes)
+        rows = self.rows
+        for path, width in self._row_files():
+            nbytes = rows * width
+            size = path.stat().st_size if path.exists() else 0
+            if size < nbytes:
+                raise IndexStateError(
+                    f"{path} holds {size} bytes but the index committed {nbytes}: the index is damaged; "
+                    "delete the folder and rebuild it"
+                )
+            if size > nbytes:
+                with open(path, "r+b") as f:
+                    f.truncate(nbytes)
 
     # --- writing ----------------------------------------------------------------------------
     def _file(self, path: Path) -> Any:
@@ -385,19 +419,39 @@ class Storage:
         records: Sequence[dict[str, Any]],
         skipped: Sequence[tuple[str, int | None, int | None, str, str]] = (),
         removed: Iterable[str] = (),
+        tokens: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Atomically add ``records`` (dicts with path, size, mtime_ns, sha256, width, height) whose
-        vectors are ``vectors[name][i]``, record ``skipped`` files (path, size, mtime_ns, reason,
-        message) and remove the images at ``removed`` paths. An existing image at a record's or
-        skipped file's path is replaced."""
+        vectors are ``vectors[name][i]`` (and token rows ``tokens[name][i]`` of every token set), record
+        ``skipped`` files (path, size, mtime_ns, reason, message) and remove the images at ``removed``
+        paths. An existing image at a record's or skipped file's path is replaced."""
         if not self.writable:
             raise IndexStateError("storage opened read-only")
         n = len(records)
+        tokens = tokens or {}
         if set(vectors) != set(self.vector_sets) and n:
             raise ValueError(f"batch has vector sets {sorted(vectors)}, index stores {self.vector_sets}")
+        tsets = self.token_sets
+        if set(tokens) != set(tsets) and (n or tokens):
+            raise ValueError(f"batch has token sets {sorted(tokens)}, index stores {sorted(tsets)}")
         with self._lock:
             rows, dim = self.rows, self.dim
             if n:
+                for name, shape in tsets.items():
+                    tok = np.asarray(tokens[name])
+                    if tok.shape != (n, *shape):
+                        raise ValueError(f"token set {name!r}: expected shape {(n, *shape)}, got {tok.shape}")
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        half_tok = tok.astype(np.float16)
+                    if not np.isfinite(half_tok).all():
+                        raise ValueError(f"token set {name!r}: non-finite values (once stored as float16)")
+                    f = self._file(self.token_path(name))
+                    width = int(np.prod(shape)) * 2
+                    f.seek(rows * width)
+                    f.write(np.ascontiguousarray(half_tok).tobytes())
+                    f.truncate()
+                    f.flush()
+                    os.fsync(f.fileno())
                 for name in self.vector_sets:
                     arr = np.asarray(vectors[name], dtype=np.float32)
                     if arr.shape != (n, dim):
@@ -468,6 +522,19 @@ class Storage:
                         f.flush()
                         os.fsync(f.fileno())
                     del old
+            for name, shape in self.token_sets.items():
+                width = int(np.prod(shape))
+                src_mm = (
+                    np.memmap(self.token_path(name), dtype=np.float16, mode="r", shape=(self.rows, width))
+                    if self.rows
+                    else None
+                )
+                with open(self.token_path(name, new_gen), "wb") as f:
+                    for s in range(0, len(live), 4096):
+                        f.write(np.ascontiguousarray(src_mm[live[s : s + 4096]]).tobytes())  # type: ignore[index]
+                    f.flush()
+                    os.fsync(f.fileno())
+                del src_mm
             with self._transaction():
                 # new row = rank of the old row; ascending order never collides with the UNIQUE constraint
                 self.db.executemany(
@@ -486,6 +553,16 @@ class Storage:
         if rows == 0:
             return np.zeros((0, self.dim), dtype=np.float16)
         return np.memmap(self.vector_path(name), dtype=np.float16, mode="r", shape=(rows, self.dim))
+
+    def tokens(self, name: str, rows: int | None = None) -> np.ndarray:
+        """Memory-mapped ``[rows, *shape]`` float16 view of the committed rows of token set ``name``."""
+        shape = self.token_sets.get(name)
+        if shape is None:
+            raise KeyError(name)
+        rows = self.rows if rows is None else rows
+        if rows == 0:
+            return np.zeros((0, *shape), dtype=np.float16)
+        return np.memmap(self.token_path(name), dtype=np.float16, mode="r", shape=(rows, *shape))
 
     def norms(self, name: str, rows: int | None = None) -> np.ndarray:
         rows = self.rows if rows is None else rows

@@ -95,3 +95,13 @@ def index_from_search(req: schema.SearchRequest, state: WebState = Depends(get_s
 def index_from_explain(req: schema.ExplainRequest, state: WebState = Depends(get_state)) -> ServedIndex:
     """The index named in an explain request body."""
     return state.index(req.index)
+
+
+def index_from_match(req: schema.MatchRequest, state: WebState = Depends(get_state)) -> ServedIndex:
+    """The index named in a re-ranker explanation request body."""
+    return state.index(req.index)
+
+
+def match_url(ix: ServedIndex, image_id: str, text: str) -> str:
+    """URL of the re-ranker's word -> region heatmap PNG of (``text``, ``image_id``)."""
+    return f"/api/match-heatmap/{image_id}?index={quote(ix.name)}&text={quote(text)}"

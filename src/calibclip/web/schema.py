@@ -20,6 +20,7 @@ class IndexInfo(BaseModel):
     combining: str = Field(description="how image + text queries are combined: 'combiner' or 'sum'")
     calibration: bool = Field(description="whether calibrated search is available")
     suggestions: bool = Field(description="whether suggested modifications (annotated captions) are available")
+    rerank: bool = Field(False, description="whether re-ranking with the trained cross-modal re-ranker is available")
 
 
 class IndexList(BaseModel):
@@ -38,6 +39,14 @@ class SearchRequest(BaseModel):
     )
     k: int = Field(20, ge=1, le=200, description="number of results")
     calibrate: bool = Field(False, description="CalibCLIP-calibrated search")
+    rerank: bool = Field(
+        False,
+        description="re-score the top-K of a text query with the trained cross-modal re-ranker (the index's; "
+        "needs an index built with `calibclip index ... --rerank`); combines with `calibrate`",
+    )
+    rerank_top_k: int | None = Field(
+        None, ge=1, le=200, description="with `rerank`: candidates re-scored (default: the re-ranker's top_k)"
+    )
 
 
 class ImageItem(BaseModel):
@@ -51,6 +60,10 @@ class SearchResult(ImageItem):
     score: float
     rank: int
     is_target: bool = Field(False, description="the annotated ground-truth target of this query")
+    reranked: bool = Field(False, description="re-scored by the trained re-ranker (one of the top-K)")
+    match_url: str | None = Field(
+        None, description="for a re-ranked hit: PNG of the query words' cross-attention over the image"
+    )
 
 
 class SearchResponse(BaseModel):
@@ -114,6 +127,29 @@ class ExplainResponse(BaseModel):
     dominant_words: list[str]
     tokens: list[WordWeight]
     images: list[ImageExplanation]
+
+
+class MatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: str | None = Field(None, max_length=100)
+    text: str = Field(..., min_length=1, max_length=500, description="the query text")
+    id: str = Field(..., max_length=100, description="an indexed image id (a re-ranked hit)")
+
+
+class MatchResponse(BaseModel):
+    index: str
+    id: str
+    text: str
+    tokens: list[str] = Field(description="the query's words (special tokens left out)")
+    grid: list[int] = Field(description="[rows, cols] of the image token grid")
+    attention: list[list[float]] = Field(
+        description="per word, its row-major cross-attention over the grid (last re-ranker block, mean over heads)"
+    )
+    similarity: float = Field(description="cosine similarity of the query and the image (dual encoder)")
+    match: float = Field(description="the re-ranker's match score")
+    fused: float = Field(description="similarity + fusion_weight * match (the plain re-ranked score)")
+    heatmap_url: str = Field(description="PNG: the image under each word's attention")
 
 
 class ErrorResponse(BaseModel):

@@ -81,6 +81,7 @@ class ServedIndex:
         self._reopen_failed = False
         self._calibrator: Any = None
         self._explained: dict[tuple[int | Path, int], dict[str, Any]] = {}
+        self._matches: OrderedDict[tuple[str, int, tuple[int, int]], Any] = OrderedDict()
         self._image_cache = lru_cache(maxsize=512)(self._encode_image_file)
         self._text_cache: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = OrderedDict()
         self.batcher: MicroBatcher[tuple[str, bool], dict[str, torch.Tensor]] | None = None
@@ -150,6 +151,10 @@ class ServedIndex:
     def can_calibrate(self) -> bool:
         return self.index.has_calibrated
 
+    @property
+    def can_rerank(self) -> bool:
+        return self.index.has_rerank
+
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -158,6 +163,7 @@ class ServedIndex:
             "combining": "combiner" if self.index.combiner is not None else "sum",
             "calibration": self.can_calibrate,
             "suggestions": bool(self.suggestions and len(self.suggestions)),
+            "rerank": self.can_rerank,
         }
 
     def has(self, image_id: int) -> bool:
@@ -179,10 +185,25 @@ class ServedIndex:
         return "" if rec is None else display(str(rec.relpath))  # non-UTF-8 file names shown escaped
 
     # ---- queries -----------------------------------------------------------------------------
-    def search(self, text: str | None, image: int | Path | None, k: int, calibrate: bool) -> list[SearchResult]:
+    def search(
+        self,
+        text: str | None,
+        image: int | Path | None,
+        k: int,
+        calibrate: bool,
+        rerank: bool = False,
+        rerank_top_k: int | None = None,
+    ) -> list[SearchResult]:
         """Text, image or composed search; the text's encoder forward is micro-batched with
-        concurrent queries when batching is on (results equal to the unbatched path)."""
+        concurrent queries when batching is on (results equal to the unbatched path). ``rerank``: the
+        index's trained re-ranker re-scores the top ``rerank_top_k`` (one text forward gives the query
+        vector and its tokens, so a re-ranked query is not micro-batched)."""
         index = self.index
+        if rerank:
+            with self.lock:
+                return index.search(
+                    text=text, image=image, k=k, calibrate=calibrate, rerank=True, rerank_top_k=rerank_top_k
+                )
         if text and self.batcher is not None:
             features = self.batcher.submit((text, calibrate))
             if isinstance(image, Path):  # an upload: its image forward runs here
@@ -304,6 +325,39 @@ class ServedIndex:
             while len(self._explained) > EXPLAIN_CACHE:
                 self._explained.pop(next(iter(self._explained)))
         return out
+
+    def rerank_depth(self, rerank_top_k: int | None) -> int:
+        """How many of a re-ranked search's first hits the re-ranker re-scored."""
+        return int(self.index.reranking(True, rerank_top_k).top_k)
+
+    def explain_match(self, text: str, image_id: int) -> Any:
+        """The re-ranker's word -> region attention for (``text``, indexed ``image_id``), from the stored
+        tokens (`Index.explain_match`); the latest ones are cached."""
+        key = (text, int(image_id), self.index.version)
+        with self.lock:
+            exp = self._matches.get(key)
+            if exp is None:
+                exp = self._matches[key] = self.index.explain_match(text, int(image_id))
+            self._matches.move_to_end(key)
+            while len(self._matches) > EXPLAIN_CACHE:
+                self._matches.popitem(last=False)
+        return exp
+
+    def match_png(self, text: str, image_id: int) -> bytes:
+        """PNG of the image under each query word's re-ranker cross-attention (`render_match`)."""
+        import tempfile
+
+        from calibclip.calibration.reranker import render_match
+
+        exp = self.explain_match(text, image_id)
+        try:
+            img = load_image(self.image_file(image_id))
+        except ImageError as exc:
+            raise ImageNotFound(f"the image cannot be decoded any more ({exc.reason})") from exc
+        img.thumbnail((384, 384), Image.Resampling.BICUBIC)
+        with tempfile.TemporaryDirectory(prefix="calibclip-match-") as tmp, self.lock:
+            path = render_match(img, exp, Path(tmp) / "match.png")
+            return path.read_bytes()
 
     def heatmap_png(self, source: int | Path) -> bytes:
         """The image with each token cell tinted by its CalibCLIP treatment (suppress red, decay

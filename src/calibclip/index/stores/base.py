@@ -15,6 +15,9 @@ Conventions every backend follows:
   killed at any point resumes by re-encoding only what is not stored (same path, size, mtime).
 - `search` takes normalised float32 queries and per-call parameters validated by
   `check_params` against `ann_kinds` (kind -> accepted parameter names).
+- Token sets (optional, ``supports_tokens``): per-image float16 arrays of a fixed shape (the trained
+  re-ranker's projected image tokens), metadata ``token_sets`` (name -> shape), committed with the
+  vectors of the same batch (`commit_batch` ``tokens=``) and read with `tokens`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,15 @@ RecordRow = tuple[int, str, int, int, str, "int | None", "int | None"]
 #: A skipped file as `commit_batch` receives it: (relpath, size, mtime_ns, reason, message).
 SkippedRow = tuple[str, "int | None", "int | None", str, str]
 
+
+def no_tokens_message(scheme: str) -> str:
+    """The one-line error of a backend that does not store the re-ranker's image tokens."""
+    return (
+        f"a {scheme} store does not hold the re-ranker's image tokens yet: build the index in a folder "
+        "(calibclip index IMAGES_DIR --out DIR --rerank [PATH]) to re-rank"
+    )
+
+
 #: Above this many vectors ``auto`` picks the backend's default approximate kind.
 AUTO_THRESHOLD = 200_000
 
@@ -48,6 +60,8 @@ class VectorStore(ABC):
     description: ClassVar[str] = ""
     ann_kinds: ClassVar[dict[str, tuple[str, ...]]] = {"exact": ()}
     default_ann: ClassVar[str] = "exact"
+    #: Whether the backend stores token sets (the re-ranker's image tokens, `tokens`).
+    supports_tokens: ClassVar[bool] = False
 
     spec: str  #: a spec `open_store` accepts for this store (a local store's is its folder)
     writable: bool
@@ -130,11 +144,12 @@ class VectorStore(ABC):
         records: Sequence[Mapping[str, Any]],
         skipped: Sequence[SkippedRow] = (),
         removed: Sequence[str] = (),
+        tokens: Mapping[str, np.ndarray] | None = None,
     ) -> list[int]:
         """Add ``records`` (dicts: path, size, mtime_ns, sha256, width, height) with vectors
-        ``vectors[name][i]`` (float32 ``[n, dim]`` for every vector set), record ``skipped`` files and
-        remove the images/skipped entries at ``removed`` paths. A record or skipped file replaces
-        what the store had at its path.
+        ``vectors[name][i]`` (float32 ``[n, dim]`` for every vector set) and, for every token set,
+        ``tokens[name][i]`` (``[n, *shape]``), record ``skipped`` files and remove the images/skipped
+        entries at ``removed`` paths. A record or skipped file replaces what the store had at its path.
 
         Returns:
             The ids given to ``records``, in order.
@@ -190,6 +205,19 @@ class VectorStore(ABC):
         Raises:
             KeyError: an id that is not in the store.
         """
+
+    def token_sets(self) -> dict[str, tuple[int, ...]]:
+        """Token set name -> per-image shape (``{}`` when the index stores none)."""
+        return {k: tuple(int(x) for x in v) for k, v in (self.get("token_sets") or {}).items()}
+
+    def tokens(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored float16 token rows ``[n, *shape]`` of ``ids`` in token set ``name``.
+
+        Raises:
+            KeyError: an id that is not in the store, or no token set ``name``.
+            ValueError: the backend stores no token sets.
+        """
+        raise ValueError(no_tokens_message(self.scheme))
 
     # --- search ------------------------------------------------------------------------------
     def resolve_kind(self, kind: str, n: int) -> str:

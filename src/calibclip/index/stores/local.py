@@ -32,6 +32,7 @@ class LocalStore(VectorStore):
     description = "a folder: float16 memory maps + SQLite + FAISS (exact, IVF-Flat, HNSW)"
     ann_kinds = {"exact": (), "ivf": ("nprobe",), "hnsw": ("ef_search",)}
     default_ann = "ivf"
+    supports_tokens = True
 
     def __init__(self, storage: Storage):
         self.storage = storage
@@ -42,6 +43,7 @@ class LocalStore(VectorStore):
         self._searchers: dict[str, ExactSearcher] = {}
         self._ann: dict[str, AnnIndex] = {}
         self._snap: tuple[dict[str, Any], np.ndarray, np.ndarray] | None = None
+        self._token_maps: dict[tuple[str, int], np.ndarray] = {}
         if not self.writable:
             with storage.snapshot():  # metadata and rows of the same commit
                 meta = storage.meta()
@@ -93,8 +95,9 @@ class LocalStore(VectorStore):
         records: Sequence[Mapping[str, Any]],
         skipped: Sequence[SkippedRow] = (),
         removed: Sequence[str] = (),
+        tokens: Mapping[str, np.ndarray] | None = None,
     ) -> list[int]:
-        self.storage.commit_batch(dict(vectors), records, skipped, removed)  # type: ignore[arg-type]
+        self.storage.commit_batch(dict(vectors), records, skipped, removed, tokens=dict(tokens or {}))  # type: ignore[arg-type]
         return [self.storage.lookup_path(r["path"]) for r in records]  # type: ignore[misc]
 
     def touch_images(self, updates: Sequence[tuple[str, int, int]]) -> None:
@@ -157,6 +160,19 @@ class LocalStore(VectorStore):
         pos = np.arange(len(all_ids)) if ids is None else self._positions(ids)
         data = self.storage.vectors(name, self._committed_rows())
         return np.asarray(data[rows[pos]], dtype=np.float32)
+
+    def tokens(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        if name not in self.token_sets():
+            raise KeyError(f"index {self.spec} has no token set {name!r}")
+        rows, _ = self._rows_ids()
+        pos = self._positions(ids)
+        committed = self._committed_rows()
+        with self._lock:
+            key = (name, committed)
+            data = self._token_maps.get(key)
+            if data is None:
+                data = self._token_maps[key] = self.storage.tokens(name, committed)
+        return np.asarray(data[rows[pos]], dtype=np.float16)
 
     # --- search ------------------------------------------------------------------------------
     def searcher(self, name: str = "raw") -> ExactSearcher:

@@ -44,7 +44,7 @@ import numpy as np
 
 from calibclip.index.search import ExactSearcher
 from calibclip.index.storage import IndexStateError, SkippedFile
-from calibclip.index.stores.base import RecordRow, SkippedRow, VectorStore
+from calibclip.index.stores.base import RecordRow, SkippedRow, VectorStore, no_tokens_message
 
 FORMAT_VERSION = 1
 DEFAULT_PREFIX = "calibclip"
@@ -371,8 +371,11 @@ class MilvusStore(VectorStore):
         records: Sequence[Mapping[str, Any]],
         skipped: Sequence[SkippedRow] = (),
         removed: Sequence[str] = (),
+        tokens: Mapping[str, np.ndarray] | None = None,
     ) -> list[int]:
         self._require_writable()
+        if tokens:
+            raise ValueError(no_tokens_message(self.scheme))
         n = len(records)
         sets = self.vector_sets
         if n and set(vectors) != set(sets):

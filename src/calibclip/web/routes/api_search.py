@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 
 from calibclip.web import schema
-from calibclip.web.deps import WebState, get_state, index_from_query, index_from_search, item
+from calibclip.web.deps import WebState, get_state, index_from_query, index_from_search, item, match_url
 from calibclip.web.service import ServedIndex
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -24,16 +24,42 @@ def search(
     image = state.resolve_reference(ix, req.reference) if req.reference is not None else None
     if req.calibrate and not ix.can_calibrate:
         raise HTTPException(400, f"index {ix.name!r} has no calibrated features; rebuild it with calibration")
-    hits = ix.search(text=text, image=image, k=req.k, calibrate=req.calibrate)
+    depth = 0
+    if req.rerank:
+        if image is not None or text is None:
+            raise HTTPException(
+                400, "re-ranking applies to text queries (text->image), not to image or composed queries"
+            )
+        try:
+            depth = ix.rerank_depth(req.rerank_top_k)  # the index's re-ranker, or why there is none
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+    hits = ix.search(
+        text=text, image=image, k=req.k, calibrate=req.calibrate, rerank=req.rerank, rerank_top_k=req.rerank_top_k
+    )
     target = ix.annotated_target(image, text) if isinstance(image, int) and text else None
     results = []
     for hit in hits:
         entry = item(ix, hit.id)
-        entry.update(score=float(hit.score), rank=int(hit.rank), is_target=hit.id == target)
+        reranked = bool(req.rerank) and hit.rank <= depth
+        entry.update(
+            score=float(hit.score),
+            rank=int(hit.rank),
+            is_target=hit.id == target,
+            reranked=reranked,
+            match_url=match_url(ix, str(hit.id), text) if reranked and text else None,
+        )
         results.append(entry)
     return {
         "index": ix.name,
-        "query": {"text": text, "reference": req.reference, "k": req.k, "calibrate": req.calibrate},
+        "query": {
+            "text": text,
+            "reference": req.reference,
+            "k": req.k,
+            "calibrate": req.calibrate,
+            "rerank": req.rerank,
+            "rerank_top_k": depth if req.rerank else None,
+        },
         "target": None if target is None else str(target),
         "results": results,
     }

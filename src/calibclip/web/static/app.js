@@ -11,6 +11,7 @@
     mode: app.dataset.mode,
     reference: null,        // {id, thumb_url, url, path}
     canCalibrate: app.dataset.calibration === "true",
+    canRerank: app.dataset.rerank === "true",
     hasSuggestions: app.dataset.suggestions === "true",
     lastQuery: {text: null, composed: null},  // last query of each tab (re-run when Calibrate changes)
     shown: {text: null, composed: null},  // last results of each tab: {data, calibrated, text}
@@ -109,7 +110,20 @@
         path,
       ]);
       if (r.is_target) cap.appendChild(el("span", {class: "badge", text: "ground truth"}));
+      if (r.reranked) cap.appendChild(el("span", {class: "badge reranked", text: "re-ranked"}));
       fig.appendChild(cap);
+      if (r.match_url) {
+        // the re-ranker's word -> region attention, fetched only when asked for
+        const why = el("button", {type: "button", class: "chip why", text: "words → regions"});
+        why.addEventListener("click", (e) => {
+          e.stopPropagation();
+          let img = fig.querySelector("img.match");
+          if (img) { img.hidden = !img.hidden; return; }
+          img = el("img", {class: "match", src: r.match_url, alt: "re-ranker cross-attention of the query words over " + r.path});
+          fig.appendChild(img);
+        });
+        fig.appendChild(why);
+      }
       const choose = () => useAsReference(r);
       fig.addEventListener("click", choose);
       fig.addEventListener("keydown", (e) => { if (e.key === "Enter") choose(); });
@@ -161,6 +175,10 @@
   async function runSearch(query) {
     const calibrate = $("calibrate").checked && state.canCalibrate;
     const body = {index: state.index, k: parseInt($("k").value, 10), calibrate: calibrate};
+    // the re-ranker re-scores text queries (the Text search tab) only
+    const rerank = $("rerank").checked && state.canRerank && !!query.text && !query.reference;
+    if (rerank) body.rerank = true;
+    $("rerank-legend").hidden = !rerank;
     if (query.text) body.text = query.text;
     if (query.reference) body.reference = query.reference;
     const mode = state.mode;
@@ -191,6 +209,10 @@
   $("calibrate").addEventListener("change", () => {
     const query = state.lastQuery[state.mode];
     if (query) runSearch(query);
+  });
+  $("rerank").addEventListener("change", () => {
+    const query = state.lastQuery[state.mode];
+    if (query && query.text && !query.reference) runSearch(query);
   });
 
   // ---- composed search ----------------------------------------------------------------------

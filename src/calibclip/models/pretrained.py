@@ -68,6 +68,10 @@ PRETRAINED: dict[str, PretrainedWeights] = {
     "ViT-L/14": _openai("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
     "ViT-L/14@336px": _openai("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
     "starter": PretrainedWeights(builtin="weights/starter.safetensors", source="calibclip (heads trained on Flickr8k)"),
+    "starter-person": PretrainedWeights(
+        builtin="weights/starter-person.safetensors",
+        source="calibclip (starter fine-tuned on a CUHK-PEDES subset; research use only)",
+    ),
 }
 
 

@@ -576,3 +576,32 @@ def create_starter_person(
 
     path = weights if weights is not None else PRETRAINED["starter-person"].builtin_path()
     return Starter(weights=path, threads=threads, image_hw=image_hw, image_mode=image_mode)
+
+
+def package_starter(
+    source: str | os.PathLike,
+    dest: str | os.PathLike,
+    tower_dtype: torch.dtype = torch.float16,
+    extra_meta: Mapping[str, object] | None = None,
+) -> Path:
+    """Write a fine-tuned starter (``OUT/best`` of `calibclip train`, or its ``model.safetensors``) as one
+    shippable weights file like ``calibclip/weights/starter-person.safetensors``: the heads and logit scale
+    in fp32, the fine-tuned tower tensors in ``tower_dtype`` (fp16 halves the file; the loader casts back),
+    the metadata kept and ``extra_meta`` added."""
+    source = Path(source)
+    path = source / "model.safetensors" if source.is_dir() else source
+    tensors, meta = read_heads(path)
+    out = {
+        k: (v.to(tower_dtype) if k.startswith(("image_tower.", "text_tower.")) else v.float()).contiguous()
+        for k, v in tensors.items()
+    }
+    meta = {k: v for k, v in meta.items() if k != "format"}
+    meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
+    meta["format"] = TOWER_FORMAT if any(k.startswith(("image_tower.", "text_tower.")) for k in out) else HEADS_FORMAT
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    tmp = dest.with_suffix(".tmp")
+    save_file(out, str(tmp), metadata=meta)
+    os.replace(tmp, dest)
+    return dest

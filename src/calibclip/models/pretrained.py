@@ -73,6 +73,10 @@ PRETRAINED: dict[str, PretrainedWeights] = {
     "starter-v1": PretrainedWeights(
         builtin="weights/starter-v1.safetensors", source="calibclip (v1: heads trained on Flickr8k)"
     ),
+    "starter-person": PretrainedWeights(
+        builtin="weights/starter-person.safetensors",
+        source="calibclip (starter fine-tuned on a CUHK-PEDES subset; research use only)",
+    ),
 }
 
 

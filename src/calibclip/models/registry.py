@@ -109,7 +109,7 @@ def register_model(
 
 
 def _builtin_models() -> None:
-    """The built-in table: every OpenAI CLIP architecture and the offline ``starter``."""
+    """The built-in table: every OpenAI CLIP architecture and the offline ``starter`` / ``starter-person``."""
     from calibclip.models.clip_configs import (
         CLIP_CONFIGS,
         clip_aliases,
@@ -138,6 +138,12 @@ def _builtin_models() -> None:
         "calibclip.models.starter:create_starter_v1",
         "the first starter (frozen towers, only the linear heads trained on Flickr8k); offline",
         pretrained=PRETRAINED["starter-v1"].kind,
+    )
+    register_model(
+        "starter-person",
+        "calibclip.models.starter:create_starter_person",
+        "the starter fine-tuned for text-based person retrieval (CUHK-PEDES subset, tall 1:3 input); offline",
+        pretrained=PRETRAINED["starter-person"].kind,
     )
 
 

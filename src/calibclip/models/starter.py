@@ -137,10 +137,15 @@ def area_matrix(n_in: int, n_out: int) -> torch.Tensor:
 
 
 class StarterImageTower(nn.Module):
-    """Frozen EfficientNet-Lite backbone(s): pixels ``[B, 3, S, S]`` (S = ``image_size``, default the
-    largest native size; each backbone sees them resized to its own)
-    -> feature map ``[B, 1280 * n_backbones, 7, 7]`` (each backbone's ReLU6 map resampled to
-    7x7 by exact area averaging, concatenated along channels)."""
+    """Frozen EfficientNet-Lite backbone(s): pixels ``[B, 3, H, W]`` -> feature map
+    ``[B, 1280 * n_backbones, 7, 7]`` (each backbone's ReLU6 map resampled to 7x7 by exact area
+    averaging, concatenated along channels).
+
+    Square geometry (the default, ``image_hw=None``): pixels ``[B, 3, S, S]`` (S = ``image_size``,
+    default the largest native size) and each backbone sees them resized to its own native square
+    size. Non-square geometry (``image_hw=(H, W)``, e.g. ``(384, 128)`` for tall person crops): the
+    largest backbone runs at ``H x W`` and every other one at ``H x W`` scaled by its native size
+    over the largest (Lite0 next to Lite2 at 384x128: 331x110), the same ratio as the square case."""
 
     def __init__(
         self,
@@ -148,6 +153,7 @@ class StarterImageTower(nn.Module):
         fold: bool = True,
         channels_last: bool = True,
         image_size: int | None = None,
+        image_hw: tuple[int, int] | None = None,
     ):
         super().__init__()
         unknown = [b for b in backbones if b not in BACKBONES]
@@ -158,6 +164,16 @@ class StarterImageTower(nn.Module):
         self.names = tuple(backbones)
         self.sizes = tuple(BACKBONES[b][1] for b in self.names)
         self.image_size = int(image_size or max(self.sizes))
+        self.image_hw: tuple[int, int] | None = None
+        #: (height, width) each backbone runs at.
+        self.input_sizes: tuple[tuple[int, int], ...] = tuple((s, s) for s in self.sizes)
+        if image_hw is not None:
+            h, w = int(image_hw[0]), int(image_hw[1])
+            if h < 32 or w < 32:
+                raise ValueError(f"starter image_hw must be at least 32x32, got {h}x{w}")
+            self.image_hw = (h, w)
+            top = max(self.sizes)
+            self.input_sizes = tuple((round(h * s / top), round(w * s / top)) for s in self.sizes)
         self.channels_last = channels_last
         self.nets = nn.ModuleList(load_backbone(b, fold=fold, channels_last=channels_last) for b in self.names)
         self.dim = BACKBONE_DIM * len(self.names)
@@ -166,10 +182,10 @@ class StarterImageTower(nn.Module):
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected pixels [B, 3, H, W], got {tuple(pixels.shape)}")
         maps = []
-        for net, size in zip(self.nets, self.sizes):
+        for net, size in zip(self.nets, self.input_sizes):
             x = pixels
-            if x.shape[-2:] != (size, size):
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             fmap = cast(Any, net).extract_features(x).contiguous()
@@ -380,6 +396,20 @@ def read_heads(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
+#: Transform modes a starter weights file may declare (meta ``image_mode``).
+STARTER_IMAGE_MODES = ("clip", "squarepad", "resize")
+
+
+def starter_transform(image_size: int, image_hw: tuple[int, int] | None = None, mode: str = "clip") -> ImageTransform:
+    """The starter's preprocessing: ``mode`` (meta ``image_mode``; ``clip`` = resize the shorter side and
+    centre crop, ``squarepad`` = pad to a square first, ``resize`` = direct resize, as re-id models) to
+    ``image_hw`` (meta ``image_height``/``image_width``) or the square ``image_size``, TF-Lite normalisation."""
+    if mode not in STARTER_IMAGE_MODES:
+        raise ValueError(f"starter image_mode {mode!r}: use one of {list(STARTER_IMAGE_MODES)}")
+    size = image_hw if image_hw is not None else (image_size, image_size)
+    return ImageTransform(size=size, mode=mode, mean=TFLITE_MEAN, std=TFLITE_STD, resample="bicubic")
+
+
 class Starter(Encoder):
     """Frozen EfficientNet-Lite + frozen MiniLM with trained linear heads (see module doc).
 
@@ -389,18 +419,31 @@ class Starter(Encoder):
 
     name = "starter"
 
-    def __init__(self, weights: str | os.PathLike | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = None,
+        threads: int | None = None,
+        image_hw: Sequence[int] | None = None,
+        image_mode: str | None = None,
+    ):
         super().__init__()
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.weights_path = Path(weights) if weights is not None else default_weights_path()
         tensors, meta = read_heads(self.weights_path)
+        if image_hw is not None:  # another input geometry than the weights file's (e.g. before fine-tuning)
+            if len(image_hw) != 2:
+                raise ValueError(f"starter image_hw must be (height, width), got {list(image_hw)}")
+            meta = {**meta, "image_height": str(int(image_hw[0])), "image_width": str(int(image_hw[1]))}
+        if image_mode is not None:
+            meta = {**meta, "image_mode": str(image_mode)}
         self.meta = meta
         self.backbones = tuple(meta["backbones"].split(","))
         self.flip_average = meta.get("flip_average", "true") == "true"
         self.text_normalize = meta.get("text_normalize", "true") == "true"
+        hw = (int(meta["image_height"]), int(meta["image_width"])) if "image_height" in meta else None
         self.image_tower = StarterImageTower(
-            self.backbones, image_size=int(meta["image_size"]) if "image_size" in meta else None
+            self.backbones, image_size=int(meta["image_size"]) if "image_size" in meta else None, image_hw=hw
         )
         self.text_tower = MiniLM()
         self.embed_dim = int(tensors["image_head.linear.weight"].shape[0])
@@ -422,9 +465,7 @@ class Starter(Encoder):
                 for k, v in tower.items():
                     own[k].copy_(v.to(own[k].dtype))
         self.image_size = self.image_tower.image_size
-        self.preprocess = ImageTransform(
-            size=(self.image_size, self.image_size), mode="clip", mean=TFLITE_MEAN, std=TFLITE_STD, resample="bicubic"
-        )
+        self.preprocess = starter_transform(self.image_size, hw, meta.get("image_mode", "clip"))
         self.eval().requires_grad_(False)
 
     # --- text ----------------------------------------------------------------------------
@@ -499,6 +540,7 @@ class Starter(Encoder):
             "name": self.name,
             "backbones": list(self.backbones),
             "image_size": self.image_size,
+            **({"image_hw": list(self.image_tower.image_hw)} if self.image_tower.image_hw else {}),
             "grid": [GRID, GRID],
             "flip_average": self.flip_average,
             "text": "all-MiniLM-L6-v2",
@@ -509,13 +551,70 @@ class Starter(Encoder):
         }
 
 
-def create_starter(weights: str | os.PathLike | None = None, threads: int | None = None) -> Starter:
-    """Factory registered as ``starter`` (v2 weights unless ``weights`` names another file)."""
-    return Starter(weights=weights, threads=threads)
+def create_starter(
+    weights: str | os.PathLike | None = None,
+    threads: int | None = None,
+    image_hw: Sequence[int] | None = None,
+    image_mode: str | None = None,
+) -> Starter:
+    """Factory registered as ``starter`` (v2 weights; and, with its own weights file, ``starter-person``).
+
+    ``image_hw`` / ``image_mode``: override the weights file's input geometry (meta ``image_height``,
+    ``image_width``, ``image_mode``), e.g. ``(384, 128)`` and ``"resize"`` for tall person crops."""
+    return Starter(weights=weights, threads=threads, image_hw=image_hw, image_mode=image_mode)
 
 
-def create_starter_v1(weights: str | os.PathLike | None = None, threads: int | None = None) -> Starter:
-    """Factory registered as ``starter-v1``: the v1 weights (only the linear heads trained)."""
+def create_starter_v1(
+    weights: str | os.PathLike | None = None,
+    threads: int | None = None,
+    image_hw: Sequence[int] | None = None,
+    image_mode: str | None = None,
+) -> Starter:
+    """Factory registered as ``starter-v1``: the v1 weights (frozen towers, only the linear heads trained)."""
     from calibclip.models.pretrained import PRETRAINED
 
-    return Starter(weights=weights or PRETRAINED["starter-v1"].builtin_path(), threads=threads)
+    path = weights if weights is not None else PRETRAINED["starter-v1"].builtin_path()
+    return Starter(weights=path, threads=threads, image_hw=image_hw, image_mode=image_mode)
+
+
+def create_starter_person(
+    weights: str | os.PathLike | None = None,
+    threads: int | None = None,
+    image_hw: Sequence[int] | None = None,
+    image_mode: str | None = None,
+) -> Starter:
+    """Factory registered as ``starter-person``: the starter fine-tuned for text-based person retrieval
+    (``calibclip/weights/starter-person.safetensors``; see ``STARTER_PERSON_MODEL_CARD.md``)."""
+    from calibclip.models.pretrained import PRETRAINED
+
+    path = weights if weights is not None else PRETRAINED["starter-person"].builtin_path()
+    return Starter(weights=path, threads=threads, image_hw=image_hw, image_mode=image_mode)
+
+
+def package_starter(
+    source: str | os.PathLike,
+    dest: str | os.PathLike,
+    tower_dtype: torch.dtype = torch.float16,
+    extra_meta: Mapping[str, object] | None = None,
+) -> Path:
+    """Write a fine-tuned starter (``OUT/best`` of `calibclip train`, or its ``model.safetensors``) as one
+    shippable weights file like ``calibclip/weights/starter-person.safetensors``: the heads and logit scale
+    in fp32, the fine-tuned tower tensors in ``tower_dtype`` (fp16 halves the file; the loader casts back),
+    the metadata kept and ``extra_meta`` added."""
+    source = Path(source)
+    path = source / "model.safetensors" if source.is_dir() else source
+    tensors, meta = read_heads(path)
+    out = {
+        k: (v.to(tower_dtype) if k.startswith(("image_tower.", "text_tower.")) else v.float()).contiguous()
+        for k, v in tensors.items()
+    }
+    meta = {k: v for k, v in meta.items() if k != "format"}
+    meta.update({k: str(v) for k, v in (extra_meta or {}).items()})
+    meta["format"] = TOWER_FORMAT if any(k.startswith(("image_tower.", "text_tower.")) for k in out) else HEADS_FORMAT
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    tmp = dest.with_suffix(".tmp")
+    save_file(out, str(tmp), metadata=meta)
+    os.replace(tmp, dest)
+    return dest

@@ -44,10 +44,10 @@ def image_upper(net: Any, x: torch.Tensor, split: int) -> torch.Tensor:
 def resize_pixels(tower: StarterImageTower, pixels: torch.Tensor) -> list[torch.Tensor]:
     """The per-backbone inputs `StarterImageTower.forward` feeds its nets."""
     out = []
-    for size in tower.sizes:
+    for size in tower.input_sizes:
         x = pixels
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         if tower.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append(x)

@@ -19,7 +19,15 @@ DCC_KEYS = {"temperature", "image_curriculum_epochs", "text_curriculum_epochs", 
 #: ``model.cve`` configures the trained re-ranker of issue 12 (accepted and kept; not used by the dual encoder).
 CVE_KEYS = {"enabled", "num_heads", "num_layers", "dropout", "width", "top_k", "fusion_weight"}
 LOSS_KEYS = {"infonce", "sdm", "id"}
-STARTER_KEYS = {"image_blocks", "text_layers", "head_dropout", "cache_dir", "extract_batch_size"}
+STARTER_KEYS = {
+    "image_blocks",
+    "text_layers",
+    "head_dropout",
+    "cache_dir",
+    "extract_batch_size",
+    "image_size",
+    "image_mode",
+}
 TRAINABLE = ("heads", "top", "all")
 TARGETS = ("dual_encoder", "reranker")
 
@@ -33,6 +41,10 @@ class StarterOptions:
     head_dropout: float = 0.5
     cache_dir: str | None = None
     extract_batch_size: int = 16
+    #: input geometry ``[height, width]`` / transform mode (clip | squarepad | resize) the starter is
+    #: rebuilt with before training (None: the starting weights' own; docs/training.md, "starter-person")
+    image_size: list[int] | None = None
+    image_mode: str | None = None
 
 
 @dataclass
@@ -117,6 +129,9 @@ class TrainSettings:
             d.pop(key, None)
         d["starter"].pop("cache_dir", None)
         d["starter"].pop("extract_batch_size", None)
+        for key in ("image_size", "image_mode"):  # unset: the fingerprint of runs made before these keys
+            if d["starter"].get(key) is None:
+                d["starter"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -162,6 +177,13 @@ def settings_from_config(cfg: dict[str, Any], overrides: dict[str, Any] | None =
         {"infonce": 0.0, "sdm": 0.0, "id": 0.0, **{k: float(v) for k, v in losses.items()}} if losses else s.losses
     )
     s.starter = StarterOptions(**starter)
+    if s.starter.image_size is not None:
+        size = s.starter.image_size
+        if isinstance(size, int):
+            size = [size, size]
+        if len(size) != 2 or any(int(v) < 32 for v in size):
+            raise ValueError(f"training.starter.image_size must be [height, width] >= 32, got {s.starter.image_size}")
+        s.starter.image_size = [int(v) for v in size]
     s.dataset = str(cfg.get("dataset") or "")
     s.data_root = str(cfg.get("data_root") or "")
     s.model = str(model.get("name") or "starter")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from calibclip.data.images import load_image
+from calibclip.data.transforms import ImageTransform
 from calibclip.models.starter import MiniLM, StarterImageTower, minilm_tokenize
 from calibclip.models.starter_parts import (
     image_lower,
@@ -52,9 +53,14 @@ def extract_image_lower(
     image_blocks: int,
     batch_size: int = 16,
     desc: str = "images",
+    transform: ImageTransform | None = None,
+    image_hw: tuple[int, int] | None = None,
 ) -> list[Path]:
-    """Cache the lower activations of ``images`` (and their mirror images); returns the shard files."""
-    transform = _preprocess_for(backbones)
+    """Cache the lower activations of ``images`` (and their mirror images); returns the shard files.
+
+    ``transform`` / ``image_hw``: the encoder's preprocessing and input geometry (default: the square
+    starter's, `StarterImageTower`'s ``image_hw``)."""
+    transform = transform or _preprocess_for(backbones)
     folder = Path(folder)
     manifest = {
         "images": [str(p) for p in images],
@@ -64,6 +70,7 @@ def extract_image_lower(
         "shard": SHARD,
         "dtype": "float16",
         "flip": True,
+        **({"image_hw": list(image_hw)} if image_hw is not None else {}),
     }
     _check_manifest(folder, manifest)
     n_shards = math.ceil(len(images) / SHARD)
@@ -74,7 +81,7 @@ def extract_image_lower(
     splits: list[int] = []
     for s in _claimed(folder, todo):
         if tower is None:
-            tower = StarterImageTower(backbones)
+            tower = StarterImageTower(backbones, image_hw=image_hw)
             splits = [image_split_index(net, image_blocks) for net in tower.nets]
         paths = list(images[s * SHARD : (s + 1) * SHARD])
         parts: dict[str, list[torch.Tensor]] = {}

@@ -399,13 +399,18 @@ class StarterTarget(DualEncoderTarget):
 
         base = self.cache_dir / f"{ds.name}-{ds.split}"
         bb = self.encoder.backbones
+        hw = self.encoder.image_tower.image_hw
+        pre = self.encoder.preprocess
+        geometry = "" if hw is None and pre.mode == "clip" else f"-{pre.mode}{pre.size[0]}x{pre.size[1]}"
         img = extract_image_lower(
             ds.images,
-            base / f"images-{self.image_blocks}-{'+'.join(bb)}",
+            base / f"images-{self.image_blocks}-{'+'.join(bb)}{geometry}",
             bb,
             self.image_blocks,
             batch_size=self.settings.starter.extract_batch_size,
             desc=f"{ds.split} images",
+            transform=pre,
+            image_hw=hw,
         )
         txt = extract_text_lower(ds.captions, base / f"text-{self.n_lower}", self.n_lower, desc=f"{ds.split} captions")
         return LowerImages(img, bb), LowerTexts(txt)

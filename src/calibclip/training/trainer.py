@@ -503,6 +503,10 @@ def default_target(
     if arch == "CLIP":
         return CLIPTarget(encoder, s, data)
     if encoder.name == "starter":
+        if s.starter.image_size is not None or s.starter.image_mode is not None:  # another input geometry
+            encoder = create_model(
+                source, device=device, image_hw=s.starter.image_size, image_mode=s.starter.image_mode
+            )
         cache = Path(s.starter.cache_dir) if s.starter.cache_dir else out / "cache"
         return StarterTarget(encoder, s, data, cache, eval_sets)
     raise ValueError(f"{source}: training supports CLIP checkpoints and the starter, not {type(encoder).__name__}")

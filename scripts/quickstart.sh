@@ -53,7 +53,7 @@ step "plain vs calibrated text query: \"a rocket on a launch pad\"" "CalibCLIP r
 search --text "a rocket on a launch pad"
 search --text "a rocket on a launch pad" --calibrate
 
-step "composed query: $WORK/photos/rocket.jpg + \"a motorcycle instead of the rocket\"" "reference image + modification text -> an image like the reference, changed as the text says (the starter's packaged Combiner; the reference itself is left out)"
+step "composed query: $WORK/photos/rocket.jpg + \"a motorcycle instead of the rocket\"" "reference image + modification text -> an image like the reference, changed as the text says (the normalised sum of the two embeddings: the packaged Combiner fits starter-v1 only; the reference itself is left out)"
 search --image "$WORK/photos/rocket.jpg" --text "a motorcycle instead of the rocket"
 
 cat <<MSG

@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--exact-threads", type=int, default=2, help="threads of the batched exact comparison")
     ap.add_argument("--cache", type=Path, default=None, help="folder for vectors, ground truth and built indexes")
     ap.add_argument("--exact-rounds", type=int, default=2)
+    ap.add_argument("--baseline-src", help="also time the ExactSearcher of this source tree (e.g. main's src)")
     ap.add_argument("--skip-exact", action="store_true", help="skip the batched exact calibclip-vs-FAISS timing")
     args = ap.parse_args()
     import faiss
@@ -129,7 +130,18 @@ def main() -> None:
         flat = faiss.IndexFlatIP(d)
         flat.add(np.ascontiguousarray(gallery))
         qb = queries[: args.batch_queries]
-        rounds = []
+        base = None
+        if args.baseline_src:  # the ExactSearcher of another checkout, same vectors, same rounds
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location(
+                "baseline_search", Path(args.baseline_src) / "calibclip" / "index" / "search.py"
+            )
+            mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            spec.loader.exec_module(mod)  # type: ignore[union-attr]
+            base = mod.ExactSearcher(g16, norms, np.arange(n))
+            base.matrix()
+        rounds, t_base = [], []
         for _ in range(args.exact_rounds):  # interleaved, best of the rounds
             t0 = time.perf_counter()
             _, ours = exact.search(qb, k)
@@ -138,6 +150,18 @@ def main() -> None:
             _, theirs = flat.search(qb, k)
             t_flat = time.perf_counter() - t0
             rounds.append((t_ours, t_flat))
+            if base is not None:
+                t0 = time.perf_counter()
+                _, old = base.search(qb, k)
+                t_base.append(time.perf_counter() - t0)
+                assert np.array_equal(old, ours), "baseline and this tree disagree"
+        if base is not None:
+            print(
+                f"baseline ExactSearcher ({args.baseline_src}): best {min(t_base):.2f} s, rounds "
+                f"{[round(t, 2) for t in t_base]} (identical top-{k})",
+                flush=True,
+            )
+            del base
         t_ours, t_flat = min(r[0] for r in rounds), min(r[1] for r in rounds)
         agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))
         print(

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fakes import ColorEncoder
 from PIL import Image
 
 from calibclip.index import Index
+from fakes import ColorEncoder
 
 
 class _Recording(ColorEncoder):

@@ -26,8 +26,12 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The ``calibclip`` parser with every subcommand of `COMMANDS`.
+
+    Args:
+        only: build just this subcommand (a module name of `COMMANDS`): `main` does so when the command
+            line names one, so a one-off ``calibclip search`` does not import the other 13 modules.
 
     Returns:
         The parser; each subcommand's ``func`` default is its module's ``run``.
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="CLIP-based image retrieval: indexing, search, CalibCLIP calibration, composed retrieval.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         try:
             module = importlib.import_module(f"calibclip.cli.{name}")
         except ImportError as exc:
@@ -80,6 +84,17 @@ def _silence_stdout() -> None:
         pass
 
 
+def _parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the one subcommand ``argv`` starts with (lazy imports), else the full parser."""
+    first = argv[0].replace("-", "_") if argv else ""
+    if first in COMMANDS:
+        parser = build_parser(only=first)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if argv[0] in sub.choices:
+            return parser
+    return build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand: the CLI's single error boundary.
 
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     as a shell reports SIGPIPE).
     """
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
+    parser = _parser_for(argv)
     parser.add_argument(
         "--debug",
         action="store_true",

@@ -54,13 +54,14 @@ class AnnIndex:
         self.params = params
 
     @classmethod
-    def build(cls, kind: str, vectors: np.ndarray, seed: int = 0) -> AnnIndex:
-        """Build ``kind`` (ivf | hnsw) over normalised ``vectors`` ``[N, D]``."""
+    def build(cls, kind: str, vectors: np.ndarray, seed: int = 0, nlist: int | None = None) -> AnnIndex:
+        """Build ``kind`` (ivf | hnsw) over normalised ``vectors`` ``[N, D]`` (``nlist``: IVF cells, default
+        `ivf_nlist`)."""
         faiss = _faiss()
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         n, d = x.shape
         if kind == "ivf":
-            nlist = min(ivf_nlist(n), max(1, n // 39))  # FAISS wants >= 39 training points per cell
+            nlist = min(int(nlist or ivf_nlist(n)), max(1, n // 39))  # FAISS wants >= 39 training points per cell
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(seed)

@@ -488,7 +488,30 @@ def local_batches(
     batch_size: int,
     workers: int,
 ) -> Iterator[Batch]:
-    """The local engine: decode in ``workers`` processes (in order), encode here, batch by batch."""
+    """The local engine: decode in ``workers`` processes (in order), encode here, batch by batch.
+
+    While decoding workers run, the encoder uses at most ``CPU cores - workers`` intra-op threads (at least
+    1): on a small machine an OpenMP team that also competes with the decoders for the same cores spends
+    its time waiting at barriers (2 threads next to 1 decoder on 2 cores: several times slower)."""
+    threads = torch.get_num_threads()
+    cap = max(1, (os.cpu_count() or 1) - workers) if workers else threads
+    if cap < threads:
+        torch.set_num_threads(cap)
+    try:
+        yield from _local_batches(todo, encoder, fn, sets, batch_size, workers)
+    finally:
+        if cap < threads:
+            torch.set_num_threads(threads)
+
+
+def _local_batches(
+    todo: Sequence[ScannedFile],
+    encoder: Encoder,
+    fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    sets: Sequence[str],
+    batch_size: int,
+    workers: int,
+) -> Iterator[Batch]:
     for batch in iter_image_batches([f.path for f in todo], encoder.preprocess, batch_size, workers):
         skipped: list[SkippedRow] = [
             (todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg) for i, (reason, msg) in batch.errors.items()
@@ -503,7 +526,8 @@ def local_batches(
                 keep.append(j)
         vectors: dict[str, np.ndarray] = {}
         if batch.pixels is not None and keep:
-            out = fn(batch.pixels[keep].to(encoder.device, encoder.dtype))
+            pixels = batch.pixels if len(keep) == len(batch.pixels) else batch.pixels[keep]  # no copy if all kept
+            out = fn(pixels.to(encoder.device, encoder.dtype))
             vectors = {name: _numpy(out[name]) for name in sets}
         yield records, skipped, vectors
 

@@ -27,12 +27,18 @@ def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def merge_topk(
-    best_scores: torch.Tensor | None, best_pos: torch.Tensor | None, scores: torch.Tensor, offset: int, k: int
+    best_scores: torch.Tensor | None,
+    best_pos: torch.Tensor | None,
+    scores: torch.Tensor,
+    offset: int,
+    k: int,
+    finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the running top-k ``(best_scores, best_pos)`` ``[Q, k]`` with a new score chunk whose
-    first column is position ``offset``."""
+    first column is position ``offset`` (``finite``: the chunk is known to hold no NaN)."""
     kk = min(k, scores.shape[1])
-    scores = torch.nan_to_num(scores, nan=-torch.inf)  # a non-finite (damaged) row never ranks
+    if not finite:
+        scores = torch.nan_to_num(scores, nan=-torch.inf)  # a non-finite (damaged) row never ranks
     s, p = torch.topk(scores, kk, dim=1)
     p = p + offset
     if best_scores is not None:
@@ -61,6 +67,8 @@ class ExactSearcher:
             cache_mb = float(os.environ.get("CALIBCLIP_EXACT_CACHE_MB", "2048"))
         self.cache_bytes = cache_mb * 2**20
         self._matrix: torch.Tensor | None = None
+        #: positions of the non-finite rows of ``_matrix`` (their scores are set to -inf by `search`)
+        self._bad: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -78,13 +86,16 @@ class ExactSearcher:
         if self._matrix is None and len(self) * self.vectors.shape[1] * 4 <= self.cache_bytes:
             with self._lock:
                 if self._matrix is None:
-                    self._matrix = (
+                    m = (
                         torch.cat(
                             [self.chunk(s, min(len(self), s + CHUNK_ROWS)) for s in range(0, len(self), CHUNK_ROWS)]
                         )
                         if len(self)
                         else torch.zeros(0, self.vectors.shape[1])
                     )
+                    # rows of a damaged index (NaN): kept as they are (ANN builds see them), -inf in `search`
+                    self._bad = (~torch.isfinite(m).all(dim=1)).nonzero().flatten()
+                    self._matrix = m
         return self._matrix
 
     @torch.inference_mode()
@@ -97,12 +108,26 @@ class ExactSearcher:
         if k <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         full = self.matrix()
+        # in memory and a finite query: only the columns of the known non-finite rows can be NaN, so they are
+        # set to -inf directly instead of a NaN pass over every score; one score buffer is reused per block
+        clean = full is not None and bool(torch.isfinite(q).all())
         step = max(CHUNK_ROWS, SCORE_BLOCK // max(len(q), 1)) if full is not None else CHUNK_ROWS
         best_s: torch.Tensor | None = None
         best_p: torch.Tensor | None = None
+        buf: torch.Tensor | None = None
         for start in range(0, len(self), step):
-            block = self.chunk(start, min(len(self), start + step))
-            best_s, best_p = merge_topk(best_s, best_p, q @ block.T, start, k)
+            stop = min(len(self), start + step)
+            block = self.chunk(start, stop)
+            if not clean:
+                best_s, best_p = merge_topk(best_s, best_p, q @ block.T, start, k)
+                continue
+            if buf is None or buf.shape[1] != stop - start:
+                buf = torch.empty(len(q), stop - start)
+            sims = torch.mm(q, block.T, out=buf)
+            bad = self._bad[(self._bad >= start) & (self._bad < stop)] - start
+            if len(bad):
+                sims[:, bad] = -torch.inf
+            best_s, best_p = merge_topk(best_s, best_p, sims, start, k, finite=True)
         scores, pos = best_s.numpy(), best_p.numpy()  # type: ignore[union-attr]
         return scores, np.where(np.isfinite(scores), pos, -1)  # -1 / -inf: no result (a non-finite row)
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -115,6 +117,49 @@ class TextTokens:
     tokens: torch.Tensor
     attention: torch.Tensor
     batch: TextBatch
+
+
+#: Layout version of the on-disk fingerprint cache (``$CALIBCLIP_CACHE/fingerprints/<key>``).
+FINGERPRINT_CACHE_VERSION = 1
+
+
+def _fingerprint_cache_dir() -> Path:
+    # the same root as calibclip.models.download.default_cache_dir, without importing urllib here
+    return Path(os.environ.get("CALIBCLIP_CACHE") or Path.home() / ".cache" / "calibclip") / "fingerprints"
+
+
+def _read_fingerprint_cache(key: str) -> str | None:
+    try:
+        text = (_fingerprint_cache_dir() / key).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text or None
+
+
+def _write_fingerprint_cache(key: str, fingerprint: str) -> None:
+    """Best effort: a read-only or missing cache folder only costs the hash next time."""
+    folder = _fingerprint_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(fingerprint + "\n")
+        os.replace(tmp, folder / key)
+    except OSError:
+        pass
+
+
+def tensor_signature(items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A cheap checksum of named tensors (each one's sum and every 97th element): milliseconds for
+    tens of millions of values, and it changes when training or an in-place edit touches them."""
+    sig = hashlib.sha256()
+    for name, tensor in items:
+        t = tensor.detach().to("cpu").reshape(-1)
+        if t.is_floating_point():
+            t = t.float()
+            sig.update(repr(float(t.sum())).encode())
+        sig.update(name.encode())
+        sig.update(t[::97].numpy().tobytes())
+    return sig.hexdigest()
 
 
 class Encoder(nn.Module, ABC):
@@ -228,20 +273,70 @@ class Encoder(nn.Module, ABC):
     def fingerprint(self) -> str:
         """Stable identity of weights + architecture + preprocessing (for caches and indexes).
 
-        Computed once from a hash of every parameter/buffer and the config; cached.
+        A hash of every parameter/buffer and the config, computed once per object. An encoder whose
+        weights come from files (`fingerprint_files`) also keeps it on disk, under
+        ``$CALIBCLIP_CACHE/fingerprints`` (default ``~/.cache/calibclip``), keyed by those files' paths,
+        sizes and modification times, the config, the dtype and a cheap signature of the tensors already
+        built; a later process then skips the hash (and, for the starter, building the image tower). The
+        disk cache is only used while `fingerprint_cacheable` holds, and an unreadable or unwritable cache
+        is ignored.
         """
         cached = getattr(self, "_fingerprint", None)
         if cached is not None:
             return cached
+        key = self._fingerprint_cache_key()
+        if key is not None:
+            hit = _read_fingerprint_cache(key)
+            if hit is not None:
+                self._fingerprint = hit
+                return hit
         h = hashlib.sha256(json.dumps(self.config(), sort_keys=True, default=str).encode())
-        for key, tensor in sorted(self.state_dict().items()):
-            h.update(key.encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
             t = tensor.detach().to("cpu").contiguous()
             if t.is_floating_point():
                 t = t.float()
             h.update(t.numpy().tobytes())
         self._fingerprint = f"{self.name}-{h.hexdigest()[:16]}"
+        if key is not None:
+            _write_fingerprint_cache(key, self._fingerprint)
         return self._fingerprint
+
+    # --- on-disk fingerprint cache: hooks an encoder overrides ---------------------------
+    def fingerprint_files(self) -> list[Path]:
+        """Files that, with the config, determine this encoder's weights as loaded (default: none, so
+        the fingerprint is never cached on disk)."""
+        return []
+
+    def fingerprint_cacheable(self) -> bool:
+        """Whether the weights are still those of `fingerprint_files` (default: in eval mode)."""
+        return not self.training
+
+    def signature_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Tensors whose cheap signature joins the disk-cache key (default: the whole state dict)."""
+        return sorted(self.state_dict().items())
+
+    def _fingerprint_cache_key(self) -> str | None:
+        files = self.fingerprint_files()
+        if not files or not self.fingerprint_cacheable():
+            return None
+        try:
+            ids = []
+            for f in files:
+                st = os.stat(f)
+                ids.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:
+            return None
+        record = {
+            "version": FINGERPRINT_CACHE_VERSION,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "name": self.name,
+            "config": self.config(),
+            "dtype": str(self.dtype),
+            "files": ids,
+            "signature": tensor_signature(self.signature_tensors()),  # catches in-place edits
+        }
+        return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     @torch.inference_mode()
     def encode(

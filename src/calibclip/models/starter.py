@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibclip.data.transforms import TFLITE_MEAN, TFLITE_STD, ImageTransform
-from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens
+from calibclip.models.base import Encoder, ImageTokens, TextBatch, TextTokens, tensor_signature
 
 #: Backbone name -> (efficientnet-lite-pytorch model name, native input size).
 BACKBONES: dict[str, tuple[str, int]] = {
@@ -136,6 +136,26 @@ def area_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return ((right - left).clamp(min=0) * n_out).float()
 
 
+def tower_geometry(
+    backbones: Sequence[str], image_size: int | None = None, image_hw: Sequence[int] | None = None
+) -> tuple[int, tuple[int, int] | None, tuple[tuple[int, int], ...]]:
+    """``(image_size, image_hw, input_sizes)`` of a `StarterImageTower` (see its doc), validated,
+    without loading any backbone: the square input size, the non-square ``(H, W)`` (None: square) and
+    the ``(height, width)`` each backbone runs at."""
+    unknown = [b for b in backbones if b not in BACKBONES]
+    if unknown or not backbones:
+        raise ValueError(f"starter backbones must be a non-empty subset of {sorted(BACKBONES)}, got {list(backbones)}")
+    sizes = tuple(BACKBONES[b][1] for b in backbones)
+    size = int(image_size or max(sizes))
+    if image_hw is None:
+        return size, None, tuple((s, s) for s in sizes)
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if h < 32 or w < 32:
+        raise ValueError(f"starter image_hw must be at least 32x32, got {h}x{w}")
+    top = max(sizes)
+    return size, (h, w), tuple((round(h * s / top), round(w * s / top)) for s in sizes)
+
+
 class StarterImageTower(nn.Module):
     """Frozen EfficientNet-Lite backbone(s): pixels ``[B, 3, H, W]`` -> feature map
     ``[B, 1280 * n_backbones, 7, 7]`` (each backbone's ReLU6 map resampled to 7x7 by exact area
@@ -156,24 +176,9 @@ class StarterImageTower(nn.Module):
         image_hw: tuple[int, int] | None = None,
     ):
         super().__init__()
-        unknown = [b for b in backbones if b not in BACKBONES]
-        if unknown or not backbones:
-            raise ValueError(
-                f"starter backbones must be a non-empty subset of {sorted(BACKBONES)}, got {list(backbones)}"
-            )
+        self.image_size, self.image_hw, self.input_sizes = tower_geometry(backbones, image_size, image_hw)
         self.names = tuple(backbones)
         self.sizes = tuple(BACKBONES[b][1] for b in self.names)
-        self.image_size = int(image_size or max(self.sizes))
-        self.image_hw: tuple[int, int] | None = None
-        #: (height, width) each backbone runs at.
-        self.input_sizes: tuple[tuple[int, int], ...] = tuple((s, s) for s in self.sizes)
-        if image_hw is not None:
-            h, w = int(image_hw[0]), int(image_hw[1])
-            if h < 32 or w < 32:
-                raise ValueError(f"starter image_hw must be at least 32x32, got {h}x{w}")
-            self.image_hw = (h, w)
-            top = max(self.sizes)
-            self.input_sizes = tuple((round(h * s / top), round(w * s / top)) for s in self.sizes)
         self.channels_last = channels_last
         self.nets = nn.ModuleList(load_backbone(b, fold=fold, channels_last=channels_last) for b in self.names)
         self.dim = BACKBONE_DIM * len(self.names)
@@ -217,6 +222,20 @@ def minilm_dir() -> Path:
     return path
 
 
+class _Linear(nn.Linear):
+    """`nn.Linear` without the random initialisation (its tensors are always loaded from a checkpoint)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class _Embedding(nn.Embedding):
+    """`nn.Embedding` without the random initialisation (loaded from a checkpoint)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class _BertLayer(nn.Module):
     # attribute namespaces mirroring the checkpoint's key names (typed loosely for mypy)
     attention: Any
@@ -228,16 +247,16 @@ class _BertLayer(nn.Module):
         self.heads = heads
         self.attention = nn.Module()
         self.attention.self = nn.Module()
-        self.attention.self.query = nn.Linear(dim, dim)
-        self.attention.self.key = nn.Linear(dim, dim)
-        self.attention.self.value = nn.Linear(dim, dim)
+        self.attention.self.query = _Linear(dim, dim)
+        self.attention.self.key = _Linear(dim, dim)
+        self.attention.self.value = _Linear(dim, dim)
         self.attention.output = nn.Module()
-        self.attention.output.dense = nn.Linear(dim, dim)
+        self.attention.output.dense = _Linear(dim, dim)
         self.attention.output.LayerNorm = nn.LayerNorm(dim, eps=eps)
         self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(dim, hidden)
+        self.intermediate.dense = _Linear(dim, hidden)
         self.output = nn.Module()
-        self.output.dense = nn.Linear(hidden, dim)
+        self.output.dense = _Linear(hidden, dim)
         self.output.LayerNorm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,23 +290,26 @@ class MiniLM(nn.Module):
         path = path or minilm_dir()
         cfg = json.loads((path / "config.json").read_text())
         dim, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
+        self._build(cfg, dim, eps)  # uninitialised (torch.empty): every tensor comes from the safetensors below
+        state = {
+            k: v
+            for k, v in load_file(str(path / "model.safetensors")).items()
+            if not k.startswith("pooler.") and k != "embeddings.position_ids"
+        }
+        self.load_state_dict(state, strict=True, assign=True)
+        self.eval().requires_grad_(False)
+
+    def _build(self, cfg: dict[str, Any], dim: int, eps: float) -> None:
         self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(cfg["vocab_size"], dim)
-        self.embeddings.position_embeddings = nn.Embedding(cfg["max_position_embeddings"], dim)
-        self.embeddings.token_type_embeddings = nn.Embedding(cfg["type_vocab_size"], dim)
+        self.embeddings.word_embeddings = _Embedding(cfg["vocab_size"], dim)
+        self.embeddings.position_embeddings = _Embedding(cfg["max_position_embeddings"], dim)
+        self.embeddings.token_type_embeddings = _Embedding(cfg["type_vocab_size"], dim)
         self.embeddings.LayerNorm = nn.LayerNorm(dim, eps=eps)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(
             _BertLayer(dim, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
             for _ in range(cfg["num_hidden_layers"])
         )
-        state = {
-            k: v
-            for k, v in load_file(str(path / "model.safetensors")).items()
-            if not k.startswith("pooler.") and k != "embeddings.position_ids"
-        }
-        self.load_state_dict(state, strict=True)
-        self.eval().requires_grad_(False)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embeddings
@@ -410,11 +432,29 @@ def starter_transform(image_size: int, image_hw: tuple[int, int] | None = None, 
     return ImageTransform(size=size, mode=mode, mean=TFLITE_MEAN, std=TFLITE_STD, resample="bicubic")
 
 
+def _copy_into(
+    module: nn.Module, tensors: Mapping[str, torch.Tensor], path: Path, prefix: str, backbones: Sequence[str]
+) -> None:
+    """Copy fine-tuned tower tensors (keys relative to ``module``) into it, casting to its dtype."""
+    own = module.state_dict()
+    bad = sorted(prefix + k for k in tensors if k not in own or own[k].shape != tensors[k].shape)
+    if bad:
+        raise ValueError(f"{path}: tower tensors {bad[:3]} do not fit the starter towers (backbones {list(backbones)})")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
 class Starter(Encoder):
     """Frozen EfficientNet-Lite + frozen MiniLM with trained linear heads (see module doc).
 
     ``weights``: head-weights file (default: the committed ``calibclip/weights/starter.safetensors``).
     ``threads``: if given, ``torch.set_num_threads(threads)``.
+
+    The image tower (two EfficientNet-Lite backbones, most of the load time) is built on first use:
+    ``model.image_tower``, any image encoding, ``state_dict``/``load_state_dict``, ``parameters`` and
+    ``named_modules`` build it, so a text-only query never loads it. ``.to``, ``.train``/``.eval`` and
+    ``requires_grad_`` called before that are applied when it is built.
     """
 
     name = "starter"
@@ -427,6 +467,10 @@ class Starter(Encoder):
         image_mode: str | None = None,
     ):
         super().__init__()
+        self._lazy_guard = 0  # > 0: enumerating modules does not build the image tower
+        self._image_requires_grad = False
+        self._weights_loaded = False  # a load_state_dict after construction (no on-disk fingerprint then)
+        self._image_tower_signature = ""  # `tensor_signature` of the image tower when it was built
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.weights_path = Path(weights) if weights is not None else default_weights_path()
@@ -442,31 +486,114 @@ class Starter(Encoder):
         self.flip_average = meta.get("flip_average", "true") == "true"
         self.text_normalize = meta.get("text_normalize", "true") == "true"
         hw = (int(meta["image_height"]), int(meta["image_width"])) if "image_height" in meta else None
-        self.image_tower = StarterImageTower(
-            self.backbones, image_size=int(meta["image_size"]) if "image_size" in meta else None, image_hw=hw
-        )
+        self._tower_args: dict[str, Any] = {
+            "image_size": int(meta["image_size"]) if "image_size" in meta else None,
+            "image_hw": hw,
+        }
+        self.image_size, self.image_hw, _ = tower_geometry(self.backbones, **self._tower_args)
         self.text_tower = MiniLM()
         self.embed_dim = int(tensors["image_head.linear.weight"].shape[0])
-        self.image_head = StandardizedLinear(self.image_tower.dim, self.embed_dim)
+        self.image_head = StandardizedLinear(BACKBONE_DIM * len(self.backbones), self.embed_dim)
         self.text_head = StandardizedLinear(TEXT_DIM, self.embed_dim)
         self.image_head.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("image_head.")})
         self.text_head.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("text_head.")})
         self.logit_scale = nn.Parameter(tensors["logit_scale"].reshape(()), requires_grad=False)
-        tower = {k: v for k, v in tensors.items() if k.startswith(("image_tower.", "text_tower."))}
-        if tower:  # fine-tuned upper blocks/layers (format 2, `calibclip train`)
-            own = self.state_dict()
-            bad = sorted(k for k in tower if k not in own or own[k].shape != tower[k].shape)
-            if bad:
-                raise ValueError(
-                    f"{self.weights_path}: tower tensors {bad[:3]} do not fit the starter towers "
-                    f"(backbones {list(self.backbones)})"
-                )
-            with torch.no_grad():
-                for k, v in tower.items():
-                    own[k].copy_(v.to(own[k].dtype))
-        self.image_size = self.image_tower.image_size
+        # fine-tuned upper blocks/layers (format 2, `calibclip train`): text now, image when the tower is built
+        self._image_tower_state = {k[12:]: v for k, v in tensors.items() if k.startswith("image_tower.")}
+        text = {k[11:]: v for k, v in tensors.items() if k.startswith("text_tower.")}
+        if text:
+            _copy_into(self.text_tower, text, self.weights_path, "text_tower.", self.backbones)
         self.preprocess = starter_transform(self.image_size, hw, meta.get("image_mode", "clip"))
         self.eval().requires_grad_(False)
+
+    # --- the lazily built image tower -----------------------------------------------------
+    @property
+    def image_tower(self) -> StarterImageTower:
+        """The frozen backbones (built, with any fine-tuned tensors of the weights file, on first access)."""
+        tower = self._modules.get("image_tower")
+        if tower is None:
+            ref = self.logit_scale  # where ``.to``/``.half``/``.train``/``requires_grad_`` have put the model
+            tower = StarterImageTower(self.backbones, **self._tower_args)
+            if self._image_tower_state:
+                _copy_into(tower, self._image_tower_state, self.weights_path, "image_tower.", self.backbones)
+                self._image_tower_state = {}
+            tower = tower.to(device=ref.device, dtype=ref.dtype).train(self.training)
+            tower.requires_grad_(self._image_requires_grad)
+            self._image_tower_signature = tensor_signature(sorted(tower.state_dict().items()))
+            self._modules["image_tower"] = tower  # not add_module: its hasattr() would call this property
+        return cast(StarterImageTower, tower)
+
+    @property
+    def image_tower_built(self) -> bool:
+        """Whether the image tower has been built (a text-only model never builds it)."""
+        return self._modules.get("image_tower") is not None
+
+    def _materialize(self) -> None:
+        if not self._lazy_guard:
+            _ = self.image_tower
+
+    def named_modules(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        self._materialize()  # parameters(), buffers(), modules() and friends all come through here
+        return super().named_modules(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        self._materialize()
+        return super().state_dict(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._weights_loaded = True
+        self._materialize()  # before the loader walks the children, so image_tower.* keys find their module
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Starter:
+        self._lazy_guard += 1
+        try:
+            super().requires_grad_(requires_grad)
+        finally:
+            self._lazy_guard -= 1
+        if not self.image_tower_built:
+            self._image_requires_grad = requires_grad
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logit_scale.dtype
+
+    # --- on-disk fingerprint cache (see `Encoder.fingerprint`) ------------------------------
+    def fingerprint_files(self) -> list[Path]:
+        """The weights file, both backbones' ImageNet weights and MiniLM's safetensors."""
+        return [
+            self.weights_path,
+            *(_backbone_weights_file(b) for b in self.backbones),
+            minilm_dir() / "model.safetensors",
+        ]
+
+    def fingerprint_cacheable(self) -> bool:
+        """As loaded: eval mode, nothing trainable, no ``load_state_dict`` since construction."""
+        if self.training or self._weights_loaded:
+            return False
+        self._lazy_guard += 1
+        try:
+            return not any(p.requires_grad for p in self.parameters())
+        finally:
+            self._lazy_guard -= 1
+
+    def signature_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Text tower and heads, plus the image tower only if it was built and has changed since (so a
+        model that built it unchanged, e.g. while indexing, shares its cache entry with a text-only one)."""
+        self._lazy_guard += 1
+        try:
+            items = sorted(super().state_dict().items())
+        finally:
+            self._lazy_guard -= 1
+        tower = [(k, v) for k, v in items if k.startswith("image_tower.")]
+        if tower and tensor_signature([(k[12:], v) for k, v in tower]) == self._image_tower_signature:
+            return [(k, v) for k, v in items if not k.startswith("image_tower.")]
+        return items
 
     # --- text ----------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> TextBatch:
@@ -540,7 +667,7 @@ class Starter(Encoder):
             "name": self.name,
             "backbones": list(self.backbones),
             "image_size": self.image_size,
-            **({"image_hw": list(self.image_tower.image_hw)} if self.image_tower.image_hw else {}),
+            **({"image_hw": list(self.image_hw)} if self.image_hw else {}),
             "grid": [GRID, GRID],
             "flip_average": self.flip_average,
             "text": "all-MiniLM-L6-v2",

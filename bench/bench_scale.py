@@ -4,6 +4,7 @@ Ray run, throughput, and search latency local FAISS vs Milvus Lite at matched re
     nice python bench/bench_scale.py equality --images 1000   # 4-way equality + images/s + Milvus recall
     nice python bench/bench_scale.py kill --images 1000       # kill -9 a Ray-engine run, resume
     nice python bench/bench_scale.py latency --sizes 100000,1000000 --milvus-max 100000
+    nice python bench/bench_scale.py throughput --images 300     # local vs Ray with 1 and 2 actors
 
 Images are symlinked from ../shared/data/flickr8k (first N of the dev list) into a folder under
 /tmp (never the repo). Every figure is printed beside its peer.
@@ -186,7 +187,7 @@ def equality(args: argparse.Namespace) -> None:
     mil = out["local", "milvus"]
     print("\nMilvus ANN on the (local, milvus) index (recall@10 vs exact, same queries):")
     for kind, params in [("hnsw", {"ef_search": e}) for e in (10, 16, 32, 64)] + [
-        ("ivf", {"nprobe": p}) for p in (4, 8, 16, 32)
+        ("ivf", {"nprobe": p}) for p in (1, 2, 4, 8, 16, 32)
     ]:
         _, got = mil.search_vectors(qv, k=10, ann=kind, **params)  # type: ignore[attr-defined]
         rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)])
@@ -194,6 +195,39 @@ def equality(args: argparse.Namespace) -> None:
     for ix in out.values():
         ix.close()  # type: ignore[attr-defined]
     del Index
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """images/s of the local engine and of the Ray engine with 1 and 2 encoder actors, into local
+    stores, model run every time, one after the other in one process (one shared local 2-CPU Ray)."""
+    import ray
+
+    work = Path(args.work)
+    folder, _ = photo_folder(args.images, work)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}},
+    )
+    speed = {}
+    for name, engine, workers in (
+        ("local engine", "local", None),
+        ("ray, 1 actor", "ray", 1),
+        ("ray, 2 actors", "ray", 2),
+    ):
+        spec = str(work / f"tp-{engine}{workers or ''}-{args.images}")
+        shutil.rmtree(spec, ignore_errors=True)
+        ix, secs = build(folder, spec, engine, workers)
+        speed[name] = len(ix) / secs  # type: ignore[arg-type]
+        print(f"{name}: {len(ix)} images in {secs:.1f}s = {speed[name]:.2f} images/s (incl. model load)", flush=True)
+        ix.close()  # type: ignore[attr-defined]
+    base = speed["local engine"]
+    print("\n| engine (store local) | images/s | vs local engine |\n|---|---|---|")
+    for name, v in speed.items():
+        print(f"| {name} | {v:.2f} | {v / base:.2f}x |")
 
 
 def stored(spec: str) -> int:
@@ -335,7 +369,7 @@ def latency(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("equality", "kill", "latency"))
+    p.add_argument("part", choices=("equality", "kill", "latency", "throughput"))
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--kill-after", type=int, default=64, help="images committed before the kill -9")
     p.add_argument("--sizes", default="100000,1000000")
@@ -350,7 +384,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    {"equality": equality, "kill": kill, "latency": latency}[args.part](args)
+    {"equality": equality, "kill": kill, "latency": latency, "throughput": throughput}[args.part](args)
 
 
 if __name__ == "__main__":

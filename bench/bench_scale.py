@@ -4,6 +4,7 @@ Ray run, throughput, and search latency local FAISS vs Milvus Lite at matched re
     nice python bench/bench_scale.py equality --images 1000   # 4-way equality + images/s + Milvus recall
     nice python bench/bench_scale.py kill --images 1000       # kill -9 a Ray-engine run, resume
     nice python bench/bench_scale.py latency --sizes 100000,1000000 --milvus-max 100000
+    nice python bench/bench_scale.py throughput --images 300     # local vs Ray with 1 and 2 actors
 
 Images are symlinked from ../shared/data/flickr8k (first N of the dev list) into a folder under
 /tmp (never the repo). Every figure is printed beside its peer.
@@ -44,14 +45,49 @@ def photo_folder(n: int, work: Path) -> tuple[Path, list[str]]:
     return folder, [caps[n] for n in names if n in caps][:100]
 
 
-def build(folder: Path, spec: str, engine: str, workers: int | None = None) -> tuple[object, float]:
+def cached_encoder(encoder: object, cache: Path, record: bool) -> object:
+    """Make ``encoder.encode_image`` keep (``record``) or replay each image's raw vector, keyed by the
+    SHA-256 of its preprocessed float32 pixels, in ``cache`` (one .npy per image; works in Ray actors,
+    which unpickle this function). A replay that finds a row missing encodes the batch for real and
+    leaves a ``miss-*`` marker, so a difference in decoded pixels between two runs is counted."""
+    import hashlib
+
+    import torch
+
+    cache.mkdir(parents=True, exist_ok=True)
+    real = type(encoder).encode_image  # type: ignore[attr-defined]
+
+    def encode_image(pixels: torch.Tensor) -> torch.Tensor:
+        keys = [hashlib.sha256(p.detach().float().cpu().numpy().tobytes()).hexdigest()[:32] for p in pixels]
+        files = [cache / f"{k}.npy" for k in keys]
+        if not record and all(f.exists() for f in files):
+            return torch.from_numpy(np.stack([np.load(f) for f in files]))
+        out = real(encoder, pixels)
+        for k, f, row in zip(keys, files, out.float().cpu().numpy(), strict=True):
+            if record:
+                np.save(f, row)
+            elif not f.exists():
+                (cache / f"miss-{k}").touch()
+        return out
+
+    encoder.encode_image = encode_image  # type: ignore[attr-defined]
+    return encoder
+
+
+def build(
+    folder: Path, spec: str, engine: str, workers: int | None = None, cache: tuple[Path, bool] | None = None
+) -> tuple[object, float]:
     from calibclip.index import Index
+    from calibclip.models.registry import create_model
 
     t0 = time.perf_counter()
+    model = create_model("starter").eval()
+    if cache is not None:
+        model = cached_encoder(model, *cache)
     ix = Index.build(
         folder,
         spec,
-        model="starter",
+        model=model,
         batch_size=16,
         engine=engine,
         progress=False,
@@ -61,17 +97,30 @@ def build(folder: Path, spec: str, engine: str, workers: int | None = None) -> t
 
 
 def equality(args: argparse.Namespace) -> None:
+    """The 4-way check. Each engine encodes the photos once, into the local store (its vectors kept per
+    image in a cache); its Milvus run goes through the same engine and store path but replays those
+    vectors instead of running the model again (``--no-replay``: encode every run for real)."""
     from calibclip.index import Index
 
     work = Path(args.work)
-    folder, queries = photo_folder(args.images, work)
-    runs = {
-        ("local", "local"): (str(work / f"ll{args.images}"), "local", None),
-        ("ray", "local"): (str(work / f"rl{args.images}"), "ray", 1),
-        ("local", "milvus"): (f"milvus:{work / f'lm{args.images}.db'}", "local", None),
-        ("ray", "milvus"): (f"milvus:{work / f'rm{args.images}.db'}", "ray", 1),
-        ("ray x2", "local"): (str(work / f"rl2-{args.images}"), "ray", 2),
+    n = args.images
+    folder, queries = photo_folder(n, work)
+    cache = work / f"vec{n}"
+    replay = not args.no_replay
+    # name -> (spec, engine, workers, (cache folder, record?) or None)
+    runs: dict[tuple[str, str], tuple[str, str, int | None, tuple[Path, bool] | None]] = {
+        ("local", "local"): (str(work / f"ll{n}"), "local", None, (cache / "local", True) if replay else None),
+        ("ray", "local"): (str(work / f"rl{n}"), "ray", 1, (cache / "ray", True) if replay else None),
+        ("local", "milvus"): (
+            f"milvus:{work / f'lm{n}.db'}",
+            "local",
+            None,
+            (cache / "local", False) if replay else None,
+        ),
+        ("ray", "milvus"): (f"milvus:{work / f'rm{n}.db'}", "ray", 1, (cache / "ray", False) if replay else None),
     }
+    if args.ray2:
+        runs["ray x2", "local"] = (str(work / f"rl2-{n}"), "ray", 2, None)
     out: dict[tuple[str, str], object] = {}
     speed: dict[tuple[str, str], float] = {}
     # One local Ray for all Ray runs (a second ray.init in one process can time out on a loaded machine);
@@ -86,9 +135,9 @@ def equality(args: argparse.Namespace) -> None:
         logging_level="ERROR",
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}},
     )
-    done_file = work / f"speeds{args.images}.json"
+    done_file = work / f"speeds{n}.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    for key, (spec, engine, workers) in runs.items():
+    for key, (spec, engine, workers, cached) in runs.items():
         name = f"{key[0]}|{key[1]}"
         if name in done and args.reuse:
             out[key], speed[key] = Index.open(spec), done[name]
@@ -99,14 +148,18 @@ def equality(args: argparse.Namespace) -> None:
             Path(spec[7:]).unlink(missing_ok=True)
         else:
             shutil.rmtree(spec, ignore_errors=True)
-        ix, secs = build(folder, spec, engine, workers)
+        if cached is not None and cached[1]:
+            shutil.rmtree(cached[0], ignore_errors=True)
+        ix, secs = build(folder, spec, engine, workers, cached)
         out[key] = ix
         speed[key] = len(ix) / secs  # type: ignore[arg-type]
         done[name] = speed[key]
         done_file.write_text(json.dumps(done))
+        how = "model run" if cached is None or cached[1] else "vectors replayed"
+        misses = len(list(cached[0].glob("miss-*"))) if cached is not None and not cached[1] else 0
         print(
             f"built {key}: {len(ix)} images in {secs:.1f}s = {speed[key]:.2f} images/s "  # type: ignore[arg-type]
-            "(incl. model load)",
+            f"(incl. model load; {how}{f', {misses} replay misses' if not (cached is None or cached[1]) else ''})",
             flush=True,
         )
     ref = out["local", "local"]
@@ -114,31 +167,67 @@ def equality(args: argparse.Namespace) -> None:
     qv = np.stack([ref.encode_text(q)["raw"].numpy() for q in queries])  # type: ignore[attr-defined]
     _, want = ref.search_vectors(qv, k=10, ann="exact")  # type: ignore[attr-defined]
     print(f"\n{len(queries)} caption queries, model {enc.name}")
-    print("| engine, store | images | same ids+paths | max |vector diff| vs local | same exact top-10 |")
+    print("| engine, store | images | same ids+paths+records | max |vector diff| vs local | same exact top-10 |")
     print("|---|---|---|---|---|")
+    ref_recs = [ref.get_image(i) for i in ref.ids]  # type: ignore[attr-defined]
     for key, ix in out.items():
-        same = ix.ids.tolist() == ref.ids.tolist() and list(ix.paths()) == list(ref.paths())  # type: ignore
+        same = (
+            ix.ids.tolist() == ref.ids.tolist()  # type: ignore[attr-defined]
+            and list(ix.paths()) == list(ref.paths())  # type: ignore[attr-defined]
+            and [ix.get_image(i) for i in ix.ids] == ref_recs  # type: ignore[attr-defined]
+        )
         diff = float(np.abs(ix.features("raw") - ref.features("raw")).max())  # type: ignore[attr-defined]
         _, got = ix.search_vectors(qv, k=10, ann="exact")  # type: ignore[attr-defined]
         print(f"| {key[0]}, {key[1]} | {len(ix)} | {same} | {diff:.3g} | {int((got == want).all(1).sum())}/{len(qv)} |")
-    print("\n| engine (store local) | images/s |")
+    print("\n| engine (store local) | images/s (model run) |")
     print("|---|---|")
     for key in (("local", "local"), ("ray", "local"), ("ray x2", "local")):
-        print(f"| {key[0]} | {speed[key]:.2f} |")
+        if key in speed:
+            print(f"| {key[0]} | {speed[key]:.2f} |")
     mil = out["local", "milvus"]
-    print("\nMilvus ANN on the same index (recall@10 vs exact, 100 caption queries):")
-    for kind, params in (
-        ("hnsw", {"ef_search": 16}),
-        ("hnsw", {"ef_search": 64}),
-        ("ivf", {"nprobe": 4}),
-        ("ivf", {"nprobe": 16}),
-    ):
+    print("\nMilvus ANN on the (local, milvus) index (recall@10 vs exact, same queries):")
+    for kind, params in [("hnsw", {"ef_search": e}) for e in (10, 16, 32, 64)] + [
+        ("ivf", {"nprobe": p}) for p in (1, 2, 4, 8, 16, 32)
+    ]:
         _, got = mil.search_vectors(qv, k=10, ann=kind, **params)  # type: ignore[attr-defined]
         rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want, strict=True)])
-        print(f"  {kind} {params}: recall@10 {rec:.3f}")
+        print(f"  {kind} {params}: recall@10 {rec:.3f}", flush=True)
     for ix in out.values():
         ix.close()  # type: ignore[attr-defined]
     del Index
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """images/s of the local engine and of the Ray engine with 1 and 2 encoder actors, into local
+    stores, model run every time, one after the other in one process (one shared local 2-CPU Ray)."""
+    import ray
+
+    work = Path(args.work)
+    folder, _ = photo_folder(args.images, work)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}},
+    )
+    speed = {}
+    for name, engine, workers in (
+        ("local engine", "local", None),
+        ("ray, 1 actor", "ray", 1),
+        ("ray, 2 actors", "ray", 2),
+    ):
+        spec = str(work / f"tp-{engine}{workers or ''}-{args.images}")
+        shutil.rmtree(spec, ignore_errors=True)
+        ix, secs = build(folder, spec, engine, workers)
+        speed[name] = len(ix) / secs  # type: ignore[arg-type]
+        print(f"{name}: {len(ix)} images in {secs:.1f}s = {speed[name]:.2f} images/s (incl. model load)", flush=True)
+        ix.close()  # type: ignore[attr-defined]
+    base = speed["local engine"]
+    print("\n| engine (store local) | images/s | vs local engine |\n|---|---|---|")
+    for name, v in speed.items():
+        print(f"| {name} | {v:.2f} | {v / base:.2f}x |")
 
 
 def stored(spec: str) -> int:
@@ -280,7 +369,7 @@ def latency(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("equality", "kill", "latency"))
+    p.add_argument("part", choices=("equality", "kill", "latency", "throughput"))
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--kill-after", type=int, default=64, help="images committed before the kill -9")
     p.add_argument("--sizes", default="100000,1000000")
@@ -288,12 +377,14 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/calibclip-bench-scale")
     p.add_argument("--reuse", action="store_true", help="reuse indexes/stores built by an earlier run")
     p.add_argument("--only", default="", help="latency: only these backends (local,milvus)")
+    p.add_argument("--ray2", action="store_true", help="equality: also a Ray run with 2 encoder actors")
+    p.add_argument("--no-replay", action="store_true", help="equality: run the model in every build")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(1)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    {"equality": equality, "kill": kill, "latency": latency}[args.part](args)
+    {"equality": equality, "kill": kill, "latency": latency, "throughput": throughput}[args.part](args)
 
 
 if __name__ == "__main__":

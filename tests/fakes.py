@@ -342,3 +342,23 @@ class PhotoEncoder(Encoder):
 
     def encode_text(self, text: TextBatch | torch.Tensor) -> torch.Tensor:
         return self.text_tokens(text).pooled  # type: ignore[arg-type]
+
+
+class DeleteAfterDecoding:
+    """An encoder ``preprocess`` that deletes ``victim`` right after decoding it (the file vanishes
+    between decoding and hashing, in whichever process or Ray task decodes); otherwise ``inner``."""
+
+    def __init__(self, inner: Callable[..., torch.Tensor], victim: str | Path):
+        self.inner = inner
+        self.victim = str(victim)
+
+    def __call__(self, source: Any) -> torch.Tensor:
+        out = self.inner(source)
+        if str(source) == self.victim and Path(self.victim).exists():
+            Path(self.victim).unlink()
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # describe(), size, ... of the wrapped transform
+        if name in ("inner", "victim"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)

@@ -199,3 +199,62 @@ def test_a_build_killed_between_requests_resumes_with_every_image_once(tmp_path,
     assert {s.relpath for s in ix.skipped()} == set(bad)
     assert ix.report.added < len(good)  # the committed batches were not re-encoded
     ix.close()
+
+
+def test_server_errors_are_one_line(tmp_path, capsys):
+    """No Milvus server can run here: a wrong token is simulated by a gRPC server that answers every call
+    UNAUTHENTICATED with the message Milvus's auth interceptor sends; a socket that accepts and never
+    answers, and an HTTP/1.1 server, stand for a wrong address. Each is one line (exit 2 in the CLI)."""
+    import socket
+    import threading
+    from concurrent import futures
+
+    grpc = pytest.importorskip("grpc")
+
+    class Deny(grpc.GenericRpcHandler):
+        def service(self, details):
+            def abort(request, context):
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "auth check failure, please check username, password or API key are correct",
+                )
+
+            return grpc.unary_unary_rpc_method_handler(abort)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((Deny(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        spec = f"milvus:http://127.0.0.1:{port}"
+        assert main(["search", spec, "--text", "a cat", "--milvus-token", "root:wrong"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"Milvus at http://127.0.0.1:{port} refused the token" in err, err
+        assert "UNAUTHENTICATED" in err
+    finally:
+        server.stop(0)
+
+    silent, http = socket.socket(), socket.socket()
+    held = []
+    for s in (silent, http):
+        s.bind(("127.0.0.1", 0))
+        s.listen(4)
+
+    def answer_http():
+        conn, _ = http.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=lambda: held.append(silent.accept()), daemon=True).start()
+    threading.Thread(target=answer_http, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError) as err:
+            Index.open(f"milvus:http://127.0.0.1:{silent.getsockname()[1]}", store_options={"timeout": 2})
+        assert "did not answer as Milvus does" in str(err.value) and "\n" not in str(err.value)
+        with pytest.raises(RuntimeError) as err:
+            Index.open(f"milvus:http://127.0.0.1:{http.getsockname()[1]}", store_options={"timeout": 2})
+        assert "not a Milvus gRPC endpoint" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        silent.close()
+        http.close()

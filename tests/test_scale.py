@@ -5,6 +5,7 @@ images — identical ids, paths, records, skipped files, vectors and exact top-1
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -106,6 +107,88 @@ def test_ray_engine_resume_rule(four_ways, tmp_path):
     assert (again.report.added, again.report.updated) == (0, 0)
     assert again.ids.tolist() == out["ray", "local"].ids.tolist()
     again.close()
+
+
+def allow_ray_node(guard) -> None:
+    """The tests' network guard refuses this machine's own address, where the local Ray's GCS listens;
+    the engine's watchdog pings it every 2 s and would end a Ray run inside a test after 6 s."""
+    guard.allow(ray.get_runtime_context().gcs_address.rpartition(":")[0])
+
+
+def test_ray_engine_skips_files_that_vanish_mid_run(tmp_path, ray_cluster, monkeypatch, _no_outward_network):
+    """A file deleted after listing and one deleted after decoding (in the Ray decode task, before its
+    hash is taken) are `missing` skips, the other images indexed: the same outcome as the local engine."""
+    import calibclip.index.build as build
+    from fakes import DeleteAfterDecoding
+
+    allow_ray_node(_no_outward_network)
+
+    real_scan = build.scan_images
+
+    def scan_then_delete(root, *args, **kwargs):  # the file is listed, then vanishes before decoding
+        found = real_scan(root, *args, **kwargs)
+        (Path(root) / "img05.png").unlink()
+        return found
+
+    monkeypatch.setattr(build, "scan_images", scan_then_delete)
+    out = {}
+    for engine in ("local", "ray"):
+        root = tmp_path / engine
+        good, bad = generated_folder(root, n=8)
+        enc = FakeEncoder()
+        enc.preprocess = DeleteAfterDecoding(enc.preprocess, root / "img04.jpg")
+        out[engine] = Index.build(
+            root,
+            tmp_path / f"{engine}-ix",
+            model=enc,
+            batch_size=4,
+            workers=0,
+            engine=engine,
+            engine_options={"num_workers": 1},
+            progress=False,
+        )
+    want = sorted([*bad, "img05.png", "img04.jpg"])
+    for engine, ix in out.items():
+        skipped = {s.relpath: s for s in ix.skipped()}
+        assert sorted(skipped) == want, engine
+        assert skipped["img05.png"].reason == skipped["img04.jpg"].reason == "missing", engine
+        assert "deleted while the index was being built" in skipped["img04.jpg"].message, engine
+        assert len(ix) == len(good) - 2 and ix.report.skipped == len(want), engine
+
+    def rows(ix):  # the records without the absolute path (each engine had its own folder)
+        return [(r.id, r.relpath, r.size, r.sha256, r.width, r.height) for r in map(ix.get_image, ix.ids)]
+
+    assert rows(out["ray"]) == rows(out["local"])
+    np.testing.assert_array_equal(out["ray"].features("raw"), out["local"].features("raw"))
+    for ix in out.values():
+        ix.close()
+
+
+class FailingEncoder(FakeEncoder):
+    """Raises in the encoder (inside the Ray actor) on its second image batch."""
+
+    def image_tokens(self, pixels):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2:
+            raise ValueError("boom in the encoder")
+        return super().image_tokens(pixels)
+
+
+def test_ray_task_error_is_one_line_not_a_lost_cluster(tmp_path, ray_cluster, _no_outward_network):
+    """An exception in our code inside a Ray task is reported as that exception (not as the cluster
+    failing), in one line, with the batches committed before it kept."""
+    allow_ray_node(_no_outward_network)
+    root = tmp_path / "img"
+    generated_folder(root, n=8)
+    with pytest.raises(RuntimeError) as err:
+        Index.build(root, tmp_path / "ix", model=FailingEncoder(), batch_size=4, engine="ray", progress=False)
+    msg = str(err.value)
+    m = re.fullmatch(
+        r"a Ray task failed after (\d+) of 10 files \(ValueError: boom in the encoder\); everything .*", msg
+    )
+    assert m and "\n" not in msg and "Ray cluster" not in msg, msg
+    with Index.open(tmp_path / "ix") as ix:
+        assert len(ix) + len(ix.skipped()) == int(m.group(1)) < 10
 
 
 def test_missing_extras_fail_with_one_line(monkeypatch, tmp_path):

@@ -60,18 +60,28 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def file_facts(path: str | os.PathLike) -> dict[str, Any] | tuple[str, str]:
+    """What the record of a decoded file adds to its scan entry (``sha256``, ``width``, ``height``), or
+    ``(reason, message)`` — ``missing`` / ``unreadable`` — when it vanished or became unreadable since
+    it was decoded. Both engines call this, so a file deleted mid-run is the same skip in either."""
+    try:
+        digest = sha256_file(path)
+    except FileNotFoundError:
+        return "missing", f"{path}: deleted while the index was being built"
+    except OSError as exc:
+        return "unreadable", f"{path}: cannot read ({exc.strerror or exc})"
+    w, h = oriented_size(path)
+    return {"sha256": digest, "width": w, "height": h}
+
+
 def file_record(f: ScannedFile) -> dict[str, Any] | tuple[str, int, int, str, str]:
     """The stored record of a decoded file (hash and header size read here), or its skipped row
     ``(relpath, size, mtime_ns, "missing" | "unreadable", message)`` when it vanished or became unreadable
     since the scan: one file deleted mid-run is a skip like any other, never the end of the run."""
-    try:
-        digest = sha256_file(f.path)
-    except FileNotFoundError:
-        return (f.relpath, f.size, f.mtime_ns, "missing", f"{f.path}: deleted while the index was being built")
-    except OSError as exc:
-        return (f.relpath, f.size, f.mtime_ns, "unreadable", f"{f.path}: cannot read ({exc.strerror or exc})")
-    w, h = oriented_size(f.path)
-    return {"path": f.relpath, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": digest, "width": w, "height": h}
+    facts = file_facts(f.path)
+    if isinstance(facts, tuple):
+        return (f.relpath, f.size, f.mtime_ns, *facts)
+    return {"path": f.relpath, "size": f.size, "mtime_ns": f.mtime_ns, **facts}
 
 
 def drop_non_finite(

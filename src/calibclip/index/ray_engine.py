@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -36,37 +37,42 @@ def _ray() -> Any:
 
 
 def decode_batch(batch: dict[str, np.ndarray], transform: Any) -> dict[str, np.ndarray]:
-    """Ray task: decode + preprocess ``batch["path"]``; bad files get their `ImageError` reason."""
+    """Ray task: decode + preprocess ``batch["path"]``, then hash each decoded file; bad files get their
+    `ImageError` reason, and a file that vanishes (or becomes unreadable) after decoding gets the
+    ``missing`` (``unreadable``) reason of `calibclip.index.build.file_facts`, as in the local engine."""
     import torch
 
     from calibclip.data.images import ImageError
-    from calibclip.index.build import oriented_size, sha256_file
+    from calibclip.index.build import file_facts
 
     torch.set_num_threads(1)
     paths = [str(p) for p in batch["path"]]
     pixels: list[np.ndarray | None] = []
     reason, message, sha, width, height = [], [], [], [], []
     for p in paths:
+        facts: dict[str, Any] | tuple[str, str]
+        x = None
         try:
-            x = transform(p)
-            pixels.append(np.asarray(x, dtype=np.float32))
-            w, h = oriented_size(p)
-            reason.append("")
-            message.append("")
-            sha.append(sha256_file(p))
-            width.append(-1 if w is None else w)
-            height.append(-1 if h is None else h)
-            continue
+            x = np.asarray(transform(p), dtype=np.float32)
+            facts = file_facts(p)
         except ImageError as exc:
-            reason.append(exc.reason)
-            message.append(str(exc))
+            facts = (exc.reason, str(exc))
         except MemoryError:
-            reason.append("too_large")
-            message.append(f"{p}: out of memory while decoding")
-        pixels.append(None)
-        sha.append("")
-        width.append(-1)
-        height.append(-1)
+            facts = ("too_large", f"{p}: out of memory while decoding")
+        if isinstance(facts, tuple):
+            pixels.append(None)
+            reason.append(facts[0])
+            message.append(facts[1])
+            sha.append("")
+            width.append(-1)
+            height.append(-1)
+            continue
+        pixels.append(x)
+        reason.append("")
+        message.append("")
+        sha.append(facts["sha256"])
+        width.append(-1 if facts["width"] is None else facts["width"])
+        height.append(-1 if facts["height"] is None else facts["height"])
     shape = next((x.shape for x in pixels if x is not None), (3, 1, 1))
     stacked = np.stack([x if x is not None else np.zeros(shape, np.float32) for x in pixels])
     return {
@@ -78,6 +84,15 @@ def decode_batch(batch: dict[str, np.ndarray], transform: Any) -> dict[str, np.n
         "width": np.asarray(width, dtype=np.int64),
         "height": np.asarray(height, dtype=np.int64),
     }
+
+
+def good_pixels(pixels: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The rows of the decoded images. A decode task whose files all failed sends a (3, 1, 1)
+    placeholder per row; when Ray Data re-batches it with real images the column arrives as an object
+    array of differently shaped rows, of which the good ones are stacked."""
+    if pixels.dtype == object:
+        return np.stack([np.asarray(x, dtype=np.float32) for x, good in zip(pixels, ok, strict=True) if good])
+    return pixels[ok]
 
 
 class EncoderActor:
@@ -108,7 +123,7 @@ class EncoderActor:
             out[name] = np.zeros((len(ok), dim), dtype=np.float32)
         if ok.any():
             with torch.inference_mode():
-                px = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+                px = torch.from_numpy(np.ascontiguousarray(good_pixels(batch["pixels"], ok)))
                 feats = self.fn(px.to(self.encoder.device, self.encoder.dtype))
             for name in self.sets:
                 out[name][ok] = feats[name].float().cpu().numpy()
@@ -284,7 +299,13 @@ def ray_batches(
     except Exception as exc:
         if not _is_ray_error(ray, exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raised = task_exception(exc) if isinstance(exc, ray.exceptions.RayTaskError) else None
+        if raised is not None:
+            raise RuntimeError(  # our code (decoding / encoding) raised inside a task: not a cluster failure
+                f"a Ray task failed after {committed} of {len(todo)} files ({raised}); "
+                "everything committed so far is kept"
+            ) from exc
+        first = (_plain(str(exc)).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise RuntimeError(_lost(committed, len(todo), where, f"{type(exc).__name__}: {first}")) from exc
     finally:
         watchdog.stop()
@@ -293,6 +314,26 @@ def ray_batches(
                 ray.shutdown()
             except Exception:  # the cluster is already gone
                 pass
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.*)$")
+
+
+def _plain(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def task_exception(exc: BaseException) -> str | None:
+    """``"ValueError: message"`` of the exception our code raised inside a Ray task, read from the
+    remote traceback a `RayTaskError` carries (Ray Data wraps it in a ``UserCodeException`` and does not
+    ship the original object); None when the failure is Ray's own (a worker or node died)."""
+    found = None
+    for line in _plain(str(exc)).splitlines():
+        m = _RAISED.match(line)
+        if m and not m.group(1).startswith("ray"):
+            found = f"{m.group(1).rpartition('.')[2]}: {m.group(2).strip()[:200]}"
+    return found
 
 
 def _is_ray_error(ray: Any, exc: BaseException) -> bool:

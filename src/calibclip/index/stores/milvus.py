@@ -701,16 +701,49 @@ def _none(value: Any) -> int | None:
     return None if value is None or int(value) < 0 else int(value)
 
 
+def _grpc_cause(exc: BaseException) -> tuple[str, str] | None:
+    """``(status name, details)`` of the gRPC error under a pymilvus exception (pymilvus reports every
+    failed connect as "Fail connecting to server ... illegal connection params or server unavailable"
+    and keeps the real answer, e.g. UNAUTHENTICATED, as the cause)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        code, details = getattr(cur, "code", None), getattr(cur, "details", None)
+        if callable(code) and callable(details):
+            try:
+                name = getattr(code(), "name", str(code()))
+                return str(name), str(details() or "").strip().splitlines()[0] if details() else ""
+            except Exception:  # not a grpc.RpcError after all
+                pass
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+#: gRPC answers that mean "the server is there and refused these credentials".
+AUTH_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
 def _connect_message(location: str, lite: bool, exc: Exception) -> str:
-    detail = str(exc).strip() or type(exc).__name__
+    detail = (str(getattr(exc, "message", "") or exc).strip() or type(exc).__name__).splitlines()[0]
     if lite:
         return (
             f"cannot open Milvus Lite file milvus:{location} ({detail}); is another process using it? "
             "(a Milvus Lite file is opened by one process at a time)"
         )
-    if any(w in detail.lower() for w in ("auth", "token", "credential", "permission", "denied", "unauthenticated")):
+    cause = _grpc_cause(exc)
+    if cause is not None:
+        detail = f"gRPC {cause[0]}: {cause[1][:200]}" if cause[1] else f"gRPC {cause[0]}"
+    if (cause is not None and cause[0] in AUTH_CODES) or any(
+        w in detail.lower() for w in ("auth", "token", "credential", "permission", "denied", "unauthenticated")
+    ):
         return (
             f"Milvus at {location} refused the token ({detail}); pass the right one (token option, "
             "$CALIBCLIP_MILVUS_TOKEN)"
         )
-    return f"cannot reach Milvus at {location} ({detail}); check the address and that the server is running"
+    hint = "check the address and that the server is running"
+    if cause is not None and cause[0] == "DEADLINE_EXCEEDED":
+        hint = "something accepted the connection but did not answer as Milvus does; check the address and port"
+    elif "HTTP/2" in detail:
+        hint = "something answered that is not a Milvus gRPC endpoint; check the address and port (19530 by default)"
+    return f"cannot reach Milvus at {location} ({detail}); {hint}"

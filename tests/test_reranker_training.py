@@ -103,3 +103,44 @@ def test_starter_token_views_from_lower_cache_match_the_encoder(tmp_path: Path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*")} == stamps
     with pytest.raises(TypeError, match="need the starter"):
         starter_token_views(SimpleNamespace(), ds, tmp_path / "cache")
+
+
+def test_tune_reranker_tool_grid_matches_evaluate(tmp_path: Path, color_model: str, capsys) -> None:
+    """tools/tune_reranker.py: every (K, w) of the grid, the choice, and the written re-ranker; `calibclip
+    evaluate --rerank` of the written one reproduces the chosen grid row."""
+    import importlib.util
+    import json
+
+    from calibclip.calibration.reranker import CrossModalReranker, RerankerConfig, load_reranker
+    from calibclip.cli.main import main
+    from calibclip.models.registry import create_model
+    from fakes import make_flickr8k
+
+    spec = importlib.util.spec_from_file_location("tune_reranker", Path(__file__).parents[1] / "tools/tune_reranker.py")
+    tool = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(tool)  # type: ignore[union-attr]
+    root = make_flickr8k(tmp_path / "f8k", n_images=6)
+    enc = create_model(color_model)
+    torch.manual_seed(0)
+    model = CrossModalReranker(RerankerConfig(token_dim=enc.embed_dim, width=8, num_heads=2, encoder=enc.fingerprint()))
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    model.save(tmp_path / "rr")
+    out = tmp_path / "tune.json"
+    argv = ["--data-root", str(root), "--model", color_model, "--rerank", str(tmp_path / "rr")]
+    argv += ["--top-k", "2,4", "--weights", "0.01,100", "--out", str(out), "--write", str(tmp_path / "tuned")]
+    assert tool.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["split"] == "dev" and len(report["plain"]["grid"]) == 4
+    rows = {tuple(r[k] for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10")) for r in report["plain"]["grid"]}
+    assert len(rows) > 1  # the grid points rank differently (the head is random, not the zero no-op)
+    chosen = report["chosen"]
+    tuned = load_reranker(tmp_path / "tuned")
+    assert (tuned.config.top_k, tuned.config.fusion_weight) == (chosen["top_k"], chosen["fusion_weight"])
+    assert tuned.card["dev_choice"]["chosen"] == chosen
+    capsys.readouterr()
+    base = ["evaluate", "--dataset", "flickr8k", "--data-root", str(root), "--split", "dev", "--model", color_model]
+    assert main(base + ["--rerank", str(tmp_path / "tuned"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"]
+    assert {k: round(metrics[k], 2) for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10")} == {
+        k: chosen[k] for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10")
+    }

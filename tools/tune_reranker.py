@@ -70,8 +70,8 @@ def grid(sim: torch.Tensor, idx: torch.Tensor, match: torch.Tensor, ks: list[int
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--rerank", required=True, help="re-ranker folder")
     ap.add_argument("--model", default="starter")
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="also measure the grid over the calibrated ranking")
     ap.add_argument("--out", default=None, help="write the grid and the choice as JSON")
     ap.add_argument("--write", default=None, help="save the re-ranker with the chosen top_k / fusion_weight here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     ks = sorted(int(v) for v in args.top_k.split(","))
     ws = sorted(float(v) for v in args.weights.split(","))
     encoder = create_model(args.model)
@@ -123,7 +123,8 @@ def main() -> None:
         card = dict(getattr(reranker, "card", {}) or {})
         card["dev_choice"] = {"grid_top_k": ks, "grid_fusion_weight": ws, "chosen": best}
         tuned.save(args.write, card=card)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,7 +9,8 @@ A research tool, outside the library (it reads the library's public API only).
     python tools/tune_reranker.py --data-root ../shared/data/flickr8k --rerank runs/rr/best \\
         --top-k 10,20,30 --weights 0.5,1,2 --out tune.json --write runs/rr/tuned
 
-Token views and features come from the feature cache, as `calibclip evaluate --rerank` computes them.
+Token views and features come from the feature cache, as `calibclip evaluate --rerank` computes them; the plain
+ranking is the cosine of the views' pooled vectors (the encoder's raw features, from the same forward).
 """
 
 from __future__ import annotations
@@ -90,15 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     reranking = Reranking(encoder, reranker)
     views = dataset_token_views(encoder, dataset, cache)
     bases: dict[str, torch.Tensor] = {}
-    texts, images = dataset_features(encoder, dataset, cache=cache)
-    bases["plain"] = similarity_matrix(texts, images, None)
+    # the plain ranking from the token views' pooled vectors (the encoder's raw features, from the same forward)
+    bases["plain"] = similarity_matrix({"raw": views.text_pooled}, {"raw": views.image_pooled}, None)
+    report: dict[str, Any] = {"rerank": str(args.rerank), "split": SPLIT, "model": args.model}
     if args.calibrate:
         from calibclip.calibration.methods import create_calibrator
 
         calibrator = create_calibrator(encoder)
         texts, images = dataset_features(encoder, dataset, cache=cache, calibrator=calibrator)
         bases["calibrated"] = similarity_matrix(texts, images, calibrator)
-    report: dict[str, Any] = {"rerank": str(args.rerank), "split": SPLIT, "model": args.model}
+        diff = max(
+            float((torch.as_tensor(texts["raw"]).float() - views.text_pooled.float()).abs().max()),
+            float((torch.as_tensor(images["raw"]).float() - views.image_pooled.float()).abs().max()),
+        )
+        report["raw_vs_views_max_abs_diff"] = diff
+        print(f"raw features vs token views' pooled vectors: max |diff| {diff:.2e}")
     for name, sim in bases.items():
         sim = torch.as_tensor(sim)
         ref = dataset_metrics(sim, dataset)

@@ -616,13 +616,19 @@ class Starter(Encoder):
             text = self.batch_from_ids(text)
         ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
         hidden, probs = self.text_tower(ids, mask)
+        hidden, pooled = self.normalize_hidden(hidden, mask)
+        return hidden, pooled, probs, text
+
+    def normalize_hidden(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MiniLM's last hidden states ``[B, L, 384]`` -> ``(hidden, pooled)`` scaled as the heads expect
+        (divided by the mean-pooled norm when ``text_normalize``)."""
         pooled = minilm_pool(hidden, mask)
         scale = (
             pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             if self.text_normalize
             else torch.ones_like(pooled[:, :1])
         )
-        return hidden / scale[:, None], pooled / scale, probs, text
+        return hidden / scale[:, None], pooled / scale
 
     @torch.inference_mode()
     def encode_text(self, text: TextBatch | torch.Tensor) -> torch.Tensor:
@@ -651,6 +657,11 @@ class Starter(Encoder):
         applied to the cell rescaled to the mean mass, ``c_i * S / (N s_i)``, so that
         ``sum_i a_i token_i == head(mean_i c_i) == pooled`` exactly (the head is affine)."""
         fmap = self.image_tower.cells(pixels.to(self.device, self.dtype), self.flip_average)
+        return self.map_tokens(fmap)
+
+    def map_tokens(self, fmap: torch.Tensor) -> ImageTokens:
+        """`image_tokens` from the (flip-averaged) feature map ``[B, C, h, w]`` of the image tower, e.g. one
+        computed from cached lower activations (`calibclip.training.starter_tokens`)."""
         b, c, h, w = fmap.shape
         cells = fmap.flatten(2).transpose(1, 2)  # [B, N, C]
         mass = cells.sum(-1)  # [B, N]

@@ -28,6 +28,8 @@ STARTER_KEYS = {
     "image_size",
     "image_mode",
 }
+#: ``training.reranker``: how the ``reranker`` target builds its training lists (docs/reranker.md).
+RERANKER_KEYS = {"train_top_k", "list_size", "random_negatives", "dual_weight", "mine_noise"}
 TRAINABLE = ("heads", "top", "all")
 TARGETS = ("dual_encoder", "reranker")
 
@@ -45,6 +47,25 @@ class StarterOptions:
     #: rebuilt with before training (None: the starting weights' own; docs/training.md, "starter-person")
     image_size: list[int] | None = None
     image_mode: str | None = None
+
+
+@dataclass
+class RerankerOptions:
+    """Training lists of the ``reranker`` target (the defaults are the original recipe: each caption's
+    ``model.cve.top_k`` hardest candidates, the loss on the fused score)."""
+
+    #: candidates mined per caption (0 = ``model.cve.top_k``); may exceed the K used at ranking
+    train_top_k: int = 0
+    #: candidates per list at each step, the positive + a fresh random draw of the mined ones (0 = all)
+    list_size: int = 0
+    #: of those, how many are random images of the gallery instead of mined ones
+    random_negatives: int = 0
+    #: weight of the dual-encoder similarity in the training loss (1 = the fused score ranking uses;
+    #: 0 = the match score alone, the fusion weight then chosen on the validation split)
+    dual_weight: float = 1.0
+    #: std of Gaussian noise added to the dual similarities before mining (0 = none): the dual encoder
+    #: was fine-tuned on the training captions, so its training top-K is easier than a held-out one
+    mine_noise: float = 0.0
 
 
 @dataclass
@@ -87,6 +108,7 @@ class TrainSettings:
     eval_batch_size: int = 64
     max_grad_norm: float = 0.0
     starter: StarterOptions = field(default_factory=StarterOptions)
+    reranker: RerankerOptions = field(default_factory=RerankerOptions)
     cve: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainSettings:
@@ -106,6 +128,16 @@ class TrainSettings:
             raise ValueError(f"training.max_train_images must be >= 0 (0 = all), got {self.max_train_images}")
         if self.checkpoint_every < 0:
             raise ValueError(f"training.checkpoint_every must be >= 0 steps, got {self.checkpoint_every}")
+        r = self.reranker
+        if r.train_top_k < 0 or r.list_size < 0 or r.random_negatives < 0 or r.mine_noise < 0:
+            raise ValueError(
+                "training.reranker: train_top_k, list_size, random_negatives and mine_noise must be >= 0, got "
+                f"{r.train_top_k}, {r.list_size}, {r.random_negatives}, {r.mine_noise}"
+            )
+        if r.list_size and r.random_negatives >= r.list_size:
+            raise ValueError(
+                f"training.reranker.random_negatives ({r.random_negatives}) must be below list_size ({r.list_size})"
+            )
         unknown = sorted(set(self.losses) - LOSS_KEYS)
         if unknown:
             raise ValueError(f"unknown key(s) training.losses.{unknown[0]}; valid: {sorted(LOSS_KEYS)}")
@@ -128,6 +160,8 @@ class TrainSettings:
         for key in ("eval_test", "eval_batch_size", "checkpoint_every", "device", "data_root"):
             d.pop(key, None)
         d["starter"].pop("cache_dir", None)
+        if d["reranker"] == asdict(RerankerOptions()):  # default lists: the fingerprint of runs made before them
+            d.pop("reranker")
         d["starter"].pop("extract_batch_size", None)
         for key in ("image_size", "image_mode"):  # unset: the fingerprint of runs made before these keys
             if d["starter"].get(key) is None:
@@ -170,6 +204,8 @@ def settings_from_config(cfg: dict[str, Any], overrides: dict[str, Any] | None =
     _check(training, valid, "training")
     starter = dict(training.pop("starter", None) or {})
     _check(starter, STARTER_KEYS, "training.starter")
+    reranker = dict(training.pop("reranker", None) or {})
+    _check(reranker, RERANKER_KEYS, "training.reranker")
     losses = dict(training.pop("losses", None) or {})
     _check(losses, LOSS_KEYS, "training.losses")
     s = TrainSettings(**training)
@@ -177,6 +213,7 @@ def settings_from_config(cfg: dict[str, Any], overrides: dict[str, Any] | None =
         {"infonce": 0.0, "sdm": 0.0, "id": 0.0, **{k: float(v) for k, v in losses.items()}} if losses else s.losses
     )
     s.starter = StarterOptions(**starter)
+    s.reranker = RerankerOptions(**reranker)
     if s.starter.image_size is not None:
         size = s.starter.image_size
         if isinstance(size, int):

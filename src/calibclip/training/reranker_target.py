@@ -66,23 +66,55 @@ class RerankerTarget(Target):
         )
         torch.manual_seed(settings.seed)
         self.model = CrossModalReranker(self.config)
+        self.options = settings.reranker
         ds = data.dataset
-        self.views: TokenViews = extract_token_views(
-            encoder, ds.images, ds.captions, token_folder(self.cache_root, encoder, ds), progress=progress
-        )
+        self.views: TokenViews = self._views(ds)
         positives = torch.as_tensor(ds.caption_image, dtype=torch.long)
-        self.candidates = mine_candidates(self.views.text_pooled, self.views.image_pooled, positives, self.config.top_k)
-        self.targets = (self.candidates == positives[:, None]).float().argmax(1)
-        g = F.normalize(self.views.image_pooled.float(), dim=-1)
-        q = F.normalize(self.views.text_pooled.float(), dim=-1)
-        self.candidate_sim = (
-            torch.cat(
-                [torch.gather(q[s : s + 4096] @ g.T, 1, self.candidates[s : s + 4096]) for s in range(0, len(q), 4096)]
+        pool = self.options.train_top_k or self.config.top_k
+        self.list_size = self.options.list_size or pool
+        need = self.list_size - 1 - self.options.random_negatives
+        if need > pool - 1:
+            raise ValueError(
+                f"training.reranker: list_size {self.list_size} needs {need} mined negatives but train_top_k {pool} "
+                f"gives {pool - 1}"
             )
-            if len(q)
-            else torch.zeros(0, self.config.top_k)
+        self.positives = positives
+        self.gallery = F.normalize(self.views.image_pooled.float(), dim=-1)
+        self.queries = F.normalize(self.views.text_pooled.float(), dim=-1)
+        generator = torch.Generator().manual_seed(int(settings.seed))
+        self.candidates = mine_candidates(
+            self.views.text_pooled,
+            self.views.image_pooled,
+            positives,
+            pool,
+            noise=self.options.mine_noise,
+            generator=generator,
         )
+        self.generator = generator
         self._val: dict[str, Any] = {}
+
+    def _views(self, dataset: RetrievalDataset) -> TokenViews:
+        """Token views of a split: for the starter computed from its lower-activation cache under the cache
+        root (`calibclip.training.starter_tokens`, upper part only), else from the full forward, cached."""
+        from calibclip.models.starter import Starter
+
+        if isinstance(self.encoder, Starter):
+            from calibclip.training.starter_tokens import starter_token_views
+
+            return starter_token_views(
+                self.encoder,
+                dataset,
+                self.cache_root,
+                extract_batch_size=self.settings.starter.extract_batch_size,
+                progress=self.progress,
+            )
+        return extract_token_views(
+            self.encoder,
+            dataset.images,
+            dataset.captions,
+            token_folder(self.cache_root, self.encoder, dataset),
+            progress=self.progress,
+        )
 
     # --- Target ------------------------------------------------------------------------------
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -91,18 +123,36 @@ class RerankerTarget(Target):
     def loss(
         self, items: torch.Tensor, captions: torch.Tensor, flips: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        cand = self.candidates[captions]
+        cand, target = self.training_lists(captions)
+        sim = (self.queries[captions][:, None, :] * self.gallery[cand]).sum(-1)
         tokens, mask = self.views.texts(captions, self.config.max_text_tokens)
         text, pad = self.model.project_text(tokens, mask)
         images = self.model.project_image(self.views.image_tokens[cand.flatten()].float())
         match, _ = self.model.score_candidates(text, pad, images.reshape(*cand.shape, *images.shape[1:]))
-        fused = self.model.fuse(self.candidate_sim[captions], match)
-        target = self.targets[captions]
+        fused = self.options.dual_weight * sim + self.config.fusion_weight * match
         loss = listwise_loss(fused, target, self.settings.temperature)
         with torch.no_grad():
-            hit = float((fused.argmax(1) == target).float().mean())
-            base = float((self.candidate_sim[captions].argmax(1) == target).float().mean())
+            hit = float((self.model.fuse(sim, match).argmax(1) == target).float().mean())
+            base = float((sim.argmax(1) == target).float().mean())
         return loss, {"listwise": float(loss.detach()), "top1": hit, "dual_top1": base}
+
+    def training_lists(self, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate images ``[B, L]`` of each caption's training list and the column of its true image ``[B]``:
+        all mined candidates (the default), or the positive, a fresh random draw of ``list_size - 1 -
+        random_negatives`` mined negatives and ``random_negatives`` random gallery images (never the positive)."""
+        mined = self.candidates[captions]
+        pos = self.positives[captions]
+        opts = self.options
+        if self.list_size == mined.shape[1] and not opts.random_negatives:
+            return mined, (mined == pos[:, None]).float().argmax(1)
+        n_mined = self.list_size - 1 - opts.random_negatives
+        keys = torch.rand(mined.shape, generator=self.generator).masked_fill(mined == pos[:, None], 2.0)
+        picked = torch.gather(mined, 1, torch.topk(keys, n_mined, dim=1, largest=False).indices)
+        n_gallery = len(self.gallery)
+        rand = torch.randint(0, max(n_gallery - 1, 1), (len(pos), opts.random_negatives), generator=self.generator)
+        rand = rand + (rand >= pos[:, None]).long()  # skip the positive
+        cand = torch.cat([pos[:, None], picked, rand.clamp(max=n_gallery - 1)], dim=1)
+        return cand, torch.zeros(len(pos), dtype=torch.long)
 
     def item_embeddings(self, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.views.image_pooled.float(), self.views.text_pooled[captions].float()
@@ -111,13 +161,7 @@ class RerankerTarget(Target):
     def validate(self, dataset: RetrievalDataset) -> dict[str, float]:
         key = (dataset.name, dataset.split, len(dataset.images), len(dataset.captions))
         if self._val.get("key") != key:
-            views = extract_token_views(
-                self.encoder,
-                dataset.images,
-                dataset.captions,
-                token_folder(self.cache_root, self.encoder, dataset),
-                progress=self.progress,
-            )
+            views = self._views(dataset)
             self._val = {"key": key, "views": views, "sim": cosine_similarity(views.text_pooled, views.image_pooled)}
         was = self.model.training
         self.model.eval()

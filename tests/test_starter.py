@@ -52,10 +52,10 @@ def image_embeddings(model, pixels) -> torch.Tensor:
     return model.encode_image(pixels)
 
 
-def test_create_model_offline_and_fast(loaded):
-    model, seconds = loaded
+def test_create_model_offline(loaded):
+    # Load time is measured by bench/bench_cold_start.py, not asserted here (no timed assertions in tests).
+    model, _seconds = loaded
     assert isinstance(model, Starter)
-    assert seconds < 10, f"loading took {seconds:.1f}s"
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     cfg = model.config()
     json.dumps(cfg)

@@ -125,16 +125,8 @@ def equality(args: argparse.Namespace) -> None:
     speed: dict[tuple[str, str], float] = {}
     # One local Ray for all Ray runs (a second ray.init in one process can time out on a loaded machine);
     # the engine joins it, so Ray start-up is not in the images/s below (model shipping to the actors is).
-    import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}},
-    )
+    start_local_ray()
     done_file = work / f"speeds{n}.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
     for key, (spec, engine, workers, cached) in runs.items():
@@ -197,13 +189,10 @@ def equality(args: argparse.Namespace) -> None:
     del Index
 
 
-def throughput(args: argparse.Namespace) -> None:
-    """images/s of the local engine and of the Ray engine with 1 and 2 encoder actors, into local
-    stores, model run every time, one after the other in one process (one shared local 2-CPU Ray)."""
+def start_local_ray() -> None:
+    """One local 2-CPU Ray for every Ray run of this process (no dashboard; workers see this sys.path)."""
     import ray
 
-    work = Path(args.work)
-    folder, _ = photo_folder(args.images, work)
     ray.init(
         address="local",
         num_cpus=2,
@@ -212,6 +201,15 @@ def throughput(args: argparse.Namespace) -> None:
         logging_level="ERROR",
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}},
     )
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """images/s of the local engine and of the Ray engine with 1 and 2 encoder actors, into local
+    stores, model run every time, one after the other in one process (one shared local 2-CPU Ray)."""
+
+    work = Path(args.work)
+    folder, _ = photo_folder(args.images, work)
+    start_local_ray()
     speed = {}
     for name, engine, workers in (
         ("local engine", "local", None),

@@ -508,38 +508,28 @@ def local_batches(
     if cap < threads:
         torch.set_num_threads(cap)
     try:
-        yield from _local_batches(todo, encoder, fn, sets, batch_size, workers)
+        for batch in iter_image_batches([f.path for f in todo], encoder.preprocess, batch_size, workers):
+            skipped: list[SkippedRow] = [
+                (todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg)
+                for i, (reason, msg) in batch.errors.items()
+            ]
+            records, keep = [], []
+            for j, i in enumerate(batch.indices):
+                rec = file_record(todo[i])
+                if isinstance(rec, tuple):  # the file vanished (or became unreadable) after decoding
+                    skipped.append(rec)
+                else:
+                    records.append(rec)
+                    keep.append(j)
+            vectors: dict[str, np.ndarray] = {}
+            if batch.pixels is not None and keep:
+                pixels = batch.pixels if len(keep) == len(batch.pixels) else batch.pixels[keep]  # no copy if all kept
+                out = fn(pixels.to(encoder.device, encoder.dtype))
+                vectors = {name: _numpy(out[name]) for name in sets}
+            yield records, skipped, vectors
     finally:
         if cap < threads:
             torch.set_num_threads(threads)
-
-
-def _local_batches(
-    todo: Sequence[ScannedFile],
-    encoder: Encoder,
-    fn: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-    sets: Sequence[str],
-    batch_size: int,
-    workers: int,
-) -> Iterator[Batch]:
-    for batch in iter_image_batches([f.path for f in todo], encoder.preprocess, batch_size, workers):
-        skipped: list[SkippedRow] = [
-            (todo[i].relpath, todo[i].size, todo[i].mtime_ns, reason, msg) for i, (reason, msg) in batch.errors.items()
-        ]
-        records, keep = [], []
-        for j, i in enumerate(batch.indices):
-            rec = file_record(todo[i])
-            if isinstance(rec, tuple):  # the file vanished (or became unreadable) after decoding
-                skipped.append(rec)
-            else:
-                records.append(rec)
-                keep.append(j)
-        vectors: dict[str, np.ndarray] = {}
-        if batch.pixels is not None and keep:
-            pixels = batch.pixels if len(keep) == len(batch.pixels) else batch.pixels[keep]  # no copy if all kept
-            out = fn(pixels.to(encoder.device, encoder.dtype))
-            vectors = {name: _numpy(out[name]) for name in sets}
-        yield records, skipped, vectors
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
